@@ -1,0 +1,14 @@
+"""lion_ops: the Lion optimizer family of bitsandbytes, as native torch.library operators.
+
+    from lion_ops import Lion
+    optimizer = Lion(model.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1)
+
+The operators are also available directly as torch.ops.lion.* (see lion_ops.ops).
+"""
+
+from . import ops  # loads the native library and registers the fakes
+from . import optim
+from .optim import Lion, Lion32bit
+
+__all__ = ["Lion", "Lion32bit", "ops", "optim"]
+__version__ = "0.1.0"

@@ -1,0 +1,39 @@
+"""The Lion optimizers, with bitsandbytes' constructors and defaults (Chen et al. 2023,
+"Symbolic Discovery of Optimization Algorithms")."""
+
+from __future__ import annotations
+
+from .base import LionOptimizerBase
+
+
+class Lion(LionOptimizerBase):
+    """Lion: p <- p*(1 - lr*wd) - lr*sign(b1*m + (1-b1)*g); m <- b2*m + (1-b2)*g.
+
+    Args:
+        params: the params to optimize, or dicts defining param groups.
+        lr: learning rate, a float or a 0-dim tensor (a tensor lr changes without
+            recompiling under torch.compile).
+        betas: (beta1, beta2): beta1 interpolates the update direction, beta2 the momentum.
+        weight_decay: decoupled weight decay.
+        optim_bits: bits of optimizer state (32; 8 is not implemented yet).
+        args: an object with the options below (not implemented yet).
+        min_8bit_size: params with fewer elements keep 32-bit state in 8-bit mode.
+        percentile_clipping: adaptive gradient clipping (100 = off; others not implemented yet).
+        block_wise: blockwise (True) or per-tensor (False) 8-bit quantization.
+        is_paged: keep state in paged (managed) memory (not implemented yet).
+    """
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0, optim_bits=32,
+                 args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True,
+                 is_paged=False):
+        super().__init__(params, lr, betas, weight_decay, optim_bits, args, min_8bit_size,
+                         percentile_clipping, block_wise, is_paged)
+
+
+class Lion32bit(LionOptimizerBase):
+    """Lion with 32-bit (float32) momentum; see Lion."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0, args=None,
+                 min_8bit_size=4096, percentile_clipping=100, block_wise=True, is_paged=False):
+        super().__init__(params, lr, betas, weight_decay, 32, args, min_8bit_size,
+                         percentile_clipping, block_wise, is_paged)

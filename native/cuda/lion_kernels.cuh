@@ -1,0 +1,36 @@
+// The interface between the host code (lion_cuda.cpp, which sees torch) and the kernels
+// (lion_kernels.cu, which does not): plain structs passed by value as kernel parameters,
+// so that one launch covers a whole list of tensors with no host-to-device copy.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace lion::cuda {
+
+enum class ParamType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Tensors per launch. Kernel parameters may take up to 32 KiB since CUDA 12.1 on sm_70+;
+// this keeps Lion32bitBatch near 14 KiB. Longer lists take several launches.
+constexpr int kMaxTensorsPerLaunch = 384;
+
+// Elements one thread block updates; a tensor of n elements gets ceil(n / this) blocks.
+constexpr int64_t kElementsPerBlock = 8192;
+
+struct Lion32bitBatch {
+  void* params[kMaxTensorsPerLaunch];
+  const void* grads[kMaxTensorsPerLaunch];
+  float* momenta[kMaxTensorsPerLaunch];
+  int64_t numels[kMaxTensorsPerLaunch];
+  // first_block[t] is the first block of tensor t; first_block[num_tensors] the total.
+  int32_t first_block[kMaxTensorsPerLaunch + 1];
+  int32_t num_tensors;
+  const float* lr_on_device;  // read on the device when set, so a changing lr costs no sync
+  float lr;                   // used when lr_on_device is null
+  float beta1, beta2, weight_decay;
+};
+
+void launch_lion_32bit(const Lion32bitBatch& batch, ParamType type, cudaStream_t stream);
+
+}  // namespace lion::cuda

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The project's entry point: sets up a virtual environment, builds and installs lion_ops into
+# it, then runs what was asked.
+#   bash tools/dev.sh demo     train a small model with Lion and print loss, step time, state bytes
+#   bash tools/dev.sh test     the whole test suite (what CI runs)
+#   bash tools/dev.sh bench    the benchmark (tools/benchmark.py); extra args are passed on
+#   bash tools/dev.sh build    only set up and (re)build
+# Environment: LION_OPS_VENV (default .venv), LION_OPS_CUDA (AUTO|ON|OFF, default AUTO),
+# LION_OPS_TORCH (default torch==2.14.1, a CUDA build, so the CUDA kernels compile).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+venv=${LION_OPS_VENV:-.venv}
+torch_req=${LION_OPS_TORCH:-torch==2.14.1}
+
+setup() {
+  if [ ! -x "$venv/bin/python" ]; then
+    echo "== creating $venv"
+    python3 -m venv "$venv"
+  fi
+  local py="$venv/bin/python"
+  echo "== installing $torch_req and the build and test tools"
+  "$py" -m pip install -q --disable-pip-version-check "$torch_req" "cmake>=3.28" ninja \
+    "scikit-build-core>=0.10" pytest expecttest numpy "bitsandbytes>=0.50" lion-pytorch \
+    2> >(grep -v "^WARNING: Location" >&2)
+  echo "== building lion_ops (LION_OPS_CUDA=${LION_OPS_CUDA:-AUTO})"
+  # No build isolation: the library must be built against the torch installed above.
+  "$py" -m pip install -q --disable-pip-version-check --no-build-isolation . \
+    2> >(grep -v "^WARNING: Location" >&2)
+}
+
+cmd=${1:-test}
+shift || true
+case "$cmd" in
+  build) setup ;;
+  demo) setup; exec "$venv/bin/python" tools/demo.py "$@" ;;
+  # `pytest` (not `python -m pytest`) so the installed package, not this source tree, is tested.
+  test) setup; exec "$venv/bin/pytest" tests "$@" ;;
+  bench) setup; exec "$venv/bin/python" tools/benchmark.py "$@" ;;
+  *) echo "usage: bash tools/dev.sh {demo|test|bench|build} [args...]" >&2; exit 2 ;;
+esac
