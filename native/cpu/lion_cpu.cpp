@@ -119,4 +119,9 @@ TORCH_LIBRARY_IMPL(lion, CPU, m) {
   m.impl("lion_update_32bit", &lion_update_32bit_cpu);
 }
 
+// A sparse gradient dispatches here; the argument checks then refuse it by name.
+TORCH_LIBRARY_IMPL(lion, SparseCPU, m) {
+  m.impl("lion_update_32bit", &lion_update_32bit_cpu);
+}
+
 }  // namespace lion

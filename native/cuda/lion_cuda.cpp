@@ -93,4 +93,9 @@ TORCH_LIBRARY_IMPL(lion, CUDA, m) {
   m.impl("lion_update_32bit", &lion_update_32bit_cuda);
 }
 
+// A sparse gradient dispatches here; the argument checks then refuse it by name.
+TORCH_LIBRARY_IMPL(lion, SparseCUDA, m) {
+  m.impl("lion_update_32bit", &lion_update_32bit_cuda);
+}
+
 }  // namespace lion

@@ -1,0 +1,210 @@
+"""The `torch.ops.lion` operators on their own: opcheck over every dtype and device, parity
+with the fp64 reference on awkward sizes, and refusal of bad input without side effects."""
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import lion_ops
+from reference import lion_reference_step
+
+op = torch.ops.lion.lion_update_32bit.default
+
+# Awkward sizes: empty, one element, no multiple of any vector width, several CPU chunks
+# (32768 elements) and several CUDA blocks (8192 elements) with a ragged tail.
+SHAPES = [(0,), (1,), (3,), (31, 3), (1000,), (4097,), (65, 1009), (2 * 32768 + 5,)]
+
+
+def _lists(shapes, dtype, device, transposed=()):
+    params, grads, momenta = [], [], []
+    for i, shape in enumerate(shapes):
+        p = torch.randn(shape, dtype=dtype, device=device)
+        g = torch.randn(shape, dtype=dtype, device=device)
+        m = torch.randn(shape, dtype=torch.float32, device=device) * 0.1
+        if i in transposed:  # a non-contiguous param with a differently laid out grad
+            p = torch.randn(shape[::-1], dtype=dtype, device=device).t()
+        params.append(p)
+        grads.append(g)
+        momenta.append(m)
+    return params, grads, momenta
+
+
+def _assert_matches_reference(before, after, lr, beta1, beta2, wd):
+    (params0, grads, momenta0), (params1, momenta1) = before, after
+    for i, (p0, g, m0, p1, m1) in enumerate(zip(params0, grads, momenta0, params1, momenta1)):
+        p_ref, m_ref, c_ref = lion_reference_step(p0, g, m0, lr, beta1, beta2, wd)
+        # Where c is within fp32 rounding of zero, its sign may honestly differ.
+        scale = beta1 * m0.double().abs() + (1 - beta1) * g.double().abs()
+        decided = c_ref.abs() > 1e-5 * scale
+        assert decided.float().mean() > 0.99 or p0.numel() < 100
+        torch.testing.assert_close(m1.double(), m_ref, rtol=1e-6, atol=1e-7, msg=f"momenta[{i}]")
+        # fp32 arithmetic rounded once to the param dtype: within one ulp of the fp64 result,
+        # plus lr's own fp32 rounding, and the spacing of subnormals (absolute).
+        info = torch.finfo(p1.dtype)
+        atol = max(lr * torch.finfo(torch.float32).eps, info.tiny * info.eps)
+        torch.testing.assert_close(p1.double()[decided], p_ref[decided], rtol=info.eps, atol=atol,
+                                   msg=f"params[{i}]")
+
+
+@pytest.mark.parametrize("lr_on_device", [False, True], ids=["lr_cpu", "lr_device"])
+def test_update_matches_fp64_reference(device, dtype, lr_on_device):
+    lr, beta1, beta2, wd = 3e-3, 0.9, 0.99, 0.1
+    params, grads, momenta = _lists(SHAPES, dtype, device, transposed={3, 6})
+    before = ([p.clone() for p in params], grads, [m.clone() for m in momenta])
+    lr_tensor = torch.tensor(lr, device=device if lr_on_device else "cpu")
+    op(params, grads, momenta, lr_tensor, beta1, beta2, wd)
+    _assert_matches_reference(before, (params, momenta), lr, beta1, beta2, wd)
+    # Every element was written: with weight decay and a nonzero step, all params move.
+    for p0, p1 in zip(before[0], params):
+        if dtype == torch.float32:
+            assert not torch.eq(p0, p1).any()
+
+
+def test_mixed_dtypes_and_many_tensors_in_one_call(device):
+    # More tensors than one CUDA launch holds (384), of all three dtypes interleaved.
+    shapes = [((i * 37) % 300 + 1,) for i in range(900)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    params = [torch.randn(s, dtype=dtypes[i % 3], device=device) for i, s in enumerate(shapes)]
+    grads = [torch.randn_like(p) for p in params]
+    momenta = [torch.randn(p.shape, device=device) for p in params]
+    before = ([p.clone() for p in params], grads, [m.clone() for m in momenta])
+    op(params, grads, momenta, torch.tensor(1e-2), 0.95, 0.98, 0.0)
+    _assert_matches_reference(before, (params, momenta), 1e-2, 0.95, 0.98, 0.0)
+
+
+def test_lr_dtype_and_empty_list(device):
+    params, grads, momenta = _lists([(10,)], torch.float32, device)
+    before = ([p.clone() for p in params], grads, [m.clone() for m in momenta])
+    op(params, grads, momenta, torch.tensor(0.5, dtype=torch.float64), 0.9, 0.99, 0.0)
+    _assert_matches_reference(before, (params, momenta), 0.5, 0.9, 0.99, 0.0)
+    op([], [], [], torch.tensor(0.5), 0.9, 0.99, 0.0)  # nothing to do, no error
+
+
+def test_nan_gradient_propagates_to_the_param(device):
+    p = torch.ones(4, device=device)
+    g = torch.tensor([float("nan"), 1.0, -1.0, 0.0], device=device)
+    m = torch.zeros(4, device=device)
+    op([p], [g], [m], torch.tensor(0.1), 0.9, 0.99, 0.0)
+    assert torch.isnan(p[0]) and torch.isnan(m[0])
+    torch.testing.assert_close(p[1:].cpu(), torch.tensor([0.9, 1.1, 1.0]))
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu_bit_for_bit(dtype):
+    # Both kernels share lion_math.h and neither fuses multiply-adds.
+    params, grads, momenta = _lists(SHAPES, dtype, "cpu", transposed={3})
+    cuda = [[t.cuda() for t in ts] for ts in (params, grads, momenta)]
+    op(params, grads, momenta, torch.tensor(1e-3), 0.9, 0.99, 0.05)
+    op(*cuda, torch.tensor(1e-3, device="cuda"), 0.9, 0.99, 0.05)
+    for a, b in zip(params + momenta, cuda[0] + cuda[2]):
+        assert torch.equal(a, b.cpu())
+
+
+@pytest.mark.cuda
+def test_cuda_more_than_2_pow_31_elements():
+    n = 2**31 + 77
+    free, _ = torch.cuda.mem_get_info()
+    if free < 3 * 4 * n + (4 << 30):
+        pytest.skip("needs about 30 GB of free GPU memory")
+    p = torch.ones(n, device="cuda")
+    g = torch.full((n,), -1.0, device="cuda")
+    g[-5:] = 1.0
+    m = torch.zeros(n, device="cuda")
+    op([p], [g], [m], torch.tensor(0.25), 0.9, 0.99, 0.0)
+    assert torch.equal(p[-5:].cpu(), torch.full((5,), 0.75))
+    assert torch.equal(p[-10:-5].cpu(), torch.full((5,), 1.25))
+    assert torch.equal(p[:5].cpu(), torch.full((5,), 1.25))
+    assert bool((p[: n - 5] == 1.25).all())
+    del p, g, m
+    torch.cuda.empty_cache()
+
+
+# ---- opcheck ----------------------------------------------------------------------------------
+
+def _opcheck_samples(dtype, device):
+    params, grads, momenta = _lists([(3,), (17, 5), (0,), (1,)], dtype, device, transposed={1})
+    yield (params, grads, momenta, torch.tensor(1e-3), 0.9, 0.99, 0.1)
+    yield ([], [], [], torch.tensor(1e-3), 0.9, 0.99, 0.0)
+    params, grads, momenta = _lists([(5000,)], dtype, device)
+    yield (params, grads, momenta, torch.tensor(1e-2, device=device), 0.0, 0.0, 0.0)
+
+
+def test_opcheck(device, dtype):
+    for args in _opcheck_samples(dtype, device):
+        opcheck(op, args)
+
+
+# ---- bad input: a clear error naming the argument, and nothing modified ------------------------
+
+def _bad_calls(device):
+    def make():
+        return _lists([(4,), (6,)], torch.float32, device)
+
+    p, g, m = make()
+    yield "same length", (p, g[:1], m, torch.tensor(0.1), 0.9, 0.99, 0.0)
+    p, g, m = make()
+    yield r"grads\[1\] has shape", (p, [g[0], g[1][:5]], m, torch.tensor(0.1), 0.9, 0.99, 0.0)
+    p, g, m = make()
+    yield r"momenta\[0\] has shape", (p, g, [m[0][:3], m[1]], torch.tensor(0.1), 0.9, 0.99, 0.0)
+    p, g, m = make()
+    yield r"grads\[0\] must have its param's dtype", (
+        p, [g[0].half(), g[1]], m, torch.tensor(0.1), 0.9, 0.99, 0.0)
+    p, g, m = make()
+    yield r"momenta\[1\] must be float32", (
+        p, g, [m[0], m[1].double()], torch.tensor(0.1), 0.9, 0.99, 0.0)
+    p, g, m = make()
+    yield r"params\[0\] must be float32, bfloat16 or float16", (
+        [p[0].double(), p[1]], [g[0].double(), g[1]], m, torch.tensor(0.1), 0.9, 0.99, 0.0)
+    p, g, m = make()
+    yield "beta1 must be in", (p, g, m, torch.tensor(0.1), 1.0, 0.99, 0.0)
+    p, g, m = make()
+    yield "beta2 must be in", (p, g, m, torch.tensor(0.1), 0.9, -0.1, 0.0)
+    p, g, m = make()
+    yield "weight_decay must be", (p, g, m, torch.tensor(0.1), 0.9, 0.99, -1.0)
+    p, g, m = make()
+    yield "lr must be a 0-dim tensor", (p, g, m, torch.tensor([0.1, 0.2]), 0.9, 0.99, 0.0)
+    p, g, m = make()
+    yield "lr must be finite and >= 0", (p, g, m, torch.tensor(-0.1), 0.9, 0.99, 0.0)
+    p, g, m = make()
+    yield "lr must be a floating-point tensor", (p, g, m, torch.tensor(1), 0.9, 0.99, 0.0)
+    p, g, m = make()
+    sparse = torch.zeros(6, device=device).to_sparse()
+    yield "sparse gradients are not supported", (p, [g[0], sparse], m, torch.tensor(0.1), 0.9,
+                                                  0.99, 0.0)
+
+
+@pytest.mark.parametrize("case", range(13))
+def test_bad_input_is_refused_and_nothing_changes(device, case):
+    message, args = list(_bad_calls(device))[case]
+    snapshot = [[t.clone() for t in arg] for arg in args[:3]]
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=message):
+        op(*args)
+    for originals, copies in zip(args[:3], snapshot):
+        for t, c in zip(originals, copies):
+            if t.layout == torch.strided:
+                assert torch.equal(t, c)
+
+
+@pytest.mark.cuda
+def test_tensors_on_two_devices_are_refused():
+    p = [torch.randn(4, device="cuda"), torch.randn(4)]
+    g = [torch.randn(4, device="cuda"), torch.randn(4)]
+    m = [torch.zeros(4, device="cuda"), torch.zeros(4)]
+    with pytest.raises(ValueError, match="one call takes tensors of one device"):
+        op(p, g, m, torch.tensor(0.1), 0.9, 0.99, 0.0)
+
+
+def test_fake_checks_shapes_under_tracing():
+    p = torch.randn(4)
+    # Dynamo wraps the fake's ValueError; the message is what matters.
+    with pytest.raises(Exception, match=r"grads\[0\] and momenta\[0\] must have params\[0\]'s shape"):
+        torch.compile(lambda: op([p], [torch.randn(5)], [torch.zeros(4)], torch.tensor(0.1),
+                                 0.9, 0.99, 0.0), backend="aot_eager", fullgraph=True)()
+
+
+def test_python_wrapper_calls_the_operator():
+    p, g, m = _lists([(9,)], torch.float32, "cpu")
+    expected = [t.clone() for t in p], [t.clone() for t in m]
+    op(expected[0], g, expected[1], torch.tensor(0.1), 0.9, 0.99, 0.1)
+    lion_ops.ops.lion_update_32bit(p, g, m, torch.tensor(0.1), 0.9, 0.99, 0.1)
+    assert torch.equal(p[0], expected[0][0]) and torch.equal(m[0], expected[1][0])
