@@ -38,11 +38,13 @@ def _assert_matches_reference(before, after, lr, beta1, beta2, wd):
         decided = c_ref.abs() > 1e-5 * scale
         assert decided.float().mean() > 0.99 or p0.numel() < 100
         torch.testing.assert_close(m1.double(), m_ref, rtol=1e-6, atol=1e-7, msg=f"momenta[{i}]")
-        # fp32 arithmetic rounded once to the param dtype: within one ulp of the fp64 result,
-        # plus lr's own fp32 rounding, and the spacing of subnormals (absolute).
+        # fp32 arithmetic (two roundings: decay, step) rounded once more to a 16-bit param
+        # dtype: within two fp32 ulps or one 16-bit ulp of the fp64 result, plus lr's own
+        # fp32 rounding and the spacing of subnormals (absolute).
         info = torch.finfo(p1.dtype)
+        rtol = info.eps * (2 if p1.dtype == torch.float32 else 1)
         atol = max(lr * torch.finfo(torch.float32).eps, info.tiny * info.eps)
-        torch.testing.assert_close(p1.double()[decided], p_ref[decided], rtol=info.eps, atol=atol,
+        torch.testing.assert_close(p1.double()[decided], p_ref[decided], rtol=rtol, atol=atol,
                                    msg=f"params[{i}]")
 
 

@@ -1,0 +1,352 @@
+"""The optimizer classes as torch users use them: parity with the fp64 reference over 100
+steps, param groups, closures, schedulers, tensor lr, checkpoints, and bad input."""
+
+import inspect
+import io
+
+import pytest
+import torch
+
+import lion_ops
+from lion_ops import Lion, Lion32bit
+from reference import lion_reference_step
+
+SHAPES = [(0,), (1,), (7,), (33, 17), (1000,), (4097,), (3, 5, 7)]
+
+
+def _params(dtype, device, shapes=SHAPES, with_transposed=True):
+    params = [torch.nn.Parameter(torch.randn(s, dtype=dtype, device=device)) for s in shapes]
+    if with_transposed:  # a non-contiguous leaf
+        params.append(torch.nn.Parameter(torch.randn(19, 11, dtype=dtype, device=device).t()))
+    return params
+
+
+def _set_random_grads(params):
+    for p in params:
+        p.grad = torch.randn_like(p)
+
+
+# ---- API ----------------------------------------------------------------------------------------
+
+def test_constructors_match_bitsandbytes():
+    assert str(inspect.signature(Lion)) == (
+        "(params, lr=0.0001, betas=(0.9, 0.99), weight_decay=0, optim_bits=32, args=None, "
+        "min_8bit_size=4096, percentile_clipping=100, block_wise=True, is_paged=False)")
+    assert str(inspect.signature(Lion32bit)) == (
+        "(params, lr=0.0001, betas=(0.9, 0.99), weight_decay=0, args=None, min_8bit_size=4096, "
+        "percentile_clipping=100, block_wise=True, is_paged=False)")
+    assert lion_ops.optim.Lion is Lion and lion_ops.optim.Lion32bit is Lion32bit
+    assert issubclass(Lion, torch.optim.Optimizer)
+
+
+@pytest.mark.parametrize("kwargs, feature", [
+    (dict(optim_bits=8), "optim_bits=8"),
+    (dict(is_paged=True), "is_paged"),
+    (dict(percentile_clipping=95), "percentile_clipping=95"),
+    (dict(args=object()), "args"),
+])
+def test_features_not_built_yet_are_refused_not_ignored(kwargs, feature):
+    with pytest.raises(NotImplementedError, match=feature):
+        Lion([torch.nn.Parameter(torch.zeros(3))], **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lr=-1.0), "invalid learning rate"),
+    (dict(lr=float("nan")), "invalid learning rate"),
+    (dict(lr=torch.tensor(-0.5)), "invalid learning rate"),
+    (dict(lr=torch.zeros(2)), "1-element"),
+    (dict(betas=(1.0, 0.99)), "beta parameter at index 0"),
+    (dict(betas=(0.9, -0.1)), "beta parameter at index 1"),
+    (dict(betas=(0.9,)), "betas must be a pair"),
+    (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(optim_bits=16), "optim_bits must be 8 or 32"),
+    (dict(percentile_clipping=0), "percentile_clipping must be an int in 1..100"),
+    (dict(percentile_clipping=101), "percentile_clipping must be an int in 1..100"),
+    (dict(min_8bit_size=-1), "min_8bit_size"),
+])
+def test_out_of_range_hyperparameters_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Lion([torch.nn.Parameter(torch.zeros(3))], **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex64, torch.int32])
+def test_unsupported_param_dtypes_are_refused_at_construction(dtype):
+    p = torch.nn.Parameter(torch.zeros(3, dtype=dtype), requires_grad=dtype.is_floating_point
+                           or dtype.is_complex)
+    with pytest.raises(TypeError, match="group 0, index 0"):
+        Lion([p])
+
+
+# ---- numerics -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls", [Lion, Lion32bit])
+def test_100_steps_match_fp64_reference(cls, device, dtype):
+    """Each step is compared with the reference applied to the optimizer's previous state, so
+    that rounding does not compound; fp32 must agree to rounding, bf16/fp16 wherever the sign
+    of c is not within rounding of zero."""
+    lr, betas, wd = 1e-3, (0.9, 0.99), 0.1
+    params = _params(dtype, device)
+    opt = cls(params, lr=lr, betas=betas, weight_decay=wd)
+    momenta = [torch.zeros(p.shape, dtype=torch.float64, device=device) for p in params]
+    undecided = total = 0
+    for _ in range(100):
+        _set_random_grads(params)
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        for i, (p, p0) in enumerate(zip(params, before)):
+            p_ref, m_ref, c_ref = lion_reference_step(p0, p.grad, momenta[i], lr, *betas, wd)
+            state_m = opt.state[p]["state1"]
+            torch.testing.assert_close(state_m.double(), m_ref, rtol=1e-5, atol=1e-6)
+            scale = betas[0] * momenta[i].abs() + (1 - betas[0]) * p.grad.double().abs()
+            decided = c_ref.abs() > 1e-5 * scale
+            undecided += int((~decided).sum())
+            total += p.numel()
+            # Two fp32 roundings (decay, step) for fp32 params; one final rounding otherwise.
+            info = torch.finfo(dtype)
+            rtol = info.eps * (2 if dtype == torch.float32 else 1)
+            torch.testing.assert_close(p.detach().double()[decided], p_ref[decided],
+                                       rtol=rtol, atol=max(lr * 1.2e-7, info.tiny * info.eps))
+            momenta[i] = state_m.double()  # resynchronize, as bitsandbytes' own tests do
+    assert undecided < 1e-3 * total
+    assert all(int(opt.state[p]["step"]) == 100 for p in params)
+
+
+def test_params_without_grad_are_skipped_and_get_no_state(device):
+    a, b = torch.nn.Parameter(torch.randn(5, device=device)), torch.nn.Parameter(
+        torch.randn(5, device=device))
+    opt = Lion([a, b], lr=0.1)
+    a.grad = torch.randn_like(a)
+    b_before = b.detach().clone()
+    opt.step()
+    assert torch.equal(b, b_before) and len(opt.state[b]) == 0 and len(opt.state[a]) == 2
+
+
+def test_param_groups_and_add_param_group(device):
+    p1 = _params(torch.float32, device, [(10,)], with_transposed=False)
+    p2 = _params(torch.float32, device, [(6, 3)], with_transposed=False)
+    p3 = _params(torch.float32, device, [(4,)], with_transposed=False)
+    opt = Lion([{"params": p1}, {"params": p2, "lr": 0.05, "betas": (0.5, 0.6),
+                                 "weight_decay": 0.2}], lr=0.01)
+    opt.add_param_group({"params": p3, "weight_decay": 0.5})
+    assert [g["lr"] for g in opt.param_groups] == [0.01, 0.05, 0.01]
+    assert opt.param_groups[2]["betas"] == (0.9, 0.99)
+    settings = [(0.01, (0.9, 0.99), 0.0), (0.05, (0.5, 0.6), 0.2), (0.01, (0.9, 0.99), 0.5)]
+    for ps in (p1, p2, p3):
+        _set_random_grads(ps)
+    before = [p.detach().clone() for p in p1 + p2 + p3]
+    opt.step()
+    for p, p0, (lr, betas, wd) in zip(p1 + p2 + p3, before, settings):
+        p_ref, _, _ = lion_reference_step(p0, p.grad, torch.zeros_like(p0), lr, *betas, wd)
+        torch.testing.assert_close(p.detach().double(), p_ref)
+    with pytest.raises(ValueError, match="beta parameter"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "betas": (2.0, 0.1)})
+
+
+def test_closure_zero_grad_and_training_reduces_loss():
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    opt = Lion(model.parameters(), lr=3e-3, weight_decay=0.01)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    first = float(opt.step(closure).detach())
+    for _ in range(200):
+        last = float(opt.step(closure).detach())
+    assert last < 0.7 * first
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_one_operator_call_per_device_and_dtype(monkeypatch, device):
+    calls = []
+    real = lion_ops.ops.lion_update_32bit
+    monkeypatch.setattr(lion_ops.ops, "lion_update_32bit",
+                        lambda params, *a: (calls.append(len(params)), real(params, *a)))
+    params = (_params(torch.float32, device, [(3,), (4,), (5,)], False)
+              + _params(torch.bfloat16, device, [(6,), (7,)], False))
+    opt = Lion(params, lr=0.1)
+    _set_random_grads(params)
+    opt.step()
+    assert sorted(calls) == [2, 3]
+
+
+# ---- learning rates -----------------------------------------------------------------------------
+
+def _step_sizes(opt, params, steps, scheduler=None):
+    """The size of each step (|dp| = lr with weight decay 0 and c != 0)."""
+    sizes = []
+    for _ in range(steps):
+        _set_random_grads(params)
+        before = params[0].detach().clone()
+        opt.step()
+        sizes.append(float((params[0].detach() - before).abs().max()))
+        if scheduler is not None:
+            scheduler.step()
+    return sizes
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_lr_scheduler(device, tensor_lr):
+    params = _params(torch.float32, device, [(64,)], False)
+    lr = torch.tensor(0.1) if tensor_lr else 0.1
+    opt = Lion(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    sizes = _step_sizes(opt, params, 10, sched)
+    expected = [0.1 * (1 + torch.cos(torch.tensor(i * torch.pi / 10)).item()) / 2 for i in range(10)]
+    torch.testing.assert_close(torch.tensor(sizes), torch.tensor(expected), rtol=1e-5, atol=1e-7)
+    if tensor_lr:
+        assert opt.param_groups[0]["lr"] is lr  # updated in place by the scheduler
+
+
+@pytest.mark.cuda
+def test_tensor_lr_on_the_device():
+    params = _params(torch.float32, "cuda", [(64,)], False)
+    lr = torch.tensor(0.25, device="cuda")
+    opt = Lion(params, lr=lr)
+    sizes = _step_sizes(opt, params, 1)
+    lr.fill_(0.125)
+    sizes += _step_sizes(opt, params, 1)
+    assert sizes == pytest.approx([0.25, 0.125], rel=1e-6)
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------
+
+def _make_model_and_opt(device, seed=3):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 9), torch.nn.ReLU(), torch.nn.Linear(9, 1)).to(device)
+    opt = Lion([{"params": model[0].parameters()},
+                {"params": model[2].parameters(), "lr": 3e-3, "weight_decay": 0.1}], lr=1e-3)
+    return model, opt
+
+
+def _train(model, opt, batches):
+    for x, y in batches:
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def test_stop_save_load_continue_equals_not_stopping(device):
+    batches = [(torch.randn(16, 12, device=device), torch.randn(16, 1, device=device))
+               for _ in range(20)]
+    model_a, opt_a = _make_model_and_opt(device)
+    _train(model_a, opt_a, batches)
+
+    model_b, opt_b = _make_model_and_opt(device)
+    _train(model_b, opt_b, batches[:10])
+    buffer = io.BytesIO()
+    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model_c, opt_c = _make_model_and_opt(device, seed=99)
+    model_c.load_state_dict(saved["model"])
+    opt_c.load_state_dict(saved["opt"])
+    _train(model_c, opt_c, batches[10:])
+    for a, c in zip(model_a.parameters(), model_c.parameters()):
+        assert torch.equal(a, c)
+    assert opt_c.param_groups[1]["lr"] == 3e-3
+    state = opt_c.state_dict()["state"][0]
+    assert state["step"] == 20 and set(state) == {"step", "__bnb_optimizer_quant_state__"}
+
+
+def _corruptions():
+    def wrong_shape(sd):
+        sd["state"][0]["__bnb_optimizer_quant_state__"]["state1"] = torch.zeros(3)
+    def missing_momentum(sd):
+        del sd["state"][0]["__bnb_optimizer_quant_state__"]
+    def eight_bit_codes(sd):
+        nested = sd["state"][0]["__bnb_optimizer_quant_state__"]
+        nested["state1"] = torch.zeros(nested["state1"].shape, dtype=torch.uint8)
+    def bad_step(sd):
+        sd["state"][0]["step"] = "ten"
+    def bad_beta(sd):
+        sd["param_groups"][0]["betas"] = (1.5, 0.9)
+    def extra_group(sd):
+        sd["param_groups"].append(dict(sd["param_groups"][0]))
+    def unknown_param(sd):
+        sd["state"][1234] = sd["state"][0]
+    return [(wrong_shape, "expected a float tensor of shape"), (missing_momentum, "no momentum"),
+            (eight_bit_codes, "8-bit"), (bad_step, "'step' must be a number"),
+            (bad_beta, "beta parameter at index 0"), (extra_group, "param groups"),
+            (unknown_param, "param id 1234")]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_corrupt_state_dict_is_refused_and_optimizer_unchanged(case):
+    corrupt, message = _corruptions()[case]
+    model, opt = _make_model_and_opt("cpu")
+    batches = [(torch.randn(4, 12), torch.randn(4, 1)) for _ in range(3)]
+    _train(model, opt, batches)
+    good = opt.state_dict()
+    bad = opt.state_dict()
+    bad["state"] = {k: {kk: (dict(vv) if isinstance(vv, dict) else vv) for kk, vv in v.items()}
+                    for k, v in bad["state"].items()}
+    bad["param_groups"] = [dict(g) for g in bad["param_groups"]]
+    corrupt(bad)
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(bad)
+    after = opt.state_dict()
+    assert after["param_groups"] == good["param_groups"]
+    for k in good["state"]:
+        a = after["state"][k]["__bnb_optimizer_quant_state__"]["state1"]
+        assert torch.equal(a, good["state"][k]["__bnb_optimizer_quant_state__"]["state1"])
+
+
+# ---- bad input at step time: clear error naming the param, nothing modified -----------------------
+
+def _snapshot(opt, params):
+    return ([p.detach().clone() for p in params],
+            {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params if opt.state[p]})
+
+
+def _assert_unchanged(opt, params, snapshot):
+    values, states = snapshot
+    for p, v in zip(params, values):
+        assert torch.equal(p, v)
+    for p in params:
+        for k, v in states.get(id(p), {}).items():
+            assert torch.equal(opt.state[p][k], v)
+
+
+def test_sparse_grad_is_refused_and_nothing_changes():
+    model = torch.nn.ModuleDict({"dense": torch.nn.Linear(4, 4),
+                                 "emb": torch.nn.Embedding(10, 4, sparse=True)})
+    opt = Lion(model.named_parameters(), lr=0.1)
+    params = list(model.parameters())
+    (model["dense"](torch.randn(2, 4)).sum() + model["emb"](torch.tensor([1, 2])).sum()).backward()
+    snapshot = _snapshot(opt, params)
+    with pytest.raises(RuntimeError, match="'emb.weight'.*sparse gradient"):
+        opt.step()
+    _assert_unchanged(opt, params, snapshot)
+
+
+def test_hyperparameter_broken_after_construction_is_refused_and_nothing_changes():
+    params = _params(torch.float32, "cpu", [(5,), (6,)], False)
+    opt = Lion([{"params": params[:1]}, {"params": params[1:]}], lr=0.1)
+    _set_random_grads(params)
+    opt.step()
+    opt.param_groups[1]["betas"] = (0.9, 1.2)
+    _set_random_grads(params)
+    snapshot = _snapshot(opt, params)
+    with pytest.raises(ValueError, match=r"param group 1.*index 1"):
+        opt.step()
+    _assert_unchanged(opt, params, snapshot)
+
+
+def test_param_replaced_after_first_step_is_refused_and_nothing_changes():
+    params = _params(torch.float32, "cpu", [(5,), (6,)], False)
+    opt = Lion(params, lr=0.1)
+    _set_random_grads(params)
+    opt.step()
+    params[1].data = torch.randn(7)
+    params[1].grad = torch.randn(7)
+    params[0].grad = torch.randn(5)
+    snapshot = _snapshot(opt, params)
+    with pytest.raises(RuntimeError, match=r"index 1.*does not fit"):
+        opt.step()
+    _assert_unchanged(opt, params, snapshot)
