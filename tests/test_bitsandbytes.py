@@ -2,7 +2,7 @@
 lion-pytorch's Lion, stepped side by side on twin params with identical gradients, and
 checkpoints passed both ways between lion_ops and bitsandbytes.
 
-How close is "the same"? All three compute, in fp32,
+How close is "the same"? All three compute, in fp32 (for fp32 params),
     p *= 1 - lr*wd;  c = b1*m + (1-b1)*g;  p -= lr*sign(c);  m = b2*m + (1-b2)*g
 but not with bit-identical roundings:
 
@@ -39,8 +39,8 @@ import lion_ops
 U32 = 2.0 ** -24  # fp32 unit roundoff
 BOOKKEEPING_SLACK = 1.01  # see the module docstring
 
-# Awkward sizes: a single element, less than one vector, a 2-D and a 3-D odd shape, one
-# exact-ish chunk and one just past a power of two (bitsandbytes' min_8bit_size is 4096).
+# Awkward sizes: a single element, less than one vector, odd 2-D and 3-D shapes, and many
+# vectors with a ragged tail (4097: one past bitsandbytes' min_8bit_size).
 SHAPES = [(1,), (7,), (33, 17), (1000,), (4097,), (3, 5, 7)]
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 # Sign-ambiguous elements allowed, as a fraction of all element-updates compared.
@@ -297,7 +297,7 @@ def test_checkpoint_interchange(bnb, device, saver, through_bytes):
         initial[3] = initial[3].bfloat16()  # the loader must keep its momentum fp32
     no_grad = 4
 
-    trained, _ = twins(initial)
+    trained = [p.clone().requires_grad_() for p in initial]
     saving = saver_cls(checkpoint_groups(trained))
     for _ in range(20):
         for i, p in enumerate(trained):

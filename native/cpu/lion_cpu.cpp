@@ -1,10 +1,8 @@
-// CPU kernels of the lion operators: vectorized with at::vec and parallel over fixed-size
+// CPU kernels of the lion operators: vectorized by the compiler and parallel over fixed-size
 // chunks of all tensors of a call at once, so that many small tensors still keep every
 // thread busy and every element is read and written exactly once.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -29,42 +27,41 @@ constexpr int64_t kCpuChunkElements = 1 << 15;
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
+// Each kernel is built for x86-64-v4 (AVX-512), x86-64-v3 (AVX2) and baseline x86-64, and
+// the loader picks the best the CPU supports. The loops are plain scalar code over
+// lion_math.h that the compiler vectorizes (checked with -fopt-info-vec; it needs
+// -fno-trapping-math to turn the sign's comparisons into blends).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LION_CPU_MULTIVERSIONED \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define LION_CPU_MULTIVERSIONED
+#endif
+
 template <typename scalar_t>
-void lion_32bit_span(scalar_t* p, const scalar_t* g, float* m, int64_t n,
-                     const LionCoefficients<float>& k) {
-  using Vec = at::vec::Vectorized<float>;
-  const auto kv = broadcast<Vec>(k);
-  int64_t i = 0;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      Vec pv = Vec::loadu(p + i);
-      Vec mv = Vec::loadu(m + i);
-      lion_update(pv, Vec::loadu(g + i), mv, kv);
-      pv.store(p + i);
-      mv.store(m + i);
-    }
-  } else {
-    using RVec = at::vec::Vectorized<scalar_t>;
-    static_assert(RVec::size() == 2 * Vec::size());
-    for (; i + RVec::size() <= n; i += RVec::size()) {
-      auto [p0, p1] = at::vec::convert_to_float<scalar_t>(RVec::loadu(p + i));
-      auto [g0, g1] = at::vec::convert_to_float<scalar_t>(RVec::loadu(g + i));
-      Vec m0 = Vec::loadu(m + i);
-      Vec m1 = Vec::loadu(m + i + Vec::size());
-      lion_update(p0, g0, m0, kv);
-      lion_update(p1, g1, m1, kv);
-      at::vec::convert_from_float<scalar_t>(p0, p1).store(p + i);
-      m0.store(m + i);
-      m1.store(m + i + Vec::size());
-    }
-  }
-  for (; i < n; ++i) {
+__attribute__((always_inline)) inline void lion_32bit_loop(
+    scalar_t* __restrict__ p, const scalar_t* __restrict__ g, float* __restrict__ m, int64_t n,
+    const LionCoefficients k) {
+  for (int64_t i = 0; i < n; ++i) {
     float pf = static_cast<float>(p[i]);
     float mf = m[i];
     lion_update(pf, static_cast<float>(g[i]), mf, k);
     p[i] = static_cast<scalar_t>(pf);
     m[i] = mf;
   }
+}
+
+LION_CPU_MULTIVERSIONED void lion_32bit_span(float* p, const float* g, float* m, int64_t n,
+                                             const LionCoefficients& k) {
+  lion_32bit_loop(p, g, m, n, k);
+}
+LION_CPU_MULTIVERSIONED void lion_32bit_span(c10::BFloat16* p, const c10::BFloat16* g, float* m,
+                                             int64_t n, const LionCoefficients& k) {
+  lion_32bit_loop(p, g, m, n, k);
+}
+LION_CPU_MULTIVERSIONED void lion_32bit_span(c10::Half* p, const c10::Half* g, float* m,
+                                             int64_t n, const LionCoefficients& k) {
+  lion_32bit_loop(p, g, m, n, k);
 }
 
 // Runs `body(tensor_index, begin, end)` over all elements of `numels`, cut into chunks that
@@ -106,7 +103,7 @@ void lion_update_32bit_cpu(at::TensorList params, at::TensorList grads, at::Tens
     const at::Tensor& p = flat.get(0, t);
     float* m = flat.get(2, t).data_ptr<float>() + begin;
     LION_DISPATCH_PARAM_TYPES(p.scalar_type(), "lion_update_32bit", [&] {
-      lion_32bit_span<scalar_t>(p.data_ptr<scalar_t>() + begin,
+      lion_32bit_span(p.data_ptr<scalar_t>() + begin,
                                 flat.get(1, t).data_ptr<scalar_t>() + begin, m, end - begin, k);
     });
   });
