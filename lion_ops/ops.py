@@ -74,3 +74,149 @@ def lion_update_32bit(
 def _lion_update_32bit_fake(params, grads, momenta, lr, beta1, beta2, weight_decay) -> None:
     _check_lion_update_32bit(params, grads, momenta, lr)
     return None
+
+
+def _check_state_list(op: str, name: str, params, states, dtype, numel_of) -> None:
+    if len(states) != len(params):
+        raise ValueError(f"{op}: params and {name} must have the same length, got {len(params)} "
+                         f"and {len(states)}")
+    for i, (p, s) in enumerate(zip(params, states)):
+        if s.dtype != dtype:
+            raise TypeError(f"{op}: {name}[{i}] must be {dtype}, got {s.dtype}")
+        expected = numel_of(p)
+        if (expected is None and s.shape != p.shape) or (expected is not None and s.numel() != expected):
+            raise ValueError(f"{op}: {name}[{i}] has shape {tuple(s.shape)}, which does not fit "
+                             f"params[{i}] of shape {tuple(p.shape)}")
+
+
+def _check_param_grad_lists(op: str, params, grads, lr) -> None:
+    if len(params) != len(grads):
+        raise ValueError(f"{op}: params and grads must have the same length, got {len(params)} "
+                         f"and {len(grads)}")
+    if lr.dim() != 0:
+        raise ValueError(f"{op}: lr must be a 0-dim tensor, got shape {tuple(lr.shape)}")
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if p.dtype not in PARAM_DTYPES:
+            raise TypeError(f"{op}: params[{i}] must be float32, bfloat16 or float16, got {p.dtype}")
+        if g.dtype != p.dtype or g.shape != p.shape:
+            raise ValueError(f"{op}: grads[{i}] must have params[{i}]'s shape and dtype")
+
+
+def _check_qmap(op: str, qmap: Tensor) -> None:
+    if qmap.dtype != torch.float32 or qmap.shape != (QUANT_MAP_SIZE,):
+        raise ValueError(f"{op}: qmap must be a float32 tensor of shape ({QUANT_MAP_SIZE},), got "
+                         f"{qmap.dtype} {tuple(qmap.shape)}")
+
+
+QUANT_BLOCK_SIZE = 256  # elements per absmax in blockwise 8-bit state
+QUANT_MAP_SIZE = 256
+
+
+def blockwise_absmax_count(numel: int) -> int:
+    """Number of absmax entries of blockwise 8-bit state for a tensor of `numel` elements."""
+    return (numel + QUANT_BLOCK_SIZE - 1) // QUANT_BLOCK_SIZE
+
+
+def lion_update_8bit_blockwise(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    codes: Sequence[Tensor],
+    absmaxes: Sequence[Tensor],
+    qmap: Tensor,
+    lr: Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+) -> None:
+    """One Lion step, in place, with blockwise 8-bit momentum (one call, one launch).
+
+    The momentum of params[i] is qmap[codes[i]] * absmaxes[i][block], one float32 absmax per
+    256 consecutive elements. Each step decodes it, applies the 32-bit update math, and
+    re-encodes it against the new block maxima: codes are the nearest qmap entries, moved one
+    step toward the momentum's sign where the nearest entry has the other sign.
+    codes: uint8 of the params' shapes; absmaxes: float32 of ceil(numel / 256); qmap: 256
+    sorted float32 values (lion_ops.quantization.dynamic_map()).
+    """
+    torch.ops.lion.lion_update_8bit_blockwise.default(
+        list(params), list(grads), list(codes), list(absmaxes), qmap, lr, float(beta1),
+        float(beta2), float(weight_decay))
+
+
+@torch.library.register_fake("lion::lion_update_8bit_blockwise")
+def _lion_update_8bit_blockwise_fake(params, grads, codes, absmaxes, qmap, lr, beta1, beta2,
+                                     weight_decay) -> None:
+    op = "lion_update_8bit_blockwise"
+    _check_param_grad_lists(op, params, grads, lr)
+    _check_state_list(op, "codes", params, codes, torch.uint8, lambda p: None)
+    _check_state_list(op, "absmaxes", params, absmaxes, torch.float32,
+                      lambda p: blockwise_absmax_count(p.numel()))
+    _check_qmap(op, qmap)
+    return None
+
+
+def lion_update_8bit_static(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    codes: Sequence[Tensor],
+    max1s: Sequence[Tensor],
+    new_max1s: Sequence[Tensor],
+    qmap: Tensor,
+    lr: Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+) -> None:
+    """One Lion step, in place, with per-tensor ("static", block_wise=False) 8-bit momentum.
+
+    The momentum of params[i] is qmap[codes[i]] * max1s[i]. The new scale is the exact
+    largest magnitude of the new momentum, found by a reduction on the device in the same
+    step (two passes, no host synchronization); afterwards max1s[i] and new_max1s[i] both
+    hold it. max1s, new_max1s: one-element float32 tensors.
+    """
+    torch.ops.lion.lion_update_8bit_static.default(
+        list(params), list(grads), list(codes), list(max1s), list(new_max1s), qmap, lr,
+        float(beta1), float(beta2), float(weight_decay))
+
+
+@torch.library.register_fake("lion::lion_update_8bit_static")
+def _lion_update_8bit_static_fake(params, grads, codes, max1s, new_max1s, qmap, lr, beta1, beta2,
+                                  weight_decay) -> None:
+    op = "lion_update_8bit_static"
+    _check_param_grad_lists(op, params, grads, lr)
+    _check_state_list(op, "codes", params, codes, torch.uint8, lambda p: None)
+    _check_state_list(op, "max1s", params, max1s, torch.float32, lambda p: 1)
+    _check_state_list(op, "new_max1s", params, new_max1s, torch.float32, lambda p: 1)
+    _check_qmap(op, qmap)
+    return None
+
+
+def quantize_blockwise(input: Tensor, qmap: Tensor, blocksize: int = QUANT_BLOCK_SIZE
+                       ) -> tuple[Tensor, Tensor]:
+    """Quantizes `input` blockwise as the 8-bit optimizers store momentum.
+
+    Returns (codes, absmax): uint8 codes of input's shape, and one float32 absmax per
+    `blocksize` consecutive elements (in row-major order).
+    """
+    return torch.ops.lion.quantize_blockwise.default(input, qmap, blocksize)
+
+
+@torch.library.register_fake("lion::quantize_blockwise")
+def _quantize_blockwise_fake(input, qmap, blocksize=QUANT_BLOCK_SIZE):
+    _check_qmap("quantize_blockwise", qmap)
+    torch._check(blocksize > 0, lambda: "quantize_blockwise: blocksize must be positive")
+    codes = input.new_empty(input.shape, dtype=torch.uint8)
+    absmax = input.new_empty(((input.numel() + blocksize - 1) // blocksize,), dtype=torch.float32)
+    return codes, absmax
+
+
+def dequantize_blockwise(codes: Tensor, absmax: Tensor, qmap: Tensor,
+                         blocksize: int = QUANT_BLOCK_SIZE) -> Tensor:
+    """The float32 values of blockwise 8-bit state: qmap[codes] * absmax[block]."""
+    return torch.ops.lion.dequantize_blockwise.default(codes, absmax, qmap, blocksize)
+
+
+@torch.library.register_fake("lion::dequantize_blockwise")
+def _dequantize_blockwise_fake(codes, absmax, qmap, blocksize=QUANT_BLOCK_SIZE):
+    _check_qmap("dequantize_blockwise", qmap)
+    torch._check(blocksize > 0, lambda: "dequantize_blockwise: blocksize must be positive")
+    return codes.new_empty(codes.shape, dtype=torch.float32)

@@ -4,6 +4,8 @@
 
 #include <cmath>
 
+#include "lion_math.h"
+
 namespace lion {
 namespace {
 
@@ -11,65 +13,112 @@ bool is_supported_param_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
 }
 
-void check_beta(double beta, const char* name) {
-  TORCH_CHECK_VALUE(beta >= 0.0 && beta < 1.0,
-                    "lion_update_32bit: ", name, " must be in [0, 1), got ", beta);
+// Torch's Python names, so messages read like the Python API ("float32", not "Float").
+const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kBFloat16: return "bfloat16";
+    case at::kHalf: return "float16";
+    case at::kByte: return "uint8";
+    default: return c10::toString(t);
+  }
+}
+
+void check_beta(const char* op, double beta, const char* name) {
+  TORCH_CHECK_VALUE(beta >= 0.0 && beta < 1.0, op, ": ", name, " must be in [0, 1), got ", beta);
 }
 
 }  // namespace
 
-void check_lion_update_32bit_args(
-    at::TensorList params, at::TensorList grads, at::TensorList momenta, const at::Tensor& lr,
-    double beta1, double beta2, double weight_decay) {
-  TORCH_CHECK_VALUE(grads.size() == params.size() && momenta.size() == params.size(),
-                    "lion_update_32bit: params, grads and momenta must have the same length, got ",
-                    params.size(), ", ", grads.size(), " and ", momenta.size());
-  check_beta(beta1, "beta1");
-  check_beta(beta2, "beta2");
-  TORCH_CHECK_VALUE(weight_decay >= 0.0 && std::isfinite(weight_decay),
-                    "lion_update_32bit: weight_decay must be finite and >= 0, got ", weight_decay);
-  TORCH_CHECK_VALUE(lr.numel() == 1 && lr.dim() == 0,
-                    "lion_update_32bit: lr must be a 0-dim tensor, got shape ", lr.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(lr.scalar_type()),
-                   "lion_update_32bit: lr must be a floating-point tensor, got ", lr.scalar_type());
+void check_update_args(const char* op, at::TensorList params, at::TensorList grads,
+                       const at::Tensor& lr, double beta1, double beta2, double weight_decay) {
+  TORCH_CHECK_VALUE(grads.size() == params.size(), op, ": params and grads must have the same ",
+                    "length, got ", params.size(), " and ", grads.size());
+  check_beta(op, beta1, "beta1");
+  check_beta(op, beta2, "beta2");
+  TORCH_CHECK_VALUE(weight_decay >= 0.0 && std::isfinite(weight_decay), op,
+                    ": weight_decay must be finite and >= 0, got ", weight_decay);
+  TORCH_CHECK_VALUE(lr.numel() == 1 && lr.dim() == 0, op, ": lr must be a 0-dim tensor, got shape ",
+                    lr.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(lr.scalar_type()), op,
+                   ": lr must be a floating-point tensor, got ", lr.scalar_type());
   if (params.empty()) return;
 
   const at::Device device = params[0].device();
-  TORCH_CHECK_VALUE(lr.device().is_cpu() || lr.device() == device,
-                    "lion_update_32bit: lr must be on the CPU or on ", device, ", got ", lr.device());
+  TORCH_CHECK_VALUE(lr.device().is_cpu() || lr.device() == device, op,
+                    ": lr must be on the CPU or on ", device, ", got ", lr.device());
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
-    const at::Tensor& m = momenta[i];
-    TORCH_CHECK_TYPE(p.layout() == at::kStrided, "lion_update_32bit: params[", i,
+    TORCH_CHECK_TYPE(p.layout() == at::kStrided, op, ": params[", i,
                      "] must be a dense (strided) tensor, got layout ", p.layout());
-    TORCH_CHECK_TYPE(g.layout() == at::kStrided, "lion_update_32bit: grads[", i,
+    TORCH_CHECK_TYPE(g.layout() == at::kStrided, op, ": grads[", i,
                      "] must be a dense (strided) tensor, got layout ", g.layout(),
                      "; sparse gradients are not supported");
-    TORCH_CHECK_TYPE(is_supported_param_dtype(p.scalar_type()), "lion_update_32bit: params[", i,
-                     "] must be float32, bfloat16 or float16, got ", p.scalar_type());
-    TORCH_CHECK_TYPE(g.scalar_type() == p.scalar_type(), "lion_update_32bit: grads[", i,
-                     "] must have its param's dtype ", p.scalar_type(), ", got ", g.scalar_type());
-    TORCH_CHECK_TYPE(m.scalar_type() == at::kFloat, "lion_update_32bit: momenta[", i,
-                     "] must be float32, got ", m.scalar_type());
-    TORCH_CHECK_VALUE(p.device() == device, "lion_update_32bit: params[", i, "] is on ",
-                      p.device(), " but params[0] is on ", device,
-                      "; one call takes tensors of one device");
-    TORCH_CHECK_VALUE(g.device() == device && m.device() == device, "lion_update_32bit: grads[",
-                      i, "] and momenta[", i, "] must be on ", device, ", got ", g.device(),
-                      " and ", m.device());
-    TORCH_CHECK_VALUE(g.sizes() == p.sizes(), "lion_update_32bit: grads[", i, "] has shape ",
-                      g.sizes(), " but params[", i, "] has shape ", p.sizes());
-    TORCH_CHECK_VALUE(m.sizes() == p.sizes(), "lion_update_32bit: momenta[", i, "] has shape ",
-                      m.sizes(), " but params[", i, "] has shape ", p.sizes());
+    TORCH_CHECK_TYPE(is_supported_param_dtype(p.scalar_type()), op, ": params[", i,
+                     "] must be float32, bfloat16 or float16, got ", dtype_name(p.scalar_type()));
+    TORCH_CHECK_TYPE(g.scalar_type() == p.scalar_type(), op, ": grads[", i,
+                     "] must have its param's dtype ", dtype_name(p.scalar_type()), ", got ",
+                     dtype_name(g.scalar_type()));
+    TORCH_CHECK_VALUE(p.device() == device, op, ": params[", i, "] is on ", p.device(),
+                      " but params[0] is on ", device, "; one call takes tensors of one device");
+    TORCH_CHECK_VALUE(g.device() == device, op, ": grads[", i, "] must be on ", device,
+                      ", got ", g.device());
+    TORCH_CHECK_VALUE(g.sizes() == p.sizes(), op, ": grads[", i, "] has shape ", g.sizes(),
+                      " but params[", i, "] has shape ", p.sizes());
   }
 }
 
-float host_learning_rate(const at::Tensor& lr) {
+void check_state_list(const char* op, const char* name, at::TensorList params,
+                      at::TensorList states, at::ScalarType dtype, StateShape shape) {
+  TORCH_CHECK_VALUE(states.size() == params.size(), op, ": params and ", name,
+                    " must have the same length, got ", params.size(), " and ", states.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& s = states[i];
+    TORCH_CHECK_TYPE(s.layout() == at::kStrided, op, ": ", name, "[", i,
+                     "] must be a dense (strided) tensor");
+    TORCH_CHECK_TYPE(s.scalar_type() == dtype, op, ": ", name, "[", i, "] must be ",
+                     dtype_name(dtype), ", got ", dtype_name(s.scalar_type()));
+    TORCH_CHECK_VALUE(s.device() == p.device(), op, ": ", name, "[", i, "] must be on ",
+                      p.device(), ", got ", s.device());
+    switch (shape) {
+      case StateShape::kLikeParam:
+        TORCH_CHECK_VALUE(s.sizes() == p.sizes(), op, ": ", name, "[", i, "] has shape ",
+                          s.sizes(), " but params[", i, "] has shape ", p.sizes());
+        break;
+      case StateShape::kOnePerBlock: {
+        const int64_t blocks = (p.numel() + kQuantBlockSize - 1) / kQuantBlockSize;
+        TORCH_CHECK_VALUE(s.dim() == 1 && s.numel() == blocks && s.is_contiguous(), op, ": ",
+                          name, "[", i, "] must be a contiguous 1-D tensor of ", blocks,
+                          " elements (one per ", kQuantBlockSize, " of params[", i, "]'s ",
+                          p.numel(), "), got shape ", s.sizes());
+        break;
+      }
+      case StateShape::kOneElement:
+        TORCH_CHECK_VALUE(s.numel() == 1, op, ": ", name, "[", i,
+                          "] must have exactly one element, got shape ", s.sizes());
+        break;
+    }
+  }
+}
+
+void check_qmap(const char* op, const at::Tensor& qmap, at::Device device) {
+  TORCH_CHECK_TYPE(qmap.scalar_type() == at::kFloat, op, ": qmap must be float32, got ",
+                   dtype_name(qmap.scalar_type()));
+  TORCH_CHECK_VALUE(qmap.dim() == 1 && qmap.numel() == 256 && qmap.is_contiguous(), op,
+                    ": qmap must be a contiguous 1-D tensor of 256 values, got shape ",
+                    qmap.sizes());
+  TORCH_CHECK_VALUE(qmap.device() == device, op, ": qmap must be on ", device, ", got ",
+                    qmap.device());
+}
+
+float host_learning_rate(const char* op, const at::Tensor& lr) {
   TORCH_INTERNAL_ASSERT(lr.device().is_cpu());
   const float value = lr.item<float>();  // a CPU tensor: no device synchronization
-  TORCH_CHECK_VALUE(value >= 0.f && std::isfinite(value),
-                    "lion_update_32bit: lr must be finite and >= 0, got ", value);
+  TORCH_CHECK_VALUE(value >= 0.f && std::isfinite(value), op,
+                    ": lr must be finite and >= 0, got ", value);
   return value;
 }
 

@@ -4,19 +4,32 @@
 
 #include <ATen/core/Tensor.h>
 
-#include <string_view>
 #include <utility>
 #include <vector>
 
 namespace lion {
 
-// Checks one call of lion_update_32bit; throws a ValueError/TypeError naming the argument.
-void check_lion_update_32bit_args(
-    at::TensorList params, at::TensorList grads, at::TensorList momenta, const at::Tensor& lr,
-    double beta1, double beta2, double weight_decay);
+// Checks what every update operator takes: hyperparameters, the lr tensor, and the
+// (param, grad) pairs. Throws a ValueError/TypeError naming the argument.
+void check_update_args(const char* op, at::TensorList params, at::TensorList grads,
+                       const at::Tensor& lr, double beta1, double beta2, double weight_decay);
+
+// How a per-param state tensor is shaped relative to its param.
+enum class StateShape {
+  kLikeParam,      // the param's shape (momentum, 8-bit codes)
+  kOnePerBlock,    // 1-D, one entry per 256-element block (blockwise absmax)
+  kOneElement,     // a single element (per-tensor scale)
+};
+
+// Checks the state list `name`: one tensor per param, of `dtype`, on the params' device.
+void check_state_list(const char* op, const char* name, at::TensorList params,
+                      at::TensorList states, at::ScalarType dtype, StateShape shape);
+
+// Checks a quantization map: 256 sorted float32 values, contiguous, on `device`.
+void check_qmap(const char* op, const at::Tensor& qmap, at::Device device);
 
 // The learning rate as a float, for an lr tensor that lives on the CPU.
-float host_learning_rate(const at::Tensor& lr);
+float host_learning_rate(const char* op, const at::Tensor& lr);
 
 // Makes the i-th tensor of every operand list walkable as a flat array, all in the same
 // element order. A group whose tensors are dense and share strides is used in place (a

@@ -10,4 +10,24 @@ TORCH_LIBRARY(lion, m) {
   m.def(
       "lion_update_32bit(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momenta, Tensor lr, "
       "float beta1, float beta2, float weight_decay) -> ()");
+
+  // Lion step with blockwise 8-bit momentum: uint8 codes into qmap, one absmax per 256 elements.
+  m.def(
+      "lion_update_8bit_blockwise(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] codes, "
+      "Tensor(c!)[] absmaxes, Tensor qmap, Tensor lr, float beta1, float beta2, "
+      "float weight_decay) -> ()");
+
+  // Lion step with per-tensor ("static") 8-bit momentum: max1 is the codes' scale, new_max1 scratch.
+  m.def(
+      "lion_update_8bit_static(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] codes, "
+      "Tensor(c!)[] max1s, Tensor(d!)[] new_max1s, Tensor qmap, Tensor lr, float beta1, "
+      "float beta2, float weight_decay) -> ()");
+
+  // Blockwise 8-bit quantization against qmap (same encoding as the optimizer): (codes, absmax).
+  m.def("quantize_blockwise(Tensor input, Tensor qmap, int blocksize=256) -> (Tensor, Tensor)");
+
+  // Inverse of quantize_blockwise: float32 values of the input's shape.
+  m.def(
+      "dequantize_blockwise(Tensor codes, Tensor absmax, Tensor qmap, int blocksize=256) "
+      "-> Tensor");
 }

@@ -40,7 +40,6 @@ def test_constructors_match_bitsandbytes():
 
 
 @pytest.mark.parametrize("kwargs, feature", [
-    (dict(optim_bits=8), "optim_bits=8"),
     (dict(is_paged=True), "is_paged"),
     (dict(percentile_clipping=95), "percentile_clipping=95"),
     (dict(args=object()), "args"),

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..quantization import dynamic_map
 
 # bitsandbytes 0.50 nests these per-param state entries under one key in its state_dict (so
 # that FSDP does not try to gather them); we write and read the same layout.
@@ -73,9 +74,6 @@ class LionOptimizerBase(torch.optim.Optimizer):
                                       "as keyword arguments")
         if optim_bits not in (8, 32):
             raise ValueError(f"{where}: optim_bits must be 8 or 32, got {optim_bits!r}")
-        if optim_bits == 8:
-            raise NotImplementedError(f"{where}: optim_bits=8 (8-bit state) is not implemented "
-                                      "yet; use optim_bits=32")
         if isinstance(percentile_clipping, bool) or not isinstance(percentile_clipping, int) \
                 or not 1 <= percentile_clipping <= 100:
             raise ValueError(f"{where}: percentile_clipping must be an int in 1..100, got "
@@ -101,6 +99,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
         self.percentile_clipping = percentile_clipping
         self.block_wise = block_wise
         self.is_paged = is_paged
+        self._qmaps: dict[torch.device, Tensor] = {}  # the 8-bit map, one copy per device
 
     # ---- param groups ---------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -152,20 +151,42 @@ class LionOptimizerBase(torch.optim.Optimizer):
             work.append((group, with_grad))
         return work
 
+    def _state_kind(self, p: Tensor) -> str:
+        """Which state a param gets: 32-bit, or 8-bit blockwise/static for large enough ones."""
+        if self.optim_bits == 8 and p.numel() >= self.min_8bit_size:
+            return BLOCKWISE if self.block_wise else STATIC
+        return FP32
+
     def _check_state(self, p: Tensor, state: dict, what: str) -> None:
-        momentum = state.get("state1")
-        if not isinstance(momentum, Tensor) or momentum.shape != p.shape \
-                or momentum.dtype != torch.float32 or momentum.device != p.device:
+        problem = _state_problem(p, state, _kind_of_state(state))
+        if problem:
             raise RuntimeError(f"{type(self).__name__}: the state of {what} does not fit it "
-                               "(its momentum 'state1' must be a float32 tensor of the param's "
-                               "shape on its device); was the param replaced after the first "
-                               "step?")
+                               f"({problem}); was the param replaced after the first step?")
+
+    def _qmap(self, device: torch.device) -> Tensor:
+        qmap = self._qmaps.get(device)
+        if qmap is None:
+            qmap = self._qmaps[device] = dynamic_map(device)
+        return qmap
 
     def _init_state(self, p: Tensor) -> None:
         state = self.state[p]
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        state["state1"] = torch.zeros_like(p, dtype=torch.float32,
-                                           memory_format=torch.preserve_format)
+        kind = self._state_kind(p)
+        if kind == FP32:
+            state["state1"] = torch.zeros_like(p, dtype=torch.float32,
+                                               memory_format=torch.preserve_format)
+            return
+        # Codes are always contiguous: their 256-element blocks follow the param's logical
+        # order, as in bitsandbytes, whatever the param's layout.
+        state["state1"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+        state["qmap1"] = self._qmap(p.device)
+        if kind == BLOCKWISE:
+            state["absmax1"] = torch.zeros(ops.blockwise_absmax_count(p.numel()),
+                                           dtype=torch.float32, device=p.device)
+        else:
+            state["max1"] = torch.zeros(1, dtype=torch.float32, device=p.device)
+            state["new_max1"] = torch.zeros(1, dtype=torch.float32, device=p.device)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -186,15 +207,27 @@ class LionOptimizerBase(torch.optim.Optimizer):
 
     def _update_group(self, group: dict, params: list[Tensor]) -> None:
         beta1, beta2 = group["betas"]
+        wd = group["weight_decay"]
         buckets: dict[tuple, list[Tensor]] = defaultdict(list)
         for p in params:
-            buckets[(p.device, p.dtype)].append(p)
-        for (device, _), bucket in buckets.items():
+            buckets[(p.device, p.dtype, _kind_of_state(self.state[p]))].append(p)
+        for (device, _, kind), bucket in buckets.items():
             states = [self.state[p] for p in bucket]
+            grads = [p.grad for p in bucket]
+            lr = self._lr_tensor(group["lr"], device)
             torch._foreach_add_([s["step"] for s in states], 1)
-            ops.lion_update_32bit(bucket, [p.grad for p in bucket], [s["state1"] for s in states],
-                                  self._lr_tensor(group["lr"], device), beta1, beta2,
-                                  group["weight_decay"])
+            codes_or_momenta = [s["state1"] for s in states]
+            if kind == FP32:
+                ops.lion_update_32bit(bucket, grads, codes_or_momenta, lr, beta1, beta2, wd)
+            elif kind == BLOCKWISE:
+                ops.lion_update_8bit_blockwise(bucket, grads, codes_or_momenta,
+                                               [s["absmax1"] for s in states],
+                                               self._qmap(device), lr, beta1, beta2, wd)
+            else:
+                ops.lion_update_8bit_static(bucket, grads, codes_or_momenta,
+                                            [s["max1"] for s in states],
+                                            [s["new_max1"] for s in states],
+                                            self._qmap(device), lr, beta1, beta2, wd)
 
     @staticmethod
     def _lr_tensor(lr, device: torch.device) -> Tensor:
@@ -277,16 +310,17 @@ class LionOptimizerBase(torch.optim.Optimizer):
             hook(self)
 
     def _load_param_state(self, p: Tensor, saved: dict, what: str) -> dict:
-        momentum = saved.get("state1")
-        if not isinstance(momentum, Tensor):
+        expected, found = self._state_kind(p), _kind_of_state(saved)
+        if found is None:
             raise ValueError(f"{what}: the saved state has no momentum tensor 'state1'")
-        if momentum.dtype == torch.uint8 or "absmax1" in saved or "qmap1" in saved:
-            raise ValueError(f"{what}: the saved state is 8-bit, but this optimizer keeps "
-                             "32-bit state for this param")
-        if momentum.shape != p.shape or not momentum.is_floating_point():
-            raise ValueError(f"{what}: the saved momentum has shape {tuple(momentum.shape)} and "
-                             f"dtype {momentum.dtype}; expected a float tensor of shape "
-                             f"{tuple(p.shape)}")
+        if found != expected:
+            raise ValueError(
+                f"{what}: the saved state is {_KIND_NAMES[found]}, but this optimizer keeps "
+                f"{_KIND_NAMES[expected]} state for this param (optim_bits={self.optim_bits}, "
+                f"min_8bit_size={self.min_8bit_size}, block_wise={self.block_wise})")
+        problem = _state_problem(p, saved, found, loading=True)
+        if problem:
+            raise ValueError(f"{what}: {problem}")
         step = saved.get("step", 0)
         if isinstance(step, Tensor):
             if step.numel() != 1:
@@ -294,9 +328,71 @@ class LionOptimizerBase(torch.optim.Optimizer):
             step = float(step)
         if not isinstance(step, (int, float)) or step < 0:
             raise ValueError(f"{what}: the saved 'step' must be a number >= 0, got {step!r}")
-        state = {k: v for k, v in saved.items() if k not in ("step", "state1")}
+
+        state = {k: v for k, v in saved.items() if k not in _STATE_TENSOR_KEYS and k != "step"}
         state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
-        # Laid out like the param, as a freshly initialized momentum would be.
-        state["state1"] = torch.empty_like(p, dtype=torch.float32,
-                                           memory_format=torch.preserve_format).copy_(momentum)
+        if found == FP32:
+            # Laid out like the param, as a freshly initialized momentum would be.
+            state["state1"] = torch.empty_like(p, dtype=torch.float32,
+                                               memory_format=torch.preserve_format)
+            state["state1"].copy_(saved["state1"])
+            return state
+        state["state1"] = saved["state1"].to(device=p.device, dtype=torch.uint8,
+                                             memory_format=torch.contiguous_format, copy=True)
+        state["qmap1"] = self._qmap(p.device)
+        for key in ("absmax1", "max1", "new_max1"):
+            if key in saved:
+                state[key] = saved[key].to(device=p.device, dtype=torch.float32,
+                                           memory_format=torch.contiguous_format,
+                                           copy=True).reshape(-1)
         return state
+
+
+FP32, BLOCKWISE, STATIC = "32-bit", "8-bit blockwise", "8-bit static"
+_KIND_NAMES = {FP32: "32-bit", BLOCKWISE: "8-bit blockwise", STATIC: "8-bit static (block_wise=False)"}
+_STATE_TENSOR_KEYS = frozenset({"state1", "qmap1", "absmax1", "max1", "new_max1"})
+
+
+def _kind_of_state(state: dict) -> str | None:
+    codes = state.get("state1")
+    if not isinstance(codes, Tensor):
+        return None
+    if codes.dtype != torch.uint8:
+        return FP32
+    return STATIC if "max1" in state else BLOCKWISE
+
+
+def _state_problem(p: Tensor, state: dict, kind: str | None, loading: bool = False) -> str:
+    """What is wrong with a param's state, or "" if it fits the param. Metadata only, except
+    that a loaded qmap1 is compared with the dynamic map (a host read, fine outside a step)."""
+    where_ok = loading or all(isinstance(v, Tensor) and v.device == p.device
+                              for k, v in state.items() if k in _STATE_TENSOR_KEYS)
+    if kind is None:
+        return "it has no momentum tensor 'state1'"
+    if not where_ok:
+        return f"its tensors must be on {p.device}"
+    state1 = state["state1"]
+    if kind == FP32:
+        if state1.shape != p.shape or not state1.is_floating_point() \
+                or (not loading and state1.dtype != torch.float32):
+            return (f"the momentum 'state1' has shape {tuple(state1.shape)} and dtype "
+                    f"{state1.dtype}; expected a float tensor of shape {tuple(p.shape)}")
+        return ""
+    if state1.shape != p.shape:
+        return (f"the 8-bit codes 'state1' have shape {tuple(state1.shape)}; expected "
+                f"{tuple(p.shape)}")
+    qmap = state.get("qmap1")
+    if not isinstance(qmap, Tensor) or qmap.shape != (ops.QUANT_MAP_SIZE,):
+        return "'qmap1' must be the 256-entry quantization map"
+    if loading and not torch.equal(qmap.detach().float().cpu(), dynamic_map()):
+        return "'qmap1' is not the signed dynamic map that lion_ops and bitsandbytes use"
+    keys = {"absmax1": (ops.blockwise_absmax_count(p.numel()),)} if kind == BLOCKWISE \
+        else {"max1": (1,), "new_max1": (1,)}
+    for key, shape in keys.items():
+        value = state.get(key)
+        if not isinstance(value, Tensor) or value.numel() != shape[0] \
+                or not value.is_floating_point():
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            return (f"'{key}' must be a float32 tensor of {shape[0]} element(s) for a param of "
+                    f"{p.numel()} elements, got {got}")
+    return ""

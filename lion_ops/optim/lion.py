@@ -15,9 +15,9 @@ class Lion(LionOptimizerBase):
             recompiling under torch.compile).
         betas: (beta1, beta2): beta1 interpolates the update direction, beta2 the momentum.
         weight_decay: decoupled weight decay.
-        optim_bits: bits of optimizer state (32; 8 is not implemented yet).
+        optim_bits: bits of optimizer state: 32 (float32 momentum) or 8 (uint8 codes).
         args: an object with the options below (not implemented yet).
-        min_8bit_size: params with fewer elements keep 32-bit state in 8-bit mode.
+        min_8bit_size: params with fewer elements keep 32-bit state when optim_bits=8.
         percentile_clipping: adaptive gradient clipping (100 = off; others not implemented yet).
         block_wise: blockwise (True) or per-tensor (False) 8-bit quantization.
         is_paged: keep state in paged (managed) memory (not implemented yet).
@@ -36,4 +36,15 @@ class Lion32bit(LionOptimizerBase):
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0, args=None,
                  min_8bit_size=4096, percentile_clipping=100, block_wise=True, is_paged=False):
         super().__init__(params, lr, betas, weight_decay, 32, args, min_8bit_size,
+                         percentile_clipping, block_wise, is_paged)
+
+
+class Lion8bit(LionOptimizerBase):
+    """Lion with 8-bit momentum: uint8 codes into bitsandbytes' signed dynamic map, with one
+    float32 absmax per 256 elements (block_wise=True) or one scale per tensor
+    (block_wise=False). Params under min_8bit_size elements keep 32-bit state. See Lion."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0, args=None,
+                 min_8bit_size=4096, percentile_clipping=100, block_wise=True, is_paged=False):
+        super().__init__(params, lr, betas, weight_decay, 8, args, min_8bit_size,
                          percentile_clipping, block_wise, is_paged)

@@ -3,11 +3,14 @@
 // thread busy and every element is read and written exactly once.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "lion_batch.h"
@@ -84,41 +87,251 @@ void parallel_over_chunks(const std::vector<int64_t>& numels, const Body& body) 
   });
 }
 
-void lion_update_32bit_cpu(at::TensorList params, at::TensorList grads, at::TensorList momenta,
-                           const at::Tensor& lr, double beta1, double beta2,
-                           double weight_decay) {
-  check_lion_update_32bit_args(params, grads, momenta, lr, beta1, beta2, weight_decay);
-  if (params.empty()) return;
-  TORCH_CHECK_VALUE(params[0].device().is_cpu(), "lion_update_32bit: CPU kernel got ",
-                    params[0].device());
-  const auto k = make_lion_coefficients(host_learning_rate(lr), static_cast<float>(beta1),
-                                        static_cast<float>(beta2),
-                                        static_cast<float>(weight_decay));
-  FlatOperands flat({params, grads, momenta}, {true, false, true});
+const at::Tensor& check_on_cpu(const char* op, at::TensorList params) {
+  TORCH_CHECK_VALUE(params[0].device().is_cpu(), op, ": CPU kernel got ", params[0].device());
+  return params[0];
+}
+
+LionCoefficients coefficients_from(const char* op, const at::Tensor& lr, double beta1,
+                                   double beta2, double weight_decay) {
+  return make_lion_coefficients(host_learning_rate(op, lr), static_cast<float>(beta1),
+                                static_cast<float>(beta2), static_cast<float>(weight_decay));
+}
+
+std::vector<int64_t> numels_of(const FlatOperands& flat) {
   std::vector<int64_t> numels;
   numels.reserve(flat.size());
   for (size_t t = 0; t < flat.size(); ++t) numels.push_back(flat.get(0, t).numel());
+  return numels;
+}
 
-  parallel_over_chunks(numels, [&](size_t t, int64_t begin, int64_t end) {
+void lion_update_32bit_cpu(at::TensorList params, at::TensorList grads, at::TensorList momenta,
+                           const at::Tensor& lr, double beta1, double beta2,
+                           double weight_decay) {
+  constexpr const char* op = "lion_update_32bit";
+  check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
+  check_state_list(op, "momenta", params, momenta, at::kFloat, StateShape::kLikeParam);
+  if (params.empty()) return;
+  check_on_cpu(op, params);
+  const auto k = coefficients_from(op, lr, beta1, beta2, weight_decay);
+  FlatOperands flat({params, grads, momenta}, {true, false, true});
+
+  parallel_over_chunks(numels_of(flat), [&](size_t t, int64_t begin, int64_t end) {
     const at::Tensor& p = flat.get(0, t);
     float* m = flat.get(2, t).data_ptr<float>() + begin;
-    LION_DISPATCH_PARAM_TYPES(p.scalar_type(), "lion_update_32bit", [&] {
-      lion_32bit_span(p.data_ptr<scalar_t>() + begin,
-                                flat.get(1, t).data_ptr<scalar_t>() + begin, m, end - begin, k);
+    LION_DISPATCH_PARAM_TYPES(p.scalar_type(), op, [&] {
+      lion_32bit_span(p.data_ptr<scalar_t>() + begin, flat.get(1, t).data_ptr<scalar_t>() + begin,
+                      m, end - begin, k);
     });
   });
   flat.write_back();
+}
+
+// ---- 8-bit state ------------------------------------------------------------------------------
+
+// Decodes, updates and writes back params for n <= kQuantBlockSize elements; leaves the new
+// momentum in `m_out` and returns its largest magnitude.
+template <typename scalar_t>
+float lion_8bit_update_block(scalar_t* p, const scalar_t* g, const uint8_t* codes,
+                             const float* qmap, float scale, int64_t n,
+                             const LionCoefficients& k, float* m_out) {
+  float max_abs = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    float pf = static_cast<float>(p[i]);
+    float mf = decode_momentum(qmap, codes[i], scale);
+    lion_update(pf, static_cast<float>(g[i]), mf, k);
+    p[i] = static_cast<scalar_t>(pf);
+    m_out[i] = mf;
+    max_abs = std::max(max_abs, std::fabs(mf));
+  }
+  return max_abs;
+}
+
+void encode_block(const float* m, const float* qmap, float scale, int64_t n, uint8_t* codes) {
+  for (int64_t i = 0; i < n; ++i) codes[i] = encode_momentum(qmap, m[i], scale);
+}
+
+void lion_update_8bit_blockwise_cpu(at::TensorList params, at::TensorList grads,
+                                    at::TensorList codes, at::TensorList absmaxes,
+                                    const at::Tensor& qmap, const at::Tensor& lr, double beta1,
+                                    double beta2, double weight_decay) {
+  constexpr const char* op = "lion_update_8bit_blockwise";
+  check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
+  check_state_list(op, "codes", params, codes, at::kByte, StateShape::kLikeParam);
+  check_state_list(op, "absmaxes", params, absmaxes, at::kFloat, StateShape::kOnePerBlock);
+  if (params.empty()) return;
+  check_qmap(op, qmap, check_on_cpu(op, params).device());
+  const auto k = coefficients_from(op, lr, beta1, beta2, weight_decay);
+  const float* map = qmap.const_data_ptr<float>();
+  FlatOperands flat({params, grads, codes}, {true, false, true});
+
+  // Chunks are whole numbers of quantization blocks, so each block is one thread's.
+  static_assert(kCpuChunkElements % kQuantBlockSize == 0);
+  parallel_over_chunks(numels_of(flat), [&](size_t t, int64_t begin, int64_t end) {
+    const at::Tensor& p = flat.get(0, t);
+    uint8_t* code = flat.get(2, t).data_ptr<uint8_t>();
+    float* absmax = absmaxes[t].data_ptr<float>();
+    float m[kQuantBlockSize];
+    LION_DISPATCH_PARAM_TYPES(p.scalar_type(), op, [&] {
+      scalar_t* pp = p.data_ptr<scalar_t>();
+      const scalar_t* gp = flat.get(1, t).const_data_ptr<scalar_t>();
+      for (int64_t b = begin; b < end; b += kQuantBlockSize) {
+        const int64_t n = std::min<int64_t>(kQuantBlockSize, end - b);
+        float& scale = absmax[b / kQuantBlockSize];
+        scale = lion_8bit_update_block(pp + b, gp + b, code + b, map, scale, n, k, m);
+        encode_block(m, map, scale, n, code + b);
+      }
+    });
+  });
+  flat.write_back();
+}
+
+void lion_update_8bit_static_cpu(at::TensorList params, at::TensorList grads,
+                                 at::TensorList codes, at::TensorList max1s,
+                                 at::TensorList new_max1s, const at::Tensor& qmap,
+                                 const at::Tensor& lr, double beta1, double beta2,
+                                 double weight_decay) {
+  constexpr const char* op = "lion_update_8bit_static";
+  check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
+  check_state_list(op, "codes", params, codes, at::kByte, StateShape::kLikeParam);
+  check_state_list(op, "max1s", params, max1s, at::kFloat, StateShape::kOneElement);
+  check_state_list(op, "new_max1s", params, new_max1s, at::kFloat, StateShape::kOneElement);
+  if (params.empty()) return;
+  check_qmap(op, qmap, check_on_cpu(op, params).device());
+  const auto k = coefficients_from(op, lr, beta1, beta2, weight_decay);
+  const float* map = qmap.const_data_ptr<float>();
+  FlatOperands flat({params, grads, codes}, {true, false, true});
+  const std::vector<int64_t> numels = numels_of(flat);
+
+  // Pass 1: the largest magnitude of each tensor's new momentum, its new scale. Partial
+  // maxima per chunk, combined per tensor afterwards (max is exact in any order).
+  std::vector<int64_t> first_chunk(numels.size() + 1, 0);
+  for (size_t t = 0; t < numels.size(); ++t) {
+    first_chunk[t + 1] = first_chunk[t] + (numels[t] + kCpuChunkElements - 1) / kCpuChunkElements;
+  }
+  std::vector<float> chunk_max(first_chunk.back(), 0.f);
+  parallel_over_chunks(numels, [&](size_t t, int64_t begin, int64_t end) {
+    const float scale = *max1s[t].const_data_ptr<float>();
+    const uint8_t* code = flat.get(2, t).const_data_ptr<uint8_t>();
+    float max_abs = 0.f;
+    LION_DISPATCH_PARAM_TYPES(flat.get(0, t).scalar_type(), op, [&] {
+      const scalar_t* gp = flat.get(1, t).const_data_ptr<scalar_t>();
+      for (int64_t i = begin; i < end; ++i) {
+        float unused_p = 0.f;
+        float mf = decode_momentum(map, code[i], scale);
+        lion_update(unused_p, static_cast<float>(gp[i]), mf, k);
+        max_abs = std::max(max_abs, std::fabs(mf));
+      }
+    });
+    chunk_max[first_chunk[t] + begin / kCpuChunkElements] = max_abs;
+  });
+  std::vector<float> new_scale(numels.size(), 0.f);
+  for (size_t t = 0; t < numels.size(); ++t) {
+    for (int64_t c = first_chunk[t]; c < first_chunk[t + 1]; ++c) {
+      new_scale[t] = std::max(new_scale[t], chunk_max[c]);
+    }
+    *new_max1s[t].data_ptr<float>() = new_scale[t];
+  }
+
+  // Pass 2: the update, with the momentum encoded against its exact new scale.
+  parallel_over_chunks(numels, [&](size_t t, int64_t begin, int64_t end) {
+    const at::Tensor& p = flat.get(0, t);
+    uint8_t* code = flat.get(2, t).data_ptr<uint8_t>();
+    const float scale = *max1s[t].const_data_ptr<float>();
+    float m[kQuantBlockSize];
+    LION_DISPATCH_PARAM_TYPES(p.scalar_type(), op, [&] {
+      scalar_t* pp = p.data_ptr<scalar_t>();
+      const scalar_t* gp = flat.get(1, t).const_data_ptr<scalar_t>();
+      for (int64_t b = begin; b < end; b += kQuantBlockSize) {
+        const int64_t n = std::min<int64_t>(kQuantBlockSize, end - b);
+        lion_8bit_update_block(pp + b, gp + b, code + b, map, scale, n, k, m);
+        encode_block(m, map, new_scale[t], n, code + b);
+      }
+    });
+  });
+  for (size_t t = 0; t < numels.size(); ++t) *max1s[t].data_ptr<float>() = new_scale[t];
+  flat.write_back();
+}
+
+// ---- blockwise quantization, for inspection -----------------------------------------------------
+
+void check_blocksize(const char* op, int64_t blocksize) {
+  TORCH_CHECK_VALUE(blocksize > 0, op, ": blocksize must be positive, got ", blocksize);
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& input,
+                                                          const at::Tensor& qmap,
+                                                          int64_t blocksize) {
+  constexpr const char* op = "quantize_blockwise";
+  check_blocksize(op, blocksize);
+  TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kBFloat16 ||
+                       input.scalar_type() == at::kHalf,
+                   op, ": input must be float32, bfloat16 or float16, got ", input.scalar_type());
+  check_qmap(op, qmap, input.device());
+  const at::Tensor x = input.contiguous().to(at::kFloat);
+  const int64_t n = x.numel();
+  const int64_t blocks = (n + blocksize - 1) / blocksize;
+  at::Tensor codes = at::empty(input.sizes(), input.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({blocks}, input.options().dtype(at::kFloat));
+  const float* xp = x.const_data_ptr<float>();
+  const float* map = qmap.const_data_ptr<float>();
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  float* ap = absmax.data_ptr<float>();
+  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t begin = b * blocksize, end = std::min(n, begin + blocksize);
+      float scale = 0.f;
+      for (int64_t i = begin; i < end; ++i) scale = std::max(scale, std::fabs(xp[i]));
+      ap[b] = scale;
+      for (int64_t i = begin; i < end; ++i) cp[i] = encode_momentum(map, xp[i], scale);
+    }
+  });
+  return {codes, absmax};
+}
+
+at::Tensor dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& absmax,
+                                    const at::Tensor& qmap, int64_t blocksize) {
+  constexpr const char* op = "dequantize_blockwise";
+  check_blocksize(op, blocksize);
+  TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, op, ": codes must be uint8, got ",
+                   codes.scalar_type());
+  TORCH_CHECK_TYPE(absmax.scalar_type() == at::kFloat, op, ": absmax must be float32, got ",
+                   absmax.scalar_type());
+  const int64_t n = codes.numel();
+  const int64_t blocks = (n + blocksize - 1) / blocksize;
+  TORCH_CHECK_VALUE(absmax.numel() == blocks, op, ": absmax must have ", blocks,
+                    " elements (one per ", blocksize, " codes), got ", absmax.numel());
+  TORCH_CHECK_VALUE(absmax.device() == codes.device(), op, ": absmax must be on ",
+                    codes.device());
+  check_qmap(op, qmap, codes.device());
+  const at::Tensor c = codes.contiguous();
+  const at::Tensor a = absmax.contiguous();
+  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
+  const uint8_t* cp = c.const_data_ptr<uint8_t>();
+  const float* ap = a.const_data_ptr<float>();
+  const float* map = qmap.const_data_ptr<float>();
+  float* op_ = out.data_ptr<float>();
+  at::parallel_for(0, n, kCpuChunkElements, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) op_[i] = decode_momentum(map, cp[i], ap[i / blocksize]);
+  });
+  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lion, CPU, m) {
   m.impl("lion_update_32bit", &lion_update_32bit_cpu);
+  m.impl("lion_update_8bit_blockwise", &lion_update_8bit_blockwise_cpu);
+  m.impl("lion_update_8bit_static", &lion_update_8bit_static_cpu);
+  m.impl("quantize_blockwise", &quantize_blockwise_cpu);
+  m.impl("dequantize_blockwise", &dequantize_blockwise_cpu);
 }
 
 // A sparse gradient dispatches here; the argument checks then refuse it by name.
 TORCH_LIBRARY_IMPL(lion, SparseCPU, m) {
   m.impl("lion_update_32bit", &lion_update_32bit_cpu);
+  m.impl("lion_update_8bit_blockwise", &lion_update_8bit_blockwise_cpu);
+  m.impl("lion_update_8bit_static", &lion_update_8bit_static_cpu);
 }
 
 }  // namespace lion

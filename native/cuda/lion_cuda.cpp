@@ -2,6 +2,7 @@
 // launches the kernels of lion_kernels.cu on the current stream. Nothing here waits on
 // the device.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -9,6 +10,7 @@
 
 #include <limits>
 #include <memory>
+#include <tuple>
 
 #include "lion_batch.h"
 #include "lion_kernels.cuh"
@@ -25,20 +27,73 @@ cuda::ParamType param_type_of(at::ScalarType t) {
   }
 }
 
-int32_t blocks_for(int64_t numel) {
-  const int64_t blocks = (numel + cuda::kElementsPerBlock - 1) / cuda::kElementsPerBlock;
+const at::Device& check_on_cuda(const char* op, at::TensorList params) {
+  TORCH_CHECK_VALUE(params[0].device().is_cuda(), op, ": CUDA kernel got ", params[0].device());
+  return params[0].device();
+}
+
+int32_t blocks_for(int64_t numel, int64_t elements_per_block) {
+  const int64_t blocks = (numel + elements_per_block - 1) / elements_per_block;
   TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(),
                     "lion: a tensor of ", numel, " elements is too large for one launch");
   return static_cast<int32_t>(blocks);
 }
 
+// Fills the lr fields of a batch: a CPU lr is read now (no sync); a device lr is read by the
+// kernel. Returns the float32 device tensor to keep alive until the launches are queued.
+template <typename Batch>
+at::Tensor set_learning_rate(const char* op, Batch& batch, const at::Tensor& lr) {
+  if (lr.device().is_cpu()) {
+    batch.lr = host_learning_rate(op, lr);
+    batch.lr_on_device = nullptr;
+    return at::Tensor();
+  }
+  at::Tensor lr32 = lr.scalar_type() == at::kFloat ? lr : lr.to(at::kFloat);
+  batch.lr_on_device = lr32.const_data_ptr<float>();
+  return lr32;
+}
+
+// Packs the tensors of `flat` into batches of at most kMaxTensorsPerLaunch tensors and one
+// dtype, calling fill(slot, t) for each tensor and launch(dtype) for each full batch.
+template <typename Batch, typename Fill, typename Launch>
+void for_each_batch(Batch& batch, const FlatOperands& flat, int64_t elements_per_block,
+                    const Fill& fill, const Launch& launch) {
+  for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    batch.num_tensors = 0;
+    batch.first_block[0] = 0;
+    auto flush = [&] {
+      if (batch.num_tensors == 0) return;
+      launch(param_type_of(dtype));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      batch.num_tensors = 0;
+    };
+    for (size_t t = 0; t < flat.size(); ++t) {
+      const at::Tensor& p = flat.get(0, t);
+      if (p.scalar_type() != dtype || p.numel() == 0) continue;
+      const int32_t blocks = blocks_for(p.numel(), elements_per_block);
+      if (batch.num_tensors == cuda::kMaxTensorsPerLaunch ||
+          batch.first_block[batch.num_tensors] > std::numeric_limits<int32_t>::max() - blocks) {
+        flush();
+      }
+      const int32_t slot = batch.num_tensors++;
+      batch.params[slot] = p.data_ptr();
+      batch.grads[slot] = flat.get(1, t).const_data_ptr();
+      batch.numels[slot] = p.numel();
+      batch.first_block[slot + 1] = batch.first_block[slot] + blocks;
+      fill(slot, t);
+    }
+    flush();
+  }
+}
+
 void lion_update_32bit_cuda(at::TensorList params, at::TensorList grads, at::TensorList momenta,
                             const at::Tensor& lr, double beta1, double beta2,
                             double weight_decay) {
-  check_lion_update_32bit_args(params, grads, momenta, lr, beta1, beta2, weight_decay);
+  constexpr const char* op = "lion_update_32bit";
+  check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
+  check_state_list(op, "momenta", params, momenta, at::kFloat, StateShape::kLikeParam);
   if (params.empty()) return;
-  const at::Device device = params[0].device();
-  TORCH_CHECK_VALUE(device.is_cuda(), "lion_update_32bit: CUDA kernel got ", device);
+  const at::Device device = check_on_cuda(op, params);
   c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
 
@@ -47,55 +102,134 @@ void lion_update_32bit_cuda(at::TensorList params, at::TensorList grads, at::Ten
   batch->beta1 = static_cast<float>(beta1);
   batch->beta2 = static_cast<float>(beta2);
   batch->weight_decay = static_cast<float>(weight_decay);
-  at::Tensor lr_on_device;  // keeps a converted lr alive until the launches are queued
-  if (lr.device().is_cpu()) {
-    batch->lr = host_learning_rate(lr);
-    batch->lr_on_device = nullptr;
-  } else {
-    lr_on_device = lr.scalar_type() == at::kFloat ? lr : lr.to(at::kFloat);
-    batch->lr_on_device = lr_on_device.const_data_ptr<float>();
-  }
+  const at::Tensor lr_alive = set_learning_rate(op, *batch, lr);
 
   FlatOperands flat({params, grads, momenta}, {true, false, true});
-  // One launch per dtype present (and per kMaxTensorsPerLaunch tensors).
-  for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
-    batch->num_tensors = 0;
-    batch->first_block[0] = 0;
-    auto flush = [&] {
-      if (batch->num_tensors == 0) return;
-      cuda::launch_lion_32bit(*batch, param_type_of(dtype), stream);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      batch->num_tensors = 0;
-    };
-    for (size_t t = 0; t < flat.size(); ++t) {
-      const at::Tensor& p = flat.get(0, t);
-      if (p.scalar_type() != dtype || p.numel() == 0) continue;
-      const int32_t blocks = blocks_for(p.numel());
-      if (batch->num_tensors == cuda::kMaxTensorsPerLaunch ||
-          batch->first_block[batch->num_tensors] > std::numeric_limits<int32_t>::max() - blocks) {
-        flush();
-      }
-      const int32_t slot = batch->num_tensors++;
-      batch->params[slot] = p.data_ptr();
-      batch->grads[slot] = flat.get(1, t).const_data_ptr();
-      batch->momenta[slot] = flat.get(2, t).data_ptr<float>();
-      batch->numels[slot] = p.numel();
-      batch->first_block[slot + 1] = batch->first_block[slot] + blocks;
-    }
-    flush();
-  }
+  for_each_batch(
+      *batch, flat, cuda::kElementsPerBlock,
+      [&](int32_t slot, size_t t) { batch->momenta[slot] = flat.get(2, t).data_ptr<float>(); },
+      [&](cuda::ParamType type) { cuda::launch_lion_32bit(*batch, type, stream); });
   flat.write_back();
+}
+
+void lion_update_8bit_cuda(const char* op, cuda::Scaling scaling, at::TensorList params,
+                           at::TensorList grads, at::TensorList codes, at::TensorList scales,
+                           at::TensorList new_scales, const at::Tensor& qmap,
+                           const at::Tensor& lr, double beta1, double beta2,
+                           double weight_decay) {
+  const at::Device device = check_on_cuda(op, params);
+  check_qmap(op, qmap, device);
+  c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+
+  auto batch = std::make_unique<cuda::Lion8bitBatch>();
+  batch->beta1 = static_cast<float>(beta1);
+  batch->beta2 = static_cast<float>(beta2);
+  batch->weight_decay = static_cast<float>(weight_decay);
+  batch->qmap = qmap.const_data_ptr<float>();
+  const at::Tensor lr_alive = set_learning_rate(op, *batch, lr);
+
+  FlatOperands flat({params, grads, codes}, {true, false, true});
+  for_each_batch(
+      *batch, flat, cuda::kElements8bitPerBlock,
+      [&](int32_t slot, size_t t) {
+        batch->codes[slot] = flat.get(2, t).data_ptr<uint8_t>();
+        batch->scales[slot] = scales[t].data_ptr<float>();
+        batch->new_scales[slot] = new_scales.empty() ? nullptr : new_scales[t].data_ptr<float>();
+      },
+      [&](cuda::ParamType type) { cuda::launch_lion_8bit(*batch, type, scaling, stream); });
+  flat.write_back();
+}
+
+void lion_update_8bit_blockwise_cuda(at::TensorList params, at::TensorList grads,
+                                     at::TensorList codes, at::TensorList absmaxes,
+                                     const at::Tensor& qmap, const at::Tensor& lr, double beta1,
+                                     double beta2, double weight_decay) {
+  constexpr const char* op = "lion_update_8bit_blockwise";
+  check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
+  check_state_list(op, "codes", params, codes, at::kByte, StateShape::kLikeParam);
+  check_state_list(op, "absmaxes", params, absmaxes, at::kFloat, StateShape::kOnePerBlock);
+  if (params.empty()) return;
+  lion_update_8bit_cuda(op, cuda::Scaling::kBlockwise, params, grads, codes, absmaxes, {}, qmap,
+                        lr, beta1, beta2, weight_decay);
+}
+
+void lion_update_8bit_static_cuda(at::TensorList params, at::TensorList grads,
+                                  at::TensorList codes, at::TensorList max1s,
+                                  at::TensorList new_max1s, const at::Tensor& qmap,
+                                  const at::Tensor& lr, double beta1, double beta2,
+                                  double weight_decay) {
+  constexpr const char* op = "lion_update_8bit_static";
+  check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
+  check_state_list(op, "codes", params, codes, at::kByte, StateShape::kLikeParam);
+  check_state_list(op, "max1s", params, max1s, at::kFloat, StateShape::kOneElement);
+  check_state_list(op, "new_max1s", params, new_max1s, at::kFloat, StateShape::kOneElement);
+  if (params.empty()) return;
+  lion_update_8bit_cuda(op, cuda::Scaling::kStatic, params, grads, codes, max1s, new_max1s, qmap,
+                        lr, beta1, beta2, weight_decay);
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& input,
+                                                           const at::Tensor& qmap,
+                                                           int64_t blocksize) {
+  constexpr const char* op = "quantize_blockwise";
+  TORCH_CHECK_VALUE(blocksize > 0, op, ": blocksize must be positive, got ", blocksize);
+  TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kBFloat16 ||
+                       input.scalar_type() == at::kHalf,
+                   op, ": input must be float32, bfloat16 or float16, got ", input.scalar_type());
+  check_qmap(op, qmap, input.device());
+  c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor x = input.contiguous().to(at::kFloat);
+  const int64_t n = x.numel();
+  at::Tensor codes = at::empty(input.sizes(), input.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({(n + blocksize - 1) / blocksize}, input.options().dtype(at::kFloat));
+  cuda::launch_quantize_blockwise(x.const_data_ptr<float>(), qmap.const_data_ptr<float>(), n,
+                                  blocksize, codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
+                                  c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {codes, absmax};
+}
+
+at::Tensor dequantize_blockwise_cuda(const at::Tensor& codes, const at::Tensor& absmax,
+                                     const at::Tensor& qmap, int64_t blocksize) {
+  constexpr const char* op = "dequantize_blockwise";
+  TORCH_CHECK_VALUE(blocksize > 0, op, ": blocksize must be positive, got ", blocksize);
+  TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, op, ": codes must be uint8, got ",
+                   codes.scalar_type());
+  TORCH_CHECK_TYPE(absmax.scalar_type() == at::kFloat, op, ": absmax must be float32, got ",
+                   absmax.scalar_type());
+  const int64_t n = codes.numel();
+  TORCH_CHECK_VALUE(absmax.numel() == (n + blocksize - 1) / blocksize, op, ": absmax must have ",
+                    (n + blocksize - 1) / blocksize, " elements (one per ", blocksize,
+                    " codes), got ", absmax.numel());
+  TORCH_CHECK_VALUE(absmax.device() == codes.device(), op, ": absmax must be on ", codes.device());
+  check_qmap(op, qmap, codes.device());
+  c10::cuda::CUDAGuard guard(codes.device());
+  const at::Tensor c = codes.contiguous();
+  const at::Tensor a = absmax.contiguous();
+  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
+  cuda::launch_dequantize_blockwise(c.const_data_ptr<uint8_t>(), a.const_data_ptr<float>(),
+                                    qmap.const_data_ptr<float>(), n, blocksize,
+                                    out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lion, CUDA, m) {
   m.impl("lion_update_32bit", &lion_update_32bit_cuda);
+  m.impl("lion_update_8bit_blockwise", &lion_update_8bit_blockwise_cuda);
+  m.impl("lion_update_8bit_static", &lion_update_8bit_static_cuda);
+  m.impl("quantize_blockwise", &quantize_blockwise_cuda);
+  m.impl("dequantize_blockwise", &dequantize_blockwise_cuda);
 }
 
 // A sparse gradient dispatches here; the argument checks then refuse it by name.
 TORCH_LIBRARY_IMPL(lion, SparseCUDA, m) {
   m.impl("lion_update_32bit", &lion_update_32bit_cuda);
+  m.impl("lion_update_8bit_blockwise", &lion_update_8bit_blockwise_cuda);
+  m.impl("lion_update_8bit_static", &lion_update_8bit_static_cuda);
 }
 
 }  // namespace lion

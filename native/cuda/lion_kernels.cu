@@ -3,6 +3,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
+
 #include "../lion_math.h"
 #include "lion_kernels.cuh"
 
@@ -105,6 +107,140 @@ lion_32bit_kernel(const __grid_constant__ Lion32bitBatch batch) {
   }
 }
 
+constexpr int kWarpSize = 32;
+constexpr int kWarpsPer8bitBlock = static_cast<int>(kElements8bitPerBlock / kQuantBlockSize);
+constexpr int kPerLane = kQuantBlockSize / kWarpSize;  // elements of a quant block per lane
+static_assert(kWarpsPer8bitBlock * kWarpSize == kThreads);
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  }
+  return x;
+}
+
+// Non-negative floats order like their bit patterns, so atomicMax on the bits is a float max.
+__device__ __forceinline__ void atomic_max_nonnegative(float* address, float value) {
+  atomicMax(reinterpret_cast<int*>(address), __float_as_int(value));
+}
+
+enum class Pass : int { kUpdate = 0, kReduceOnly = 1 };
+
+// One warp per 256-element quantization block. kUpdate decodes, updates p, and encodes the
+// new momentum against its new scale (blockwise: this block's max; static: new_scales[t],
+// computed by a kReduceOnly pass). kReduceOnly only computes the new momentum's max.
+template <typename T, Scaling S, Pass P>
+__global__ void __launch_bounds__(kThreads)
+lion_8bit_kernel(const __grid_constant__ Lion8bitBatch batch) {
+  __shared__ float qmap[kQuantMapSize];
+  qmap[threadIdx.x] = batch.qmap[threadIdx.x];  // kThreads == kQuantMapSize
+  __syncthreads();
+
+  const int t = tensor_of_block(batch.first_block, batch.num_tensors, blockIdx.x);
+  const int64_t n = batch.numels[t];
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int64_t quant_block =
+      static_cast<int64_t>(blockIdx.x - batch.first_block[t]) * kWarpsPer8bitBlock + warp;
+  const int64_t begin = quant_block * kQuantBlockSize;
+  if (begin >= n) return;  // whole warps only: the shuffles below need all 32 lanes
+
+  T* __restrict__ p = static_cast<T*>(batch.params[t]);
+  const T* __restrict__ g = static_cast<const T*>(batch.grads[t]);
+  uint8_t* __restrict__ codes = batch.codes[t];
+  float* scale_slot = S == Scaling::kBlockwise ? batch.scales[t] + quant_block : batch.scales[t];
+  const float scale = *scale_slot;
+  const float lr = batch.lr_on_device != nullptr ? *batch.lr_on_device : batch.lr;
+  const auto k = make_lion_coefficients(lr, batch.beta1, batch.beta2, batch.weight_decay);
+
+  float m[kPerLane];
+  float max_abs = 0.f;
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const int64_t e = begin + j * kWarpSize + lane;  // coalesced across the warp
+    m[j] = 0.f;
+    if (e < n) {
+      float pf = P == Pass::kUpdate ? to_float(p[e]) : 0.f;
+      m[j] = decode_momentum(qmap, codes[e], scale);
+      lion_update(pf, to_float(g[e]), m[j], k);
+      if (P == Pass::kUpdate) p[e] = from_float<T>(pf);
+      max_abs = fmaxf(max_abs, fabsf(m[j]));
+    }
+  }
+  max_abs = warp_max(max_abs);
+  if (P == Pass::kReduceOnly) {
+    if (lane == 0) atomic_max_nonnegative(batch.new_scales[t], max_abs);
+    return;
+  }
+  float new_scale;
+  if (S == Scaling::kBlockwise) {
+    new_scale = max_abs;
+    if (lane == 0) *scale_slot = new_scale;  // every lane has read the old scale above
+  } else {
+    new_scale = *batch.new_scales[t];
+  }
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const int64_t e = begin + j * kWarpSize + lane;
+    if (e < n) codes[e] = encode_momentum(qmap, m[j], new_scale);
+  }
+}
+
+enum class ScaleOp : int { kZeroNew = 0, kCommitNew = 1 };
+
+__global__ void static_scales_kernel(const __grid_constant__ Lion8bitBatch batch, ScaleOp op) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= batch.num_tensors) return;
+  if (op == ScaleOp::kZeroNew) *batch.new_scales[t] = 0.f;
+  else *batch.scales[t] = *batch.new_scales[t];
+}
+
+template <typename T>
+void launch_8bit_typed(const Lion8bitBatch& batch, Scaling scaling, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>(batch.first_block[batch.num_tensors]);
+  if (blocks == 0) return;
+  if (scaling == Scaling::kBlockwise) {
+    lion_8bit_kernel<T, Scaling::kBlockwise, Pass::kUpdate><<<blocks, kThreads, 0, stream>>>(batch);
+    return;
+  }
+  const unsigned scale_blocks = (batch.num_tensors + kThreads - 1) / kThreads;
+  static_scales_kernel<<<scale_blocks, kThreads, 0, stream>>>(batch, ScaleOp::kZeroNew);
+  lion_8bit_kernel<T, Scaling::kStatic, Pass::kReduceOnly><<<blocks, kThreads, 0, stream>>>(batch);
+  lion_8bit_kernel<T, Scaling::kStatic, Pass::kUpdate><<<blocks, kThreads, 0, stream>>>(batch);
+  static_scales_kernel<<<scale_blocks, kThreads, 0, stream>>>(batch, ScaleOp::kCommitNew);
+}
+
+__global__ void quantize_blockwise_kernel(const float* __restrict__ input,
+                                          const float* __restrict__ qmap_global, int64_t n,
+                                          int64_t blocksize, uint8_t* __restrict__ codes,
+                                          float* __restrict__ absmax) {
+  __shared__ float qmap[kQuantMapSize];
+  __shared__ float warp_maxima[kThreads / kWarpSize];
+  qmap[threadIdx.x] = qmap_global[threadIdx.x];
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * blocksize;
+  const int64_t end = min(n, begin + blocksize);
+  float max_abs = 0.f;
+  for (int64_t e = begin + threadIdx.x; e < end; e += kThreads) max_abs = fmaxf(max_abs, fabsf(input[e]));
+  max_abs = warp_max(max_abs);
+  if (threadIdx.x % kWarpSize == 0) warp_maxima[threadIdx.x / kWarpSize] = max_abs;
+  __syncthreads();
+  float scale = 0.f;
+#pragma unroll
+  for (int w = 0; w < kThreads / kWarpSize; ++w) scale = fmaxf(scale, warp_maxima[w]);
+  if (threadIdx.x == 0) absmax[blockIdx.x] = scale;
+  for (int64_t e = begin + threadIdx.x; e < end; e += kThreads) codes[e] = encode_momentum(qmap, input[e], scale);
+}
+
+__global__ void dequantize_blockwise_kernel(const uint8_t* __restrict__ codes,
+                                            const float* __restrict__ absmax,
+                                            const float* __restrict__ qmap, int64_t n,
+                                            int64_t blocksize, float* __restrict__ out) {
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * kThreads) {
+    out[e] = decode_momentum(qmap, codes[e], absmax[e / blocksize]);
+  }
+}
+
 }  // namespace
 
 void launch_lion_32bit(const Lion32bitBatch& batch, ParamType type, cudaStream_t stream) {
@@ -121,6 +257,36 @@ void launch_lion_32bit(const Lion32bitBatch& batch, ParamType type, cudaStream_t
       lion_32bit_kernel<__half><<<blocks, kThreads, 0, stream>>>(batch);
       break;
   }
+}
+
+}  // namespace lion::cuda
+
+namespace lion::cuda {
+
+void launch_lion_8bit(const Lion8bitBatch& batch, ParamType type, Scaling scaling,
+                      cudaStream_t stream) {
+  switch (type) {
+    case ParamType::kFloat32: launch_8bit_typed<float>(batch, scaling, stream); break;
+    case ParamType::kBFloat16: launch_8bit_typed<__nv_bfloat16>(batch, scaling, stream); break;
+    case ParamType::kFloat16: launch_8bit_typed<__half>(batch, scaling, stream); break;
+  }
+}
+
+void launch_quantize_blockwise(const float* input, const float* qmap, int64_t n,
+                               int64_t blocksize, uint8_t* codes, float* absmax,
+                               cudaStream_t stream) {
+  const int64_t blocks = (n + blocksize - 1) / blocksize;
+  if (blocks == 0) return;
+  quantize_blockwise_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      input, qmap, n, blocksize, codes, absmax);
+}
+
+void launch_dequantize_blockwise(const uint8_t* codes, const float* absmax, const float* qmap,
+                                 int64_t n, int64_t blocksize, float* out, cudaStream_t stream) {
+  if (n == 0) return;
+  const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 8);
+  dequantize_blockwise_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      codes, absmax, qmap, n, blocksize, out);
 }
 
 }  // namespace lion::cuda

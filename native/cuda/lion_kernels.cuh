@@ -33,4 +33,36 @@ struct Lion32bitBatch {
 
 void launch_lion_32bit(const Lion32bitBatch& batch, ParamType type, cudaStream_t stream);
 
+// Elements one thread block updates in the 8-bit kernels: 8 quantization blocks of 256,
+// one warp each.
+constexpr int64_t kElements8bitPerBlock = 2048;
+
+enum class Scaling : int { kBlockwise = 0, kStatic = 1 };
+
+struct Lion8bitBatch {
+  void* params[kMaxTensorsPerLaunch];
+  const void* grads[kMaxTensorsPerLaunch];
+  uint8_t* codes[kMaxTensorsPerLaunch];
+  float* scales[kMaxTensorsPerLaunch];      // blockwise: absmax per 256; static: max1
+  float* new_scales[kMaxTensorsPerLaunch];  // static only: new_max1
+  int64_t numels[kMaxTensorsPerLaunch];
+  int32_t first_block[kMaxTensorsPerLaunch + 1];
+  int32_t num_tensors;
+  const float* qmap;
+  const float* lr_on_device;
+  float lr;
+  float beta1, beta2, weight_decay;
+};
+
+// Blockwise: one launch. Static: four (zero new_max1, reduce it, update, max1 = new_max1).
+void launch_lion_8bit(const Lion8bitBatch& batch, ParamType type, Scaling scaling,
+                      cudaStream_t stream);
+
+// Blockwise quantization of n float32 values (for inspection and tests).
+void launch_quantize_blockwise(const float* input, const float* qmap, int64_t n,
+                               int64_t blocksize, uint8_t* codes, float* absmax,
+                               cudaStream_t stream);
+void launch_dequantize_blockwise(const uint8_t* codes, const float* absmax, const float* qmap,
+                                 int64_t n, int64_t blocksize, float* out, cudaStream_t stream);
+
 }  // namespace lion::cuda
