@@ -99,7 +99,9 @@ class LionOptimizerBase(torch.optim.Optimizer):
         self.percentile_clipping = percentile_clipping
         self.block_wise = block_wise
         self.is_paged = is_paged
-        self._qmaps: dict[torch.device, Tensor] = {}  # the 8-bit map, one copy per device
+        # The 8-bit map, built here (eagerly: building it does not trace) and copied to each
+        # device on first use.
+        self._qmaps: dict[torch.device, Tensor] = {torch.device("cpu"): dynamic_map()}
 
     # ---- param groups ---------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -166,7 +168,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
     def _qmap(self, device: torch.device) -> Tensor:
         qmap = self._qmaps.get(device)
         if qmap is None:
-            qmap = self._qmaps[device] = dynamic_map(device)
+            qmap = self._qmaps[device] = self._qmaps[torch.device("cpu")].to(device)
         return qmap
 
     def _init_state(self, p: Tensor) -> None:

@@ -1,0 +1,420 @@
+"""8-bit optimizer state: the dynamic map, blockwise quantization, the 8-bit update operators
+(blockwise and static) against an fp64 reference of the same decode/update/encode, and
+Lion8bit / optim_bits=8 as an optimizer (state layout, checkpoints, compile, export)."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import lion_ops
+from lion_ops import Lion, Lion8bit
+from lion_ops.quantization import dynamic_map
+
+QMAP = dynamic_map()
+SIZES = [1, 255, 256, 257, 4097, 65 * 129, 100_003]
+
+
+# ---- an independent reference, in float64 ---------------------------------------------------
+
+def reference_encode(x, qmap):
+    """Nearest map entry (ties to the larger), then one step toward x's sign if the entry's
+    sign bit differs from x's. x: float64 values already divided by their scale."""
+    q = qmap.double()
+    hi = torch.searchsorted(q, x, right=True).clamp(1, 255)
+    lo = hi - 1
+    code = torch.where((x - q[lo]) < (q[hi] - x), lo, hi)
+    code = torch.where(x <= q[0], torch.zeros_like(code), code)
+    wrong_sign = torch.signbit(q[code]) != torch.signbit(x)
+    return code + torch.where(wrong_sign, torch.where(x > 0, 1, -1), 0)
+
+
+def near_tie(x, qmap, tolerance=None):
+    """Elements whose normalized value sits within `tolerance` (default: fp32 rounding of x)
+    of a midpoint between two map entries, where fp32 and fp64 may honestly round apart."""
+    q = qmap.double()
+    mids = (q[1:] + q[:-1]) / 2
+    idx = torch.searchsorted(mids, x).clamp(0, 254)
+    nearest = torch.minimum((x - mids[idx]).abs(), (x - mids[(idx - 1).clamp(min=0)]).abs())
+    if tolerance is None:
+        tolerance = 4 * 2**-24 * x.abs()
+    return nearest <= tolerance
+
+
+def reference_8bit_step(p, g, codes, scales, lr, beta1, beta2, wd, blockwise):
+    """One 8-bit Lion step in float64. Returns (p, m_new, new_scales, codes)."""
+    q = QMAP.double()
+    n = p.numel()
+    flat_codes = codes.reshape(-1).long()
+    if blockwise:
+        per_element = scales.double().repeat_interleave(256)[:n]
+    else:
+        per_element = scales.double().expand(n)
+    m = q[flat_codes] * per_element
+    p64 = p.double().reshape(-1) * (1 - lr * wd)
+    g64 = g.double().reshape(-1)
+    c = beta1 * m + (1 - beta1) * g64
+    p64 = p64 - lr * torch.sign(c)
+    m = beta2 * m + (1 - beta2) * g64
+    if blockwise:
+        padded = torch.nn.functional.pad(m.abs(), (0, (-n) % 256))
+        new_scales = padded.reshape(-1, 256).amax(dim=1)
+        per_element = new_scales.repeat_interleave(256)[:n]
+    else:
+        new_scales = m.abs().amax().reshape(1) if n else torch.zeros(1, dtype=torch.float64)
+        per_element = new_scales.expand(n)
+    x = torch.where(per_element > 0, m / per_element, torch.zeros_like(m))
+    return p64.reshape(p.shape), m, new_scales, reference_encode(x, QMAP).reshape(p.shape), x, c
+
+
+# ---- the map and blockwise quantization ------------------------------------------------------
+
+def test_dynamic_map_values():
+    assert QMAP.shape == (256,) and QMAP.dtype == torch.float32
+    assert torch.all(QMAP[1:] > QMAP[:-1])
+    assert QMAP[127] == 0 and QMAP[255] == 1.0
+    assert QMAP[0].item() == pytest.approx(-0.99296875, abs=1e-7)
+    assert not (QMAP == -1.0).any()
+    assert QMAP.abs()[QMAP != 0].min().item() == pytest.approx(5.5e-7, rel=1e-6)
+    torch.testing.assert_close(QMAP[1:127], -QMAP[128:254].flip(0))  # symmetric but for 1.0
+
+
+def test_dynamic_map_equals_bitsandbytes():
+    functional = pytest.importorskip("bitsandbytes.functional")
+    assert torch.equal(QMAP, functional.create_dynamic_map(signed=True))
+
+
+@pytest.mark.parametrize("blocksize", [64, 256, 4096])
+def test_quantize_blockwise_matches_reference(device, dtype, blocksize):
+    x = torch.randn(3 * blocksize + 17, dtype=dtype, device=device) * 3
+    x[blocksize:2 * blocksize] = 0  # an all-zero block: absmax 0, codes of 0.0
+    qmap = QMAP.to(device)
+    codes, absmax = lion_ops.ops.quantize_blockwise(x, qmap, blocksize)
+    x64 = x.double().cpu()
+    scale = torch.nn.functional.pad(x64.abs(), (0, (-x64.numel()) % blocksize)).reshape(
+        -1, blocksize).amax(1)
+    assert torch.equal(absmax.cpu(), scale.float())
+    per = scale.repeat_interleave(blocksize)[: x64.numel()]
+    normalized = torch.where(per > 0, x64 / per, torch.zeros_like(x64))
+    expected = reference_encode(normalized, QMAP)
+    differ = codes.cpu().long() != expected
+    assert not (differ & ~near_tie(normalized, QMAP)).any()
+    assert (codes[blocksize:2 * blocksize] == 127).all()
+    values = lion_ops.ops.dequantize_blockwise(codes, absmax, qmap, blocksize)
+    assert torch.equal(values.cpu(), (QMAP[codes.cpu().long()] * per.float()))
+
+
+def test_quantization_never_flips_the_sign():
+    # Tiny values are nearest to 0.0 (+0.0): positive ones may stay there (same sign bit), a
+    # negative one moves to the smallest negative entry, as in bitsandbytes' CUDA kernels.
+    x = torch.tensor([1e-9, -1e-9, 1.0, -3e-8, 0.0, 2.0])
+    codes, absmax = lion_ops.ops.quantize_blockwise(x, QMAP)
+    values = QMAP[codes.long()]
+    assert (torch.sign(values) * torch.sign(x) >= 0).all()
+    assert codes.tolist() == [127, 126, 191, 126, 127, 255] or codes[1] == 126
+    assert values[4] == 0 and values[5] == 1.0
+
+
+# ---- the 8-bit update operators ---------------------------------------------------------------
+
+def _state(sizes, dtype, device, blockwise):
+    params = [torch.randn(n, dtype=dtype, device=device) for n in sizes]
+    grads = [torch.randn_like(p) for p in params]
+    codes, scales = [], []
+    for p in params:
+        m = torch.randn(p.shape, device=device) * 0.05
+        m[: min(300, p.numel()) // 2] = 0  # includes an all-zero block for small sizes
+        if blockwise:
+            c, s = lion_ops.ops.quantize_blockwise(m, QMAP.to(device))
+        else:
+            s = m.abs().amax().reshape(1)
+            c, _ = lion_ops.ops.quantize_blockwise(m / s.clamp(min=1e-30), QMAP.to(device),
+                                                    max(p.numel(), 1))
+        codes.append(c)
+        scales.append(s.clone())
+    return params, grads, codes, scales
+
+
+def _run(blockwise, params, grads, codes, scales, lr, beta1, beta2, wd):
+    qmap = QMAP.to(params[0].device)
+    if blockwise:
+        lion_ops.ops.lion_update_8bit_blockwise(params, grads, codes, scales, qmap, lr, beta1,
+                                                beta2, wd)
+        return None
+    new_scales = [torch.full_like(s, -7.0) for s in scales]  # poisoned scratch
+    lion_ops.ops.lion_update_8bit_static(params, grads, codes, scales, new_scales, qmap, lr,
+                                         beta1, beta2, wd)
+    return new_scales
+
+
+@pytest.mark.parametrize("blockwise", [True, False], ids=["blockwise", "static"])
+def test_8bit_update_matches_fp64_reference(device, dtype, blockwise):
+    lr, beta1, beta2, wd = 1e-2, 0.9, 0.99, 0.1
+    params, grads, codes, scales = _state(SIZES, dtype, device, blockwise)
+    before = [(p.clone(), c.clone(), s.clone()) for p, c, s in zip(params, codes, scales)]
+    new_scales = _run(blockwise, params, grads, codes, scales, torch.tensor(lr), beta1, beta2, wd)
+    for i, ((p0, c0, s0), g) in enumerate(zip(before, grads)):
+        p_ref, m_ref, s_ref, c_ref, x_ref, c_dir = reference_8bit_step(
+            p0.cpu(), g.cpu(), c0.cpu(), s0.cpu(), lr, beta1, beta2, wd, blockwise)
+        # fp32 rounding of m = b2*m + (1-b2)*g is relative to its terms, not to m (they can cancel).
+        term_bound = s0.abs().max().item() + (1 - beta2) * g.abs().max().item()
+        torch.testing.assert_close(scales[i].cpu().double(), s_ref, rtol=1e-6,
+                                   atol=4 * 2**-24 * term_bound, msg=f"scales[{i}]")
+        if new_scales is not None:
+            assert torch.equal(new_scales[i], scales[i])
+        # x = m / scale in fp32 is off by the rounding of m's terms (which can cancel).
+        n = p0.numel()
+        old_m = QMAP.double()[c0.cpu().reshape(-1).long()] * (
+            s0.cpu().double().repeat_interleave(256)[:n] if blockwise else s0.cpu().double())
+        new_scale = s_ref.repeat_interleave(256)[:n] if blockwise else s_ref.expand(n)
+        g64 = g.cpu().double().reshape(-1).abs()
+        terms = beta2 * old_m.abs() + (1 - beta2) * g64
+        # The kernels compute 1 - beta2 in fp32 from an fp32 beta2: off by up to ~1e-6.
+        one_minus_beta2_error = abs((1 - torch.tensor(beta2).item()) - (1 - beta2))
+        tolerance = (4 * 2**-24 * (x_ref.abs() + terms / new_scale.clamp(min=1e-30))
+                     + 2 * one_minus_beta2_error * g64 / new_scale.clamp(min=1e-30))
+        differ = (codes[i].cpu().long() != c_ref).reshape(-1)
+        assert not (differ & ~near_tie(x_ref, QMAP, tolerance)).any(), f"codes[{i}]"
+        assert differ.float().mean() < 1e-3
+        decided = c_dir.abs() > 1e-5 * (c_dir.abs() + (1 - beta1) * g.cpu().double().abs().reshape(-1))
+        info = torch.finfo(dtype)
+        got = params[i].cpu().double().reshape(-1)
+        torch.testing.assert_close(got[decided], p_ref.reshape(-1)[decided],
+                                   rtol=info.eps * 2, atol=max(lr * 1.2e-7, info.tiny * info.eps),
+                                   msg=f"params[{i}]")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("blockwise", [True, False], ids=["blockwise", "static"])
+def test_8bit_cuda_matches_cpu_bit_for_bit(dtype, blockwise):
+    cpu = _state(SIZES, dtype, "cpu", blockwise)
+    cuda = [[t.cuda() for t in ts] for ts in cpu]
+    _run(blockwise, *cpu, torch.tensor(1e-3), 0.9, 0.99, 0.05)
+    _run(blockwise, *cuda, torch.tensor(1e-3, device="cuda"), 0.9, 0.99, 0.05)
+    for a_list, b_list in zip(cpu, cuda):
+        for a, b in zip(a_list, b_list):
+            assert torch.equal(a, b.cpu())
+
+
+def _opcheck_samples(dtype, device):
+    qmap = QMAP.to(device)
+    params, grads, codes, scales = _state([300, 5], dtype, device, True)
+    yield torch.ops.lion.lion_update_8bit_blockwise.default, (
+        params, grads, codes, scales, qmap, torch.tensor(1e-3), 0.9, 0.99, 0.1)
+    params, grads, codes, scales = _state([300, 5], dtype, device, False)
+    yield torch.ops.lion.lion_update_8bit_static.default, (
+        params, grads, codes, scales, [s.clone() for s in scales], qmap,
+        torch.tensor(1e-3, device=device), 0.9, 0.99, 0.0)
+    x = torch.randn(700, dtype=dtype, device=device)
+    yield torch.ops.lion.quantize_blockwise.default, (x, qmap, 256)
+    c, a = lion_ops.ops.quantize_blockwise(x, qmap, 64)
+    yield torch.ops.lion.dequantize_blockwise.default, (c, a, qmap, 64)
+
+
+def test_opcheck_8bit_operators(device, dtype):
+    for op, args in _opcheck_samples(dtype, device):
+        opcheck(op, args)
+
+
+@pytest.mark.parametrize("case", ["absmax length", "codes dtype", "qmap shape", "max1 size"])
+def test_bad_8bit_input_is_refused_and_nothing_changes(case):
+    params, grads, codes, scales = _state([1000], torch.float32, "cpu", case != "max1 size")
+    qmap = QMAP
+    if case == "absmax length":
+        scales = [scales[0][:-1]]
+    elif case == "codes dtype":
+        codes = [codes[0].to(torch.int8)]
+    elif case == "qmap shape":
+        qmap = QMAP[:128]
+    snapshot = [t.clone() for t in params + codes + scales]
+    with pytest.raises((ValueError, TypeError),
+                       match={"absmax length": r"absmaxes\[0\] must be a contiguous 1-D tensor of 4",
+                              "codes dtype": r"codes\[0\] must be uint8, got",
+                              "qmap shape": "qmap must be a contiguous 1-D tensor of 256",
+                              "max1 size": r"max1s\[0\] must have exactly one element"}[case]):
+        if case == "max1 size":
+            lion_ops.ops.lion_update_8bit_static(params, grads, codes, [torch.zeros(2)],
+                                                 [torch.zeros(1)], qmap, torch.tensor(0.1), 0.9,
+                                                 0.99, 0.0)
+        else:
+            lion_ops.ops.lion_update_8bit_blockwise(params, grads, codes, scales, qmap,
+                                                    torch.tensor(0.1), 0.9, 0.99, 0.0)
+    for t, s in zip(params + codes + scales, snapshot):
+        assert torch.equal(t, s)
+
+
+# ---- the optimizer --------------------------------------------------------------------------------
+
+def _big_params(device, dtype=torch.float32):
+    torch.manual_seed(0)
+    sizes = [(4095,), (4096,), (65, 129), (7,)]
+    return [torch.nn.Parameter(torch.randn(s, dtype=dtype, device=device) * 0.1) for s in sizes]
+
+
+def _train(opt, params, steps, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator).to(p)
+        opt.step()
+
+
+@pytest.mark.parametrize("block_wise", [True, False])
+def test_state_kinds_and_layout(block_wise):
+    params = _big_params("cpu")
+    opt = Lion8bit(params, lr=1e-3, block_wise=block_wise)
+    _train(opt, params, 2)
+    small, boundary, matrix, tiny = (opt.state[p] for p in params)
+    assert small["state1"].dtype == torch.float32 and "qmap1" not in small  # 4095 elements
+    assert tiny["state1"].dtype == torch.float32
+    for state, p in ((boundary, params[1]), (matrix, params[2])):
+        assert state["state1"].dtype == torch.uint8 and state["state1"].shape == p.shape
+        assert state["qmap1"] is opt.state[params[1]]["qmap1"]  # one map per device
+        if block_wise:
+            assert state["absmax1"].shape == ((p.numel() + 255) // 256,)
+            assert "max1" not in state
+        else:
+            assert state["max1"].shape == (1,) and state["new_max1"].shape == (1,)
+            assert "absmax1" not in state
+    nested = opt.state_dict()["state"][1]["__bnb_optimizer_quant_state__"]
+    assert set(nested) == ({"state1", "qmap1", "absmax1"} if block_wise
+                           else {"state1", "qmap1", "max1", "new_max1"})
+
+
+def test_lion_optim_bits_8_is_lion8bit():
+    a, b = _big_params("cpu"), _big_params("cpu")
+    _train(Lion(a, lr=1e-3, optim_bits=8, weight_decay=0.1), a, 5)
+    _train(Lion8bit(b, lr=1e-3, weight_decay=0.1), b, 5)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_state_bytes_per_parameter():
+    p = torch.nn.Parameter(torch.randn(1 << 20))
+    opt = Lion8bit([p])
+    _train(opt, [p], 1)
+    tensors = {id(t): t for t in opt.state[p].values() if isinstance(t, torch.Tensor)}
+    assert sum(t.nbytes for t in tensors.values()) / p.numel() <= 1.02
+
+
+@pytest.mark.parametrize("block_wise", [True, False])
+def test_8bit_tracks_32bit_training(device, block_wise):
+    """8-bit momentum only changes how momentum is stored: trajectories stay close."""
+    a, b = _big_params(device), _big_params(device)
+    _train(Lion8bit(a, lr=1e-3, block_wise=block_wise), a, 30)
+    _train(Lion(b, lr=1e-3), b, 30)
+    for x, y in zip(a, b):
+        assert (x - y).abs().mean() < 3e-4
+
+
+@pytest.mark.parametrize("block_wise", [True, False])
+def test_8bit_stop_save_load_continue_equals_not_stopping(device, block_wise):
+    a = _big_params(device)
+    opt_a = Lion8bit(a, lr=1e-3, weight_decay=0.1, block_wise=block_wise)
+    _train(opt_a, a, 6, seed=5)
+    b = _big_params(device)
+    opt_b = Lion8bit(b, lr=1e-3, weight_decay=0.1, block_wise=block_wise)
+    _train(opt_b, b, 3, seed=5)
+    buffer = io.BytesIO()
+    torch.save(opt_b.state_dict(), buffer)
+    buffer.seek(0)
+    c = [torch.nn.Parameter(p.detach().clone()) for p in b]
+    opt_c = Lion8bit(c, lr=0.5, block_wise=block_wise)
+    opt_c.load_state_dict(torch.load(buffer, weights_only=True))
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(3):  # the same grads opt_a saw in steps 4..6
+        for p in a:
+            torch.randn(p.shape, generator=generator)
+    for _ in range(3):
+        for p in c:
+            p.grad = torch.randn(p.shape, generator=generator).to(p)
+        opt_c.step()
+    for x, y in zip(a, c):
+        assert torch.equal(x, y)
+    assert opt_c.state[c[1]]["qmap1"] is opt_c.state[c[2]]["qmap1"]
+
+
+def test_8bit_state_into_32bit_optimizer_is_refused_and_nothing_changes():
+    params = _big_params("cpu")
+    eight = Lion8bit(params, lr=1e-3)
+    _train(eight, params, 2)
+    thirty_two = Lion(params, lr=1e-3)
+    _train(thirty_two, params, 1)
+    before = thirty_two.state_dict()
+    with pytest.raises(ValueError, match="saved state is 8-bit blockwise, but this optimizer "
+                                         "keeps 32-bit state"):
+        thirty_two.load_state_dict(eight.state_dict())
+    after = thirty_two.state_dict()
+    for k in before["state"]:
+        assert torch.equal(after["state"][k]["__bnb_optimizer_quant_state__"]["state1"],
+                           before["state"][k]["__bnb_optimizer_quant_state__"]["state1"])
+    with pytest.raises(ValueError, match="saved state is 32-bit, but this optimizer keeps 8-bit"):
+        eight.load_state_dict(before)
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda n: n.__setitem__("absmax1", n["absmax1"][:-1]), "'absmax1' must be a float32 tensor of 16 "),
+    (lambda n: n.__setitem__("state1", n["state1"][:100]), "8-bit codes 'state1' have shape"),
+    (lambda n: n.__setitem__("qmap1", n["qmap1"] * 2), "not the signed dynamic map"),
+])
+def test_corrupt_8bit_state_dict_is_refused(corrupt, message):
+    params = _big_params("cpu")
+    opt = Lion8bit(params, lr=1e-3)
+    _train(opt, params, 2)
+    sd = opt.state_dict()
+    good_codes = opt.state[params[1]]["state1"].clone()
+    nested = dict(sd["state"][1]["__bnb_optimizer_quant_state__"])
+    corrupt(nested)
+    sd["state"][1] = dict(sd["state"][1], __bnb_optimizer_quant_state__=nested)
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(sd)
+    assert torch.equal(opt.state[params[1]]["state1"], good_codes)
+
+
+@pytest.mark.parametrize("block_wise", [True, False])
+def test_8bit_fullgraph_compile_no_recompiles(device, block_wise):
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    a, b = _big_params(device), _big_params(device)
+    opt_a = Lion8bit(a, lr=torch.tensor(1e-3), block_wise=block_wise)
+    opt_b = Lion8bit(b, lr=torch.tensor(1e-3), block_wise=block_wise)
+    counter = CompileCounterWithBackend("aot_eager")
+    step = torch.compile(opt_b.step, backend=counter, fullgraph=True)
+    generator = torch.Generator().manual_seed(0)
+    for i in range(5):
+        for x, y in zip(a, b):
+            x.grad = torch.randn(x.shape, generator=generator).to(x)
+            y.grad = x.grad.clone()
+        opt_a.step()
+        step()
+        for opt in (opt_a, opt_b):
+            opt.param_groups[0]["lr"].fill_(1e-3 / (i + 2))
+    assert counter.frame_count == 2
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    torch._dynamo.reset()
+
+
+def test_8bit_export():
+    class Update(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("weight", torch.randn(1000))
+            self.register_buffer("codes", torch.full((1000,), 127, dtype=torch.uint8))
+            self.register_buffer("absmax", torch.zeros(4))
+            self.register_buffer("qmap", QMAP.clone())
+
+        def forward(self, grad, lr):
+            lion_ops.ops.lion_update_8bit_blockwise([self.weight], [grad], [self.codes],
+                                                    [self.absmax], self.qmap, lr, 0.9, 0.99, 0.1)
+            return lion_ops.ops.dequantize_blockwise(self.codes, self.absmax, self.qmap)
+
+    module = Update()
+    eager = copy.deepcopy(module)
+    grad, lr = torch.randn(1000), torch.tensor(0.01)
+    program = torch.export.export(module, (grad, lr))
+    code = program.graph_module.code
+    assert "lion.lion_update_8bit_blockwise" in code and "lion.dequantize_blockwise" in code
+    assert torch.equal(program.module()(grad, lr), eager(grad, lr))
