@@ -65,20 +65,64 @@ LION_HOST_DEVICE float decode_momentum(const float* qmap, uint8_t code, float sc
   return qmap[code] * scale;
 }
 
-// The code of the map entry nearest to m / scale (ties go to the larger entry). Then, as
-// bitsandbytes' CUDA kernels do, a code whose entry has the wrong sign bit is moved one step
-// toward m's sign, so that quantization never flips the momentum's sign. scale 0 (an
-// all-zero block) encodes everything as 0.0.
-LION_HOST_DEVICE uint8_t encode_momentum(const float* qmap, float m, float scale) {
-  const float x = scale > 0.f ? m / scale : 0.f;
-  int lo = 0, hi = kQuantMapSize - 1;  // invariant: the answer is in [lo, hi]
-  while (hi - lo > 1) {
+// Encoding maps x = m / scale to the nearest map entry: the number of midpoints
+// (qmap[j] + qmap[j+1]) / 2 that are <= x (so ties go to the larger entry). To avoid a
+// binary search per element, a table indexed by the top 16 bits of x's order-preserving key
+// gives the number of midpoints below that bucket; the few midpoints inside the bucket
+// (at most one for the dynamic map) are then compared directly. The table depends on qmap
+// only, and is built once per call (encode_table_entry).
+constexpr int kEncodeTableSize = 1 << 16;
+
+LION_HOST_DEVICE uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t bits;
+  __builtin_memcpy(&bits, &x, sizeof(bits));
+  return bits;
+#endif
+}
+
+// Unsigned keys that order like the floats (-0.0 just below +0.0).
+LION_HOST_DEVICE uint32_t order_key(float x) {
+  const uint32_t bits = float_bits(x);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+LION_HOST_DEVICE float map_midpoint(const float* qmap, int j) {
+  return (qmap[j] + qmap[j + 1]) * 0.5f;
+}
+
+// Table entry `bucket`: how many midpoints have keys below bucket << 16.
+LION_HOST_DEVICE uint8_t encode_table_entry(const float* qmap, uint32_t bucket) {
+  const uint32_t bucket_start = bucket << 16;
+  int lo = 0, hi = kQuantMapSize - 1;  // answer in [0, 255]
+  while (lo < hi) {
     const int mid = (lo + hi) / 2;
-    if (qmap[mid] <= x) lo = mid; else hi = mid;
+    if (order_key(map_midpoint(qmap, mid)) < bucket_start) lo = mid + 1; else hi = mid;
   }
-  int code = (x - qmap[lo] < qmap[hi] - x) ? lo : hi;
-  if (x <= qmap[0]) code = 0;
-  if (sign_bit(qmap[code]) != sign_bit(x)) code += x > 0.f ? 1 : -1;
+  return static_cast<uint8_t>(lo);
+}
+
+// 1 / scale, or 0 for an all-zero block (whose momentum then encodes as 0.0).
+LION_HOST_DEVICE float inverse_scale(float scale) { return scale > 0.f ? 1.f / scale : 0.f; }
+
+// The code of x = m * inverse_scale(scale). kOneMidpointPerBucket: the caller checked that no
+// table bucket holds two midpoints (true of the dynamic map), so one comparison resolves it;
+// otherwise the comparisons go on while needed. Both give the same code.
+// Then a code whose entry has the wrong sign bit is moved one step toward x's sign, as
+// bitsandbytes' CUDA kernels do, so quantization never flips the momentum's sign.
+template <bool kOneMidpointPerBucket>
+LION_HOST_DEVICE uint8_t encode_normalized(const uint8_t* table, const float* qmap, float x) {
+  int code = table[order_key(x) >> 16];
+  if (kOneMidpointPerBucket) {
+    const float midpoint = map_midpoint(qmap, code < kQuantMapSize - 1 ? code : kQuantMapSize - 2);
+    code += (code < kQuantMapSize - 1) & (midpoint <= x);
+  } else {
+    while (code < kQuantMapSize - 1 && map_midpoint(qmap, code) <= x) ++code;
+  }
+  const int wrong_sign = sign_bit(qmap[code]) != sign_bit(x);
+  code += wrong_sign * (x > 0.f ? 1 : -1);
   return static_cast<uint8_t>(code);
 }
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lion_ops import Lion
+from lion_ops import Lion, Lion8bit
 
 # Standard-library files that make up the corpus, relative to the stdlib directory. All of
 # them exist in every CPython from 3.10 on; the order is fixed so the corpus is too.
@@ -141,6 +141,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=5e-4,
                         help="peak Lion learning rate (default 5e-4)")
     parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--optimizer", choices=["lion", "lion8bit"], default="lion",
+                        help="lion (32-bit state) or lion8bit (8-bit state for tensors of "
+                             "4096+ elements)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--context", type=int, default=32, help="characters per window")
@@ -183,8 +186,9 @@ def main() -> None:
     # The lr is a 0-dim tensor so the schedule can change it in place without recompiling
     # the optimizer step under torch.compile.
     lr = torch.tensor(args.lr, dtype=torch.float32)
-    optimizer = Lion(model.parameters(), lr=lr, betas=(0.9, 0.99),
-                     weight_decay=args.weight_decay)
+    optimizer_class = {"lion": Lion, "lion8bit": Lion8bit}[args.optimizer]
+    optimizer = optimizer_class(model.parameters(), lr=lr, betas=(0.9, 0.99),
+                                weight_decay=args.weight_decay)
 
     forward = loss_of
     optimizer_step = optimizer.step
@@ -198,7 +202,7 @@ def main() -> None:
     print(f"corpus: {len(data):,} characters from {len(files)} stdlib files "
           f"({', '.join(files)}), {len(train_data):,} train / {len(val_data):,} validation")
     print(f"model: {n_params / 1e6:.2f} M params ({args.layers} layers, width {args.width}, "
-          f"context {args.context}), Lion lr={args.lr:g} wd={args.weight_decay:g}, "
+          f"context {args.context}), {optimizer_class.__name__} lr={args.lr:g} wd={args.weight_decay:g}, "
           f"{args.steps} steps of {args.batch_size}x{args.context} characters on {device}"
           f"{f', {threads} thread' + 's' * (threads > 1) if device.type == 'cpu' else ''}"
           f"{', compiled' if args.compile else ''}")

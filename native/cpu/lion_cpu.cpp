@@ -9,6 +9,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <cstring>
+#include <memory>
+#include <mutex>
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -129,6 +133,49 @@ void lion_update_32bit_cpu(at::TensorList params, at::TensorList grads, at::Tens
 
 // ---- 8-bit state ------------------------------------------------------------------------------
 
+// The encode table of a qmap (see lion_math.h), and whether one comparison per element
+// resolves it.
+struct EncodeTable {
+  std::vector<uint8_t> entries;
+  bool one_midpoint_per_bucket;
+};
+
+// Cached for the map last used: building it takes ~1 ms, and every call of a training run
+// passes the same map.
+std::shared_ptr<const EncodeTable> encode_table_for(const float* qmap) {
+  static std::mutex mutex;
+  static std::array<float, kQuantMapSize> cached_map;
+  static std::shared_ptr<const EncodeTable> cached;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (cached && std::memcmp(cached_map.data(), qmap, sizeof(cached_map)) == 0) return cached;
+  auto table = std::make_shared<EncodeTable>();
+  table->entries.resize(kEncodeTableSize);
+  for (uint32_t bucket = 0; bucket < static_cast<uint32_t>(kEncodeTableSize); ++bucket) {
+    table->entries[bucket] = encode_table_entry(qmap, bucket);
+  }
+  table->one_midpoint_per_bucket = kQuantMapSize - 1 - table->entries.back() <= 1;
+  for (int bucket = 0; bucket + 1 < kEncodeTableSize; ++bucket) {
+    if (table->entries[bucket + 1] - table->entries[bucket] > 1) {
+      table->one_midpoint_per_bucket = false;
+    }
+  }
+  std::memcpy(cached_map.data(), qmap, sizeof(cached_map));
+  cached = std::move(table);
+  return cached;
+}
+
+// Encodes n momentum values against one scale.
+void encode_span(const float* m, const EncodeTable& table, const float* qmap, float scale,
+                 int64_t n, uint8_t* codes) {
+  const float inverse = inverse_scale(scale);
+  const uint8_t* entries = table.entries.data();
+  if (table.one_midpoint_per_bucket) {
+    for (int64_t i = 0; i < n; ++i) codes[i] = encode_normalized<true>(entries, qmap, m[i] * inverse);
+  } else {
+    for (int64_t i = 0; i < n; ++i) codes[i] = encode_normalized<false>(entries, qmap, m[i] * inverse);
+  }
+}
+
 // Decodes, updates and writes back params for n <= kQuantBlockSize elements; leaves the new
 // momentum in `m_out` and returns its largest magnitude.
 template <typename scalar_t>
@@ -147,10 +194,6 @@ float lion_8bit_update_block(scalar_t* p, const scalar_t* g, const uint8_t* code
   return max_abs;
 }
 
-void encode_block(const float* m, const float* qmap, float scale, int64_t n, uint8_t* codes) {
-  for (int64_t i = 0; i < n; ++i) codes[i] = encode_momentum(qmap, m[i], scale);
-}
-
 void lion_update_8bit_blockwise_cpu(at::TensorList params, at::TensorList grads,
                                     at::TensorList codes, at::TensorList absmaxes,
                                     const at::Tensor& qmap, const at::Tensor& lr, double beta1,
@@ -163,6 +206,8 @@ void lion_update_8bit_blockwise_cpu(at::TensorList params, at::TensorList grads,
   check_qmap(op, qmap, check_on_cpu(op, params).device());
   const auto k = coefficients_from(op, lr, beta1, beta2, weight_decay);
   const float* map = qmap.const_data_ptr<float>();
+  const auto table_holder = encode_table_for(map);
+  const EncodeTable& table = *table_holder;
   FlatOperands flat({params, grads, codes}, {true, false, true});
 
   // Chunks are whole numbers of quantization blocks, so each block is one thread's.
@@ -179,7 +224,7 @@ void lion_update_8bit_blockwise_cpu(at::TensorList params, at::TensorList grads,
         const int64_t n = std::min<int64_t>(kQuantBlockSize, end - b);
         float& scale = absmax[b / kQuantBlockSize];
         scale = lion_8bit_update_block(pp + b, gp + b, code + b, map, scale, n, k, m);
-        encode_block(m, map, scale, n, code + b);
+        encode_span(m, table, map, scale, n, code + b);
       }
     });
   });
@@ -200,6 +245,8 @@ void lion_update_8bit_static_cpu(at::TensorList params, at::TensorList grads,
   check_qmap(op, qmap, check_on_cpu(op, params).device());
   const auto k = coefficients_from(op, lr, beta1, beta2, weight_decay);
   const float* map = qmap.const_data_ptr<float>();
+  const auto table_holder = encode_table_for(map);
+  const EncodeTable& table = *table_holder;
   FlatOperands flat({params, grads, codes}, {true, false, true});
   const std::vector<int64_t> numels = numels_of(flat);
 
@@ -245,7 +292,7 @@ void lion_update_8bit_static_cpu(at::TensorList params, at::TensorList grads,
       for (int64_t b = begin; b < end; b += kQuantBlockSize) {
         const int64_t n = std::min<int64_t>(kQuantBlockSize, end - b);
         lion_8bit_update_block(pp + b, gp + b, code + b, map, scale, n, k, m);
-        encode_block(m, map, new_scale[t], n, code + b);
+        encode_span(m, table, map, new_scale[t], n, code + b);
       }
     });
   });
@@ -275,6 +322,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& inpu
   at::Tensor absmax = at::empty({blocks}, input.options().dtype(at::kFloat));
   const float* xp = x.const_data_ptr<float>();
   const float* map = qmap.const_data_ptr<float>();
+  const auto table_holder = encode_table_for(map);
+  const EncodeTable& table = *table_holder;
   uint8_t* cp = codes.data_ptr<uint8_t>();
   float* ap = absmax.data_ptr<float>();
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
@@ -283,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& inpu
       float scale = 0.f;
       for (int64_t i = begin; i < end; ++i) scale = std::max(scale, std::fabs(xp[i]));
       ap[b] = scale;
-      for (int64_t i = begin; i < end; ++i) cp[i] = encode_momentum(map, xp[i], scale);
+      encode_span(xp + begin, table, map, scale, end - begin, cp + begin);
     }
   });
   return {codes, absmax};
@@ -310,9 +359,15 @@ at::Tensor dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& a
   const uint8_t* cp = c.const_data_ptr<uint8_t>();
   const float* ap = a.const_data_ptr<float>();
   const float* map = qmap.const_data_ptr<float>();
-  float* op_ = out.data_ptr<float>();
-  at::parallel_for(0, n, kCpuChunkElements, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) op_[i] = decode_momentum(map, cp[i], ap[i / blocksize]);
+  float* values = out.data_ptr<float>();
+  at::parallel_for(0, blocks, std::max<int64_t>(1, kCpuChunkElements / blocksize),
+                   [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float scale = ap[b];
+      for (int64_t i = b * blocksize; i < std::min(n, (b + 1) * blocksize); ++i) {
+        values[i] = decode_momentum(map, cp[i], scale);
+      }
+    }
   });
   return out;
 }

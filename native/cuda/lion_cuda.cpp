@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "lion_batch.h"
+#include "lion_math.h"
 #include "lion_kernels.cuh"
 
 namespace lion {
@@ -37,6 +38,15 @@ int32_t blocks_for(int64_t numel, int64_t elements_per_block) {
   TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(),
                     "lion: a tensor of ", numel, " elements is too large for one launch");
   return static_cast<int32_t>(blocks);
+}
+
+// The encode table of qmap (lion_math.h), built on the device for this call: one small
+// launch, no host synchronization. The caching allocator keeps it alive for the stream.
+at::Tensor encode_table(const at::Tensor& qmap, cudaStream_t stream) {
+  at::Tensor table = at::empty({kEncodeTableSize}, qmap.options().dtype(at::kByte));
+  cuda::launch_build_encode_table(qmap.const_data_ptr<float>(), table.data_ptr<uint8_t>(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return table;
 }
 
 // Fills the lr fields of a batch: a CPU lr is read now (no sync); a device lr is read by the
@@ -127,6 +137,8 @@ void lion_update_8bit_cuda(const char* op, cuda::Scaling scaling, at::TensorList
   batch->beta2 = static_cast<float>(beta2);
   batch->weight_decay = static_cast<float>(weight_decay);
   batch->qmap = qmap.const_data_ptr<float>();
+  const at::Tensor table = encode_table(qmap, stream);
+  batch->encode_table = table.const_data_ptr<uint8_t>();
   const at::Tensor lr_alive = set_learning_rate(op, *batch, lr);
 
   FlatOperands flat({params, grads, codes}, {true, false, true});
@@ -183,9 +195,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& inp
   const int64_t n = x.numel();
   at::Tensor codes = at::empty(input.sizes(), input.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({(n + blocksize - 1) / blocksize}, input.options().dtype(at::kFloat));
-  cuda::launch_quantize_blockwise(x.const_data_ptr<float>(), qmap.const_data_ptr<float>(), n,
-                                  blocksize, codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
-                                  c10::cuda::getCurrentCUDAStream().stream());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const at::Tensor table = encode_table(qmap, stream);
+  cuda::launch_quantize_blockwise(x.const_data_ptr<float>(), table.const_data_ptr<uint8_t>(),
+                                  qmap.const_data_ptr<float>(), n, blocksize,
+                                  codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {codes, absmax};
 }

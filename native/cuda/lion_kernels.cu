@@ -179,10 +179,11 @@ lion_8bit_kernel(const __grid_constant__ Lion8bitBatch batch) {
   } else {
     new_scale = *batch.new_scales[t];
   }
+  const float inverse = inverse_scale(new_scale);
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) {
     const int64_t e = begin + j * kWarpSize + lane;
-    if (e < n) codes[e] = encode_momentum(qmap, m[j], new_scale);
+    if (e < n) codes[e] = encode_normalized<false>(batch.encode_table, qmap, m[j] * inverse);
   }
 }
 
@@ -210,7 +211,17 @@ void launch_8bit_typed(const Lion8bitBatch& batch, Scaling scaling, cudaStream_t
   static_scales_kernel<<<scale_blocks, kThreads, 0, stream>>>(batch, ScaleOp::kCommitNew);
 }
 
+__global__ void build_encode_table_kernel(const float* __restrict__ qmap_global,
+                                         uint8_t* __restrict__ table) {
+  __shared__ float qmap[kQuantMapSize];
+  qmap[threadIdx.x] = qmap_global[threadIdx.x];
+  __syncthreads();
+  const uint32_t bucket = blockIdx.x * kThreads + threadIdx.x;
+  table[bucket] = encode_table_entry(qmap, bucket);
+}
+
 __global__ void quantize_blockwise_kernel(const float* __restrict__ input,
+                                          const uint8_t* __restrict__ table,
                                           const float* __restrict__ qmap_global, int64_t n,
                                           int64_t blocksize, uint8_t* __restrict__ codes,
                                           float* __restrict__ absmax) {
@@ -228,7 +239,10 @@ __global__ void quantize_blockwise_kernel(const float* __restrict__ input,
 #pragma unroll
   for (int w = 0; w < kThreads / kWarpSize; ++w) scale = fmaxf(scale, warp_maxima[w]);
   if (threadIdx.x == 0) absmax[blockIdx.x] = scale;
-  for (int64_t e = begin + threadIdx.x; e < end; e += kThreads) codes[e] = encode_momentum(qmap, input[e], scale);
+  const float inverse = inverse_scale(scale);
+  for (int64_t e = begin + threadIdx.x; e < end; e += kThreads) {
+    codes[e] = encode_normalized<false>(table, qmap, input[e] * inverse);
+  }
 }
 
 __global__ void dequantize_blockwise_kernel(const uint8_t* __restrict__ codes,
@@ -272,13 +286,17 @@ void launch_lion_8bit(const Lion8bitBatch& batch, ParamType type, Scaling scalin
   }
 }
 
-void launch_quantize_blockwise(const float* input, const float* qmap, int64_t n,
-                               int64_t blocksize, uint8_t* codes, float* absmax,
-                               cudaStream_t stream) {
+void launch_build_encode_table(const float* qmap, uint8_t* table, cudaStream_t stream) {
+  build_encode_table_kernel<<<kEncodeTableSize / kThreads, kThreads, 0, stream>>>(qmap, table);
+}
+
+void launch_quantize_blockwise(const float* input, const uint8_t* encode_table,
+                               const float* qmap, int64_t n, int64_t blocksize, uint8_t* codes,
+                               float* absmax, cudaStream_t stream) {
   const int64_t blocks = (n + blocksize - 1) / blocksize;
   if (blocks == 0) return;
   quantize_blockwise_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      input, qmap, n, blocksize, codes, absmax);
+      input, encode_table, qmap, n, blocksize, codes, absmax);
 }
 
 void launch_dequantize_blockwise(const uint8_t* codes, const float* absmax, const float* qmap,

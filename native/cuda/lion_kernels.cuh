@@ -49,19 +49,23 @@ struct Lion8bitBatch {
   int32_t first_block[kMaxTensorsPerLaunch + 1];
   int32_t num_tensors;
   const float* qmap;
+  const uint8_t* encode_table;  // built by launch_build_encode_table from qmap
   const float* lr_on_device;
   float lr;
   float beta1, beta2, weight_decay;
 };
+
+// Fills the kEncodeTableSize-entry encode table of qmap (see lion_math.h).
+void launch_build_encode_table(const float* qmap, uint8_t* table, cudaStream_t stream);
 
 // Blockwise: one launch. Static: four (zero new_max1, reduce it, update, max1 = new_max1).
 void launch_lion_8bit(const Lion8bitBatch& batch, ParamType type, Scaling scaling,
                       cudaStream_t stream);
 
 // Blockwise quantization of n float32 values (for inspection and tests).
-void launch_quantize_blockwise(const float* input, const float* qmap, int64_t n,
-                               int64_t blocksize, uint8_t* codes, float* absmax,
-                               cudaStream_t stream);
+void launch_quantize_blockwise(const float* input, const uint8_t* encode_table,
+                               const float* qmap, int64_t n, int64_t blocksize, uint8_t* codes,
+                               float* absmax, cudaStream_t stream);
 void launch_dequantize_blockwise(const uint8_t* codes, const float* absmax, const float* qmap,
                                  int64_t n, int64_t blocksize, float* out, cudaStream_t stream);
 
