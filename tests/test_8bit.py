@@ -186,6 +186,42 @@ def test_8bit_update_matches_fp64_reference(device, dtype, blockwise):
                                    msg=f"params[{i}]")
 
 
+_SCALAR_PATH_SCRIPT = """
+import sys, torch, lion_ops
+from lion_ops.quantization import dynamic_map
+inputs = torch.load(sys.argv[1])
+q = dynamic_map()
+lion_ops.ops.lion_update_8bit_blockwise(*inputs["blockwise"], q, torch.tensor(1e-3), 0.9, 0.99, 0.05)
+lion_ops.ops.lion_update_8bit_static(*inputs["static"], q, torch.tensor(1e-3), 0.9, 0.99, 0.05)
+torch.save(inputs, sys.argv[1])
+"""
+
+
+def test_8bit_vectorized_cpu_path_equals_scalar_path(tmp_path):
+    """The AVX2 loops (where the CPU has AVX2) and the scalar loops give identical bits."""
+    import os
+    import subprocess
+    import sys
+    params, grads, codes, scales = _state(SIZES, torch.float32, "cpu", True)
+    sparams, sgrads, scodes, sscales = _state(SIZES, torch.float32, "cpu", False)
+    inputs = {"blockwise": [params, grads, codes, scales],
+              "static": [sparams, sgrads, scodes, sscales, [s.clone() for s in sscales]]}
+    path = tmp_path / "inputs.pt"
+    torch.save(inputs, path)
+    env = dict(os.environ, LION_OPS_NO_AVX2="1")
+    subprocess.run([sys.executable, "-c", _SCALAR_PATH_SCRIPT, str(path)], check=True, env=env,
+                   cwd=tmp_path)
+    scalar = torch.load(path)
+    lion_ops.ops.lion_update_8bit_blockwise(params, grads, codes, scales, QMAP,
+                                            torch.tensor(1e-3), 0.9, 0.99, 0.05)
+    lion_ops.ops.lion_update_8bit_static(*inputs["static"], QMAP, torch.tensor(1e-3), 0.9, 0.99,
+                                         0.05)
+    for kind in ("blockwise", "static"):
+        for ours, theirs in zip(inputs[kind], scalar[kind]):
+            for a, b in zip(ours, theirs):
+                assert torch.equal(a, b), kind
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("blockwise", [True, False], ids=["blockwise", "static"])
 def test_8bit_cuda_matches_cpu_bit_for_bit(dtype, blockwise):
