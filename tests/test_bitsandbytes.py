@@ -1,6 +1,6 @@
-"""lion_ops against the implementations it replaces: bitsandbytes' Lion (32-bit state) and
-lion-pytorch's Lion, stepped side by side on twin params with identical gradients, and
-checkpoints passed both ways between lion_ops and bitsandbytes.
+"""lion_ops against the implementations it replaces: bitsandbytes' Lion and Lion8bit (32-bit
+and 8-bit state) and lion-pytorch's Lion, stepped side by side on twin params with identical
+gradients, and checkpoints passed both ways between lion_ops and bitsandbytes.
 
 How close is "the same"? All three compute, in fp32 (for fp32 params),
     p *= 1 - lr*wd;  c = b1*m + (1-b1)*g;  p -= lr*sign(c);  m = b2*m + (1-b2)*g
@@ -23,12 +23,39 @@ but not with bit-identical roundings:
   agrees. sign(c) may legitimately differ only where c is within the momentum bound plus
   rounding of zero; those elements (0 to 5 in 577k element-updates here) are excused for the
   rest of the run, and the tests assert they stay rare, so a wrong sign cannot hide there.
+
+8-bit state (Lion8bit) keeps the momentum as uint8 codes into a 256-entry map times a float32
+absmax per 256-element block, re-encoded every step. The two CPU encoders differ: lion_ops
+takes the nearest map entry and then, as bitsandbytes' CUDA kernel does, moves a code whose
+entry has the wrong sign one step toward the momentum's sign; bitsandbytes' CPU encoder has
+no sign rule and is not always the nearest near zero (it stores an exact 0 as
++2.125e-5 * absmax, code 131). Both land within half the map's coarsest step (0.0140625,
+near 1.0) of the value they encode, times the absmax, so codes are compared dequantized,
+never as codes:
+* From identical state, the momenta before encoding differ by at most the 32-bit bound of
+  one step; with momenta that already differ (no resync), by b2 * their actual difference
+  on top. The absmaxes, block maxima of those momenta, differ by at most the block's largest
+  such bound, and the dequantized momenta by that bound plus half a coarsest step times
+  each side's absmax. Both are attained (to the same 1% of bookkeeping).
+* bitsandbytes' own test_optimizer8bit criteria hold too: after a step from identical state
+  (resync, as that test does), momenta within atol 3e-3 / rtol 1e-3 except fewer than 20
+  elements, and params' mean absolute (relative) error below 6e-5 (6e-4). Without resync
+  (after a checkpoint is loaded), near-tie disagreements accumulate: the atol/rtol allowance
+  grows by 20 elements per step, and the mean-error criteria, dominated by a single flipped
+  param near 0, are replaced by the exact one below.
+* Params stay bitwise equal except where sign(c) is ambiguous given the momenta's actual
+  difference. From identical state that is rounding only (MAX_EXCUSED_FRACTION). While the
+  states drift apart it is more common, mostly through the stored exact 0: an element whose
+  gradient is exactly 0 on two consecutive steps (about 1% of a fresh param's elements, as
+  random_grad makes 10% of them 0) moves by lr in bitsandbytes (sign(c) = +1) but not in
+  lion_ops (sign(0) = 0); hence MAX_EXCUSED_FRACTION_DRIFTING = 1%.
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from functools import partial
 
 import pytest
 import torch
@@ -136,6 +163,8 @@ class Lockstep:
     momentum the bounds are computed from. Momenta that exist when this starts must already
     be equal (a fresh optimizer, or both loaded from one checkpoint)."""
 
+    max_excused_fraction = MAX_EXCUSED_FRACTION
+
     def __init__(self, opt_a, opt_b, key_a="state1", key_b="state1"):
         self.opt_a, self.opt_b, self.key_a, self.key_b = opt_a, opt_b, key_a, key_b
         self.pairs = []
@@ -180,30 +209,37 @@ class Lockstep:
 
     def check(self):
         for i, pair in enumerate(self.pairs):
-            where = f"param {i} {tuple(pair.a.shape)} {pair.a.dtype}"
-            ma = momentum_of(self.opt_a, pair.a, self.key_a)
-            mb = momentum_of(self.opt_b, pair.b, self.key_b)
-            assert (ma is None) == (mb is None), f"{where}: state in one optimizer only"
-            if mb is None:
-                assert torch.equal(pair.a, pair.b), f"{where}: a param without state changed"
-                continue
-            step_a, step_b = step_of(self.opt_a, pair.a), step_of(self.opt_b, pair.b)
-            if step_a is not None and step_b is not None:
-                assert step_a == step_b, f"{where}: step {step_a} != {step_b}"
-            diff = (ma.detach().cpu().double() - mb.detach().cpu().double()).abs()
-            bound = pair.momentum_bound()
-            assert bool((diff <= bound).all()), (
-                f"{where}: momentum off by {diff.max().item():.3g}, worst ratio to its bound "
-                f"{(diff / bound.clamp_min(1e-300)).max().item():.3g}")
-            keep = ~pair.excused.to(pair.a.device)
-            mismatch = (pair.a != pair.b) & keep
-            assert not bool(mismatch.any()), (
-                f"{where}: {int(mismatch.sum())} params differ where sign(c) was unambiguous, "
-                f"e.g. {pair.a[mismatch][:4].tolist()} vs {pair.b[mismatch][:4].tolist()}")
+            self.check_pair(f"param {i} {tuple(pair.a.shape)} {pair.a.dtype}", pair)
         excused = sum(int(p.excused.sum()) for p in self.pairs)
-        assert excused <= MAX_EXCUSED_FRACTION * self.compared, (
+        assert excused <= self.max_excused_fraction * self.compared, (
             f"{excused} sign-ambiguous elements in {self.compared} updates: too many to be "
             "rounding")
+
+    def check_pair(self, where, pair):
+        ma = momentum_of(self.opt_a, pair.a, self.key_a)
+        mb = momentum_of(self.opt_b, pair.b, self.key_b)
+        assert (ma is None) == (mb is None), f"{where}: state in one optimizer only"
+        if mb is None:
+            assert torch.equal(pair.a, pair.b), f"{where}: a param without state changed"
+            return
+        step_a, step_b = step_of(self.opt_a, pair.a), step_of(self.opt_b, pair.b)
+        if step_a is not None and step_b is not None:
+            assert step_a == step_b, f"{where}: step {step_a} != {step_b}"
+        diff = (ma.detach().cpu().double() - mb.detach().cpu().double()).abs()
+        bound = pair.momentum_bound()
+        assert bool((diff <= bound).all()), (
+            f"{where}: momentum off by {diff.max().item():.3g}, worst ratio to its bound "
+            f"{(diff / bound.clamp_min(1e-300)).max().item():.3g}")
+        assert_params_agree(where, pair)
+
+
+def assert_params_agree(where, pair):
+    """Twin params must be equal wherever sign(c) was never ambiguous."""
+    keep = ~pair.excused.to(pair.a.device)
+    mismatch = (pair.a != pair.b) & keep
+    assert not bool(mismatch.any()), (
+        f"{where}: {int(mismatch.sum())} params differ where sign(c) was unambiguous, "
+        f"e.g. {pair.a[mismatch][:4].tolist()} vs {pair.b[mismatch][:4].tolist()}")
 
 
 def assert_moved(before, after, min_fraction=0.5):
@@ -375,3 +411,330 @@ def test_matches_lion_pytorch(lion_pytorch, device, weight_decay):
     for _ in range(50):
         run.step()
     assert_moved(initial, ours)
+
+
+# ---- 5. 8-bit state: lion_ops.Lion8bit vs bitsandbytes.optim.Lion8bit ---------------------------
+MIN_8BIT_SIZE = 4096  # both libraries' default: params with fewer elements keep 32-bit state
+QUANT_BLOCK = 256     # elements per absmax
+# Per step (see "8-bit state" in the module docstring): bitsandbytes' own test_optimizer8bit
+# tolerances for fp32 params.
+MOMENTUM_ATOL, MOMENTUM_RTOL, MAX_NOT_CLOSE = 3e-3, 1e-3, 20
+PARAM_MEAN_ABS_ERROR, PARAM_MEAN_REL_ERROR = 6e-5, 6e-4
+# Sign-ambiguous elements allowed while 8-bit states drift apart (no resync), as a fraction
+# of all element-updates compared; see "8-bit state" in the module docstring.
+MAX_EXCUSED_FRACTION_DRIFTING = 1e-2
+# The widest step between two entries of the 8-bit map (0.0140625, near 1.0).
+COARSEST_STEP = lion_ops.quantization.dynamic_map().diff().max().item()
+# Awkward 8-bit sizes (the boundary itself, ragged last blocks, 2-D (made non-contiguous
+# below), many blocks) and two under min_8bit_size, among them one short of the boundary.
+SHAPES_8BIT = [(4096,), (4097,), (65, 129), (100_000,), (4095,), (3, 5, 7)]
+CHECKPOINT_SHAPES_8BIT = [(7,), (65, 129), (4097,), (1000,), (4096,)]  # 8-bit: 1, 2, 4
+
+
+def is_8bit(p):
+    return p.numel() >= MIN_8BIT_SIZE
+
+
+def state_kind(opt, p):
+    return "8-bit" if opt.state[p]["state1"].dtype == torch.uint8 else "32-bit"
+
+
+def momentum_fp32(opt, p):
+    """p's momentum in float32, or None before its first step. 8-bit state is dequantized
+    (qmap[codes] * absmax of each 256-element block) by its own library's function."""
+    state = opt.state.get(p)
+    if not state:
+        return None
+    codes = state["state1"]
+    if codes.dtype != torch.uint8:
+        return codes
+    if isinstance(opt, lion_ops.optim.base.LionOptimizerBase):
+        return lion_ops.ops.dequantize_blockwise(codes, state["absmax1"], state["qmap1"])
+    from bitsandbytes import functional
+    return functional.dequantize_blockwise(codes, absmax=state["absmax1"], code=state["qmap1"],
+                                           blocksize=QUANT_BLOCK)
+
+
+def block_scale(opt, p):
+    """Each element's absmax, in p's shape."""
+    absmax = opt.state[p]["absmax1"]
+    return absmax.repeat_interleave(QUANT_BLOCK)[:p.numel()].reshape(p.shape)
+
+
+def block_max(t):
+    """The largest element of each 256-element block of t (in row-major order)."""
+    flat = t.reshape(-1)
+    padded = torch.nn.functional.pad(flat, (0, -flat.numel() % QUANT_BLOCK))
+    return padded.reshape(-1, QUANT_BLOCK).amax(dim=1)
+
+
+class Lockstep8bit(Lockstep):
+    """Lockstep for Lion8bit: `opt_a` and `opt_b` are lion_ops' and bitsandbytes' (either way
+    round). Params under MIN_8BIT_SIZE keep 32-bit state and Lockstep's checks; 8-bit ones are
+    compared on their dequantized momentum (see "8-bit state" in the module docstring). With
+    resync=True every step ends by copying b's params and state (codes, absmax) into a, as
+    bitsandbytes' test_optimizer8bit does, so that every step starts from identical state."""
+
+    def __init__(self, opt_a, opt_b, resync):
+        super().__init__(opt_a, opt_b)
+        self.resync = resync
+        self.apart = 0         # steps since a and b last had identical state
+        self.before = {}       # per 8-bit pair: bound on |m_a - m_b| before encoding
+        if not resync:
+            self.max_excused_fraction = MAX_EXCUSED_FRACTION_DRIFTING
+
+    def step(self, without_grad=()):
+        self.apart += 1
+        super().step(without_grad)
+        if self.resync:
+            with torch.no_grad():
+                for pair in self.pairs:
+                    pair.a.copy_(pair.b)
+                    state_a, state_b = self.opt_a.state.get(pair.a), self.opt_b.state.get(pair.b)
+                    for key in ("state1", "absmax1"):
+                        if state_b and key in state_b:
+                            state_a[key].copy_(state_b[key])
+            self.apart = 0
+
+    def _momenta(self, pair):
+        ma, mb = momentum_fp32(self.opt_a, pair.a), momentum_fp32(self.opt_b, pair.b)
+        if mb is None:
+            return (torch.zeros(pair.a.shape, dtype=torch.float64),) * 2
+        return ma.detach().cpu().double(), mb.detach().cpu().double()
+
+    def _track(self, pair, g):
+        if not is_8bit(pair.a):
+            return super()._track(pair, g)
+        # As Lockstep._track, over one step from the momenta's actual (decoded) difference.
+        b1, b2 = pair.group["betas"]
+        ma, mb = self._momenta(pair)
+        m = torch.maximum(ma.abs(), mb.abs())
+        c = b1 * mb + (1 - b1) * g
+        slack = (b1 * (ma - mb).abs() + one_minus_gap(b1) * (1 - b1) * g.abs()
+                 + 4 * U32 * (b1 * m + (1 - b1) * g.abs()))
+        pair.excused |= c.abs() < slack
+        self.before[id(pair)] = BOOKKEEPING_SLACK * (
+            b2 * (ma - mb).abs() + one_minus_gap(b2) * (1 - b2) * g.abs()
+            + 4 * U32 * (b2 * m + (1 - b2) * g.abs()))
+
+    def check_pair(self, where, pair):
+        if not is_8bit(pair.a):
+            return super().check_pair(where, pair)
+        state_a, state_b = self.opt_a.state.get(pair.a), self.opt_b.state.get(pair.b)
+        assert bool(state_a) == bool(state_b), f"{where}: state in one optimizer only"
+        if not state_b:
+            assert torch.equal(pair.a, pair.b), f"{where}: a param without state changed"
+            return
+        for state in (state_a, state_b):
+            assert state["state1"].dtype == torch.uint8 and state["state1"].shape == pair.a.shape
+            assert state["absmax1"].shape == (-(pair.a.numel() // -QUANT_BLOCK),)
+        assert step_of(self.opt_a, pair.a) == step_of(self.opt_b, pair.b)
+
+        ma, mb = momentum_fp32(self.opt_a, pair.a), momentum_fp32(self.opt_b, pair.b)
+        not_close = int((~torch.isclose(ma, mb, atol=MOMENTUM_ATOL, rtol=MOMENTUM_RTOL)).sum())
+        assert not_close < MAX_NOT_CLOSE * self.apart, (
+            f"{where}: momentum outside atol={MOMENTUM_ATOL}, rtol={MOMENTUM_RTOL} in "
+            f"{not_close} elements, {self.apart} step(s) after identical state")
+        # Each absmax is the largest |momentum| of its block before encoding.
+        before = self.before[id(pair)]
+        absmax_a, absmax_b = (s["absmax1"].cpu().double() for s in (state_a, state_b))
+        absmax_bound = block_max(before)
+        assert bool(((absmax_a - absmax_b).abs() <= absmax_bound).all()), (
+            f"{where}: absmax differs by up to "
+            f"{((absmax_a - absmax_b).abs() / absmax_bound.clamp_min(1e-300)).max():.3g} "
+            "times its bound")
+        # Each encoder lands within half the map's coarsest step (times the absmax) of the
+        # value it encodes (bitsandbytes' CPU one is not always the nearest, but is that close).
+        scale_a, scale_b = (block_scale(opt, p).cpu().double()
+                            for opt, p in ((self.opt_a, pair.a), (self.opt_b, pair.b)))
+        bound = before + BOOKKEEPING_SLACK * COARSEST_STEP / 2 * (scale_a + scale_b)
+        diff = (ma.cpu().double() - mb.cpu().double()).abs()
+        assert bool((diff <= bound).all()), (
+            f"{where}: momentum off by up to "
+            f"{(diff / bound.clamp_min(1e-300)).max().item():.3g} times its bound")
+
+        assert_params_agree(where, pair)
+        if self.apart == 1:  # bitsandbytes' per-step criteria, from identical state
+            err = (pair.a.float() - pair.b.float()).abs()
+            rel = err / (pair.b.float().abs() + 1e-9)
+            assert err.mean().item() < PARAM_MEAN_ABS_ERROR, \
+                f"{where}: params' mean abs error {err.mean().item():.3g}"
+            assert rel.mean().item() < PARAM_MEAN_REL_ERROR, \
+                f"{where}: params' mean rel error {rel.mean().item():.3g}"
+
+
+def bnb_runs_8bit_on_cpu(bnb, dtype):
+    """Whether bitsandbytes' CPU Lion8bit takes `dtype` params (its CPU path computes in fp32
+    and writes the params back in their own dtype)."""
+    p = torch.zeros(MIN_8BIT_SIZE, dtype=dtype, requires_grad=True)
+    p.grad = torch.ones_like(p)
+    try:
+        bnb.optim.Lion8bit([p], lr=1.0).step()
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):
+        return False
+    return bool((p == -1).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES],
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_8bit_matches_bitsandbytes(bnb, dtype):
+    if not bnb_runs_8bit_on_cpu(bnb, dtype):
+        pytest.skip(f"bitsandbytes' CPU Lion8bit does not support {dtype} params")
+    device = torch.device("cpu")
+    lr, betas, wd = 1e-3, (0.9, 0.99), 0.1
+    as_8bit = dict(min_8bit_size=1)
+    assert decay_factor(partial(lion_ops.Lion8bit, **as_8bit), lr, wd, device) == \
+        decay_factor(partial(bnb.optim.Lion8bit, **as_8bit), lr, wd, device)
+    initial = make_params(SHAPES_8BIT, dtype, device)
+    # Non-contiguous: 8-bit blocks follow the logical (row-major) order in both libraries.
+    initial[2] = initial[2].reshape(129, 65).t()
+    ours, theirs = twins(initial)
+    assert not ours[2].is_contiguous()
+    run = Lockstep8bit(lion_ops.Lion8bit(ours, lr=lr, betas=betas, weight_decay=wd),
+                       bnb.optim.Lion8bit(theirs, lr=lr, betas=betas, weight_decay=wd),
+                       resync=True)
+    for _ in range(50):
+        run.step()
+    assert_moved(initial, ours)
+    for p, q in zip(ours, theirs):
+        expected = "8-bit" if is_8bit(p) else "32-bit"
+        assert state_kind(run.opt_a, p) == state_kind(run.opt_b, q) == expected
+    # lion_ops' dequantize reads bitsandbytes' codes exactly as bitsandbytes does.
+    for p in filter(is_8bit, theirs):
+        state = run.opt_b.state[p]
+        assert torch.equal(lion_ops.ops.dequantize_blockwise(state["state1"], state["absmax1"],
+                                                            state["qmap1"]),
+                           momentum_fp32(run.opt_b, p))
+
+
+@pytest.mark.parametrize("min_8bit_size", [None, 1000], ids=["default", "1000"])
+@pytest.mark.parametrize("library", ["lion_ops", "bitsandbytes"])
+def test_min_8bit_size_boundary(bnb, library, min_8bit_size):
+    cls = {"lion_ops": lion_ops.Lion8bit, "bitsandbytes": bnb.optim.Lion8bit}[library]
+    limit = min_8bit_size or MIN_8BIT_SIZE
+    kwargs = {} if min_8bit_size is None else {"min_8bit_size": min_8bit_size}
+    shapes = [(limit - 1,), (limit,), (1, limit - 1), (limit, 1), (limit + 1,)]
+    params = make_params(shapes, torch.float32, torch.device("cpu"))
+    opt = cls([p.requires_grad_() for p in params], **kwargs)
+    for p in params:
+        p.grad = random_grad(p)
+    opt.step()
+    assert [state_kind(opt, p) for p in params] == \
+        ["32-bit", "8-bit", "32-bit", "8-bit", "8-bit"]
+
+
+@pytest.mark.parametrize("through_bytes", [False, True], ids=["in_memory", "torch_save"])
+@pytest.mark.parametrize("saver", ["lion_ops", "bitsandbytes"])
+def test_8bit_checkpoint_interchange(bnb, saver, through_bytes):
+    classes = {"lion_ops": lion_ops.Lion8bit, "bitsandbytes": bnb.optim.Lion8bit}
+    saver_cls = classes[saver]
+    loader_cls = classes["bitsandbytes" if saver == "lion_ops" else "lion_ops"]
+    initial = make_params(CHECKPOINT_SHAPES_8BIT, torch.float32, torch.device("cpu"))
+    initial[2] = initial[2].bfloat16()  # an 8-bit bf16 param
+    initial[3] = initial[3].bfloat16()  # a 32-bit one: the loader must keep its momentum fp32
+    no_grad = 4  # 8-bit sized, no state when saved
+
+    trained = [p.clone().requires_grad_() for p in initial]
+    saving = saver_cls(checkpoint_groups(trained))
+    for _ in range(20):
+        for i, p in enumerate(trained):
+            p.grad = None if i == no_grad else random_grad(p)
+        saving.step()
+    checkpoint = save_and_load(saving.state_dict(), through_bytes)
+
+    resumed = [p.detach().clone().requires_grad_() for p in trained]
+    # Deliberately different hyperparameters: the checkpoint's must replace them.
+    loading = loader_cls([{"params": resumed[:3]}, {"params": resumed[3:]}], lr=0.5,
+                         betas=(0.5, 0.5), weight_decay=0.0)
+    loading.load_state_dict(checkpoint)
+
+    for saved, loaded in zip(saving.param_groups, loading.param_groups, strict=True):
+        assert loaded["lr"] == saved["lr"]
+        assert tuple(loaded["betas"]) == tuple(saved["betas"])
+        assert loaded["weight_decay"] == saved["weight_decay"]
+    for p_saved, p_loaded in zip(trained, resumed):
+        s_saved, s_loaded = saving.state.get(p_saved), loading.state.get(p_loaded)
+        assert bool(s_saved) == bool(s_loaded)
+        if not s_saved:
+            continue
+        assert step_of(loading, p_loaded) == step_of(saving, p_saved) == 20
+        tensors = {k for k, v in s_saved.items() if isinstance(v, Tensor) and k != "step"}
+        assert tensors == {k for k, v in s_loaded.items()
+                           if isinstance(v, Tensor) and k != "step"}
+        assert tensors == ({"state1", "qmap1", "absmax1"} if is_8bit(p_saved) else {"state1"})
+        for key in tensors:  # loaded exactly: codes, absmax, map, or fp32 momentum
+            assert s_loaded[key].dtype == s_saved[key].dtype
+            assert s_loaded[key].device == p_loaded.device
+            assert torch.equal(s_loaded[key], s_saved[key]), key
+
+    # Both continue with the same gradients, never resynchronized: the encoders' near-tie
+    # disagreements accumulate, hence tolerances that grow with the steps since the load
+    # (see "8-bit state" in the module docstring).
+    run = Lockstep8bit(loading, saving, resync=False)
+    for step in range(10):
+        run.step(without_grad={no_grad} if step < 5 else ())
+    assert step_of(loading, resumed[0]) == 30 and step_of(loading, resumed[no_grad]) == 5
+    assert state_kind(loading, resumed[no_grad]) == "8-bit"
+
+
+def test_8bit_state_dict_layout_is_bitsandbytes(bnb):
+    initial = make_params(CHECKPOINT_SHAPES_8BIT, torch.float32, torch.device("cpu"))
+    ours, theirs = twins(initial)
+    run = Lockstep8bit(lion_ops.Lion8bit(checkpoint_groups(ours)),
+                       bnb.optim.Lion8bit(checkpoint_groups(theirs)), resync=False)
+    for _ in range(3):
+        run.step(without_grad={4})
+    mine, reference = run.opt_a.state_dict(), run.opt_b.state_dict()
+
+    assert sorted(mine["state"]) == sorted(reference["state"]) == [0, 1, 2, 3]
+    for index, entry in mine["state"].items():
+        ref_entry = reference["state"][index]
+        assert set(entry) == set(ref_entry) == {"step", "__bnb_optimizer_quant_state__"}
+        assert type(entry["step"]) is int and entry["step"] == ref_entry["step"] == 3
+        nested = entry["__bnb_optimizer_quant_state__"]
+        ref_nested = ref_entry["__bnb_optimizer_quant_state__"]
+        expected = {"state1", "qmap1", "absmax1"} if is_8bit(ours[index]) else {"state1"}
+        assert set(nested) == set(ref_nested) == expected
+        for key, value in nested.items():
+            ref = ref_nested[key]
+            assert (value.shape, value.dtype, value.device) == \
+                (ref.shape, ref.dtype, ref.device), f"param {index} {key}"
+        if "qmap1" in nested:
+            assert torch.equal(nested["qmap1"], ref_nested["qmap1"])
+    assert len(mine["param_groups"]) == len(reference["param_groups"])
+    for group, ref_group in zip(mine["param_groups"], reference["param_groups"]):
+        assert set(group) == set(ref_group)
+        assert group == ref_group
+
+
+def state_bytes(state, counted):
+    """Bytes of every tensor in one param's state whose storage is not in `counted` yet."""
+    total = 0
+    for value in state.values():
+        if isinstance(value, Tensor) and value.untyped_storage().data_ptr() not in counted:
+            counted.add(value.untyped_storage().data_ptr())
+            total += value.untyped_storage().nbytes()
+    return total
+
+
+@pytest.mark.parametrize("reloaded", [False, True], ids=["trained", "reloaded"])
+def test_8bit_state_bytes_per_param(reloaded):
+    params = [torch.zeros(1000, 1000, requires_grad=True),
+              torch.zeros(1_000_000, requires_grad=True)]
+    opt = lion_ops.Lion8bit(params)
+    for p in params:
+        p.grad = random_grad(p)
+    opt.step()
+    if reloaded:
+        checkpoint = save_and_load(opt.state_dict(), through_bytes=True)
+        opt = lion_ops.Lion8bit(params)
+        opt.load_state_dict(checkpoint)
+    counted = set()
+    per_param = [state_bytes(opt.state[p], counted) for p in params]
+    # Every state tensor counts: codes (1 byte each), absmax (4 bytes per 256), the step,
+    # and the 256-entry map, counted once for the optimizer since all params share it.
+    qmap = opt.state[params[0]]["qmap1"]
+    assert opt.state[params[1]]["qmap1"].data_ptr() == qmap.data_ptr()
+    assert per_param[0] - per_param[1] == qmap.nbytes == 256 * 4
+    bytes_per_element = sum(per_param) / sum(p.numel() for p in params)
+    assert bytes_per_element <= 1.02, f"{bytes_per_element:.4f} bytes per param element"
