@@ -137,18 +137,25 @@ class LionOptimizerBase(torch.optim.Optimizer):
                 g = p.grad
                 if g is None:
                     continue
-                what = _describe(group, group_index, index, p)
-                if g.is_sparse or g.layout != torch.strided:
-                    raise RuntimeError(f"{where}: {what} has a sparse gradient; Lion does not "
-                                       "support sparse gradients")
+                # The description is built only for an error: this loop runs every step.
+                if g.layout != torch.strided:
+                    raise RuntimeError(f"{where}: {_describe(group, group_index, index, p)} has "
+                                       "a sparse gradient; Lion does not support sparse gradients")
                 if p.dtype not in ops.PARAM_DTYPES:
-                    raise TypeError(f"{where}: {what} must be float32, bfloat16 or float16")
+                    raise TypeError(f"{where}: {_describe(group, group_index, index, p)} must be "
+                                    "float32, bfloat16 or float16")
                 if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
-                    raise ValueError(f"{where}: {what} has a gradient of shape {tuple(g.shape)}, "
-                                     f"{g.dtype} on {g.device}; it must match the parameter")
+                    raise ValueError(f"{where}: {_describe(group, group_index, index, p)} has a "
+                                     f"gradient of shape {tuple(g.shape)}, {g.dtype} on "
+                                     f"{g.device}; it must match the parameter")
                 state = self.state.get(p)
                 if state:
-                    self._check_state(p, state, what)
+                    problem = _state_problem(p, state, _kind_of_state(state))
+                    if problem:
+                        raise RuntimeError(
+                            f"{type(self).__name__}: the state of "
+                            f"{_describe(group, group_index, index, p)} does not fit it "
+                            f"({problem}); was the param replaced after the first step?")
                 with_grad.append(p)
             work.append((group, with_grad))
         return work
@@ -158,12 +165,6 @@ class LionOptimizerBase(torch.optim.Optimizer):
         if self.optim_bits == 8 and p.numel() >= self.min_8bit_size:
             return BLOCKWISE if self.block_wise else STATIC
         return FP32
-
-    def _check_state(self, p: Tensor, state: dict, what: str) -> None:
-        problem = _state_problem(p, state, _kind_of_state(state))
-        if problem:
-            raise RuntimeError(f"{type(self).__name__}: the state of {what} does not fit it "
-                               f"({problem}); was the param replaced after the first step?")
 
     def _qmap(self, device: torch.device) -> Tensor:
         qmap = self._qmaps.get(device)
