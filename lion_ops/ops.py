@@ -190,6 +190,20 @@ def _lion_update_8bit_static_fake(params, grads, codes, max1s, new_max1s, qmap, 
     return None
 
 
+def increment_steps(steps: Sequence[Tensor]) -> None:
+    """Adds 1 to each one-element float32 step counter, in place (one call, one launch)."""
+    if steps:  # an empty list has no device to dispatch on
+        torch.ops.lion.increment_steps.default(list(steps))
+
+
+@torch.library.register_fake("lion::increment_steps")
+def _increment_steps_fake(steps) -> None:
+    for i, s in enumerate(steps):
+        if s.dtype != torch.float32 or s.numel() != 1:
+            raise ValueError(f"increment_steps: steps[{i}] must be a one-element float32 tensor")
+    return None
+
+
 def quantize_blockwise(input: Tensor, qmap: Tensor, blocksize: int = QUANT_BLOCK_SIZE
                        ) -> tuple[Tensor, Tensor]:
     """Quantizes `input` blockwise as the 8-bit optimizers store momentum.

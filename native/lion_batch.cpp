@@ -114,6 +114,19 @@ void check_qmap(const char* op, const at::Tensor& qmap, at::Device device) {
                     qmap.device());
 }
 
+void check_step_counters(at::TensorList steps) {
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const at::Tensor& s = steps[i];
+    TORCH_CHECK_TYPE(s.layout() == at::kStrided && s.scalar_type() == at::kFloat,
+                     "increment_steps: steps[", i, "] must be a dense float32 tensor, got ",
+                     dtype_name(s.scalar_type()));
+    TORCH_CHECK_VALUE(s.numel() == 1, "increment_steps: steps[", i,
+                      "] must have one element, got shape ", s.sizes());
+    TORCH_CHECK_VALUE(s.device() == steps[0].device(), "increment_steps: steps[", i, "] is on ",
+                      s.device(), " but steps[0] is on ", steps[0].device());
+  }
+}
+
 float host_learning_rate(const char* op, const at::Tensor& lr) {
   TORCH_INTERNAL_ASSERT(lr.device().is_cpu());
   const float value = lr.item<float>();  // a CPU tensor: no device synchronization

@@ -28,6 +28,9 @@ void check_state_list(const char* op, const char* name, at::TensorList params,
 // Checks a quantization map: 256 sorted float32 values, contiguous, on `device`.
 void check_qmap(const char* op, const at::Tensor& qmap, at::Device device);
 
+// Checks the step counters of increment_steps: one-element float32 tensors on one device.
+void check_step_counters(at::TensorList steps);
+
 // The learning rate as a float, for an lr tensor that lives on the CPU.
 float host_learning_rate(const char* op, const at::Tensor& lr);
 

@@ -23,6 +23,9 @@ TORCH_LIBRARY(lion, m) {
       "Tensor(c!)[] max1s, Tensor(d!)[] new_max1s, Tensor qmap, Tensor lr, float beta1, "
       "float beta2, float weight_decay) -> ()");
 
+  // Adds 1 to each one-element float32 step counter (all on one device), in place.
+  m.def("increment_steps(Tensor(a!)[] steps) -> ()");
+
   // Blockwise 8-bit quantization against qmap (same encoding as the optimizer): (codes, absmax).
   m.def("quantize_blockwise(Tensor input, Tensor qmap, int blocksize=256) -> (Tensor, Tensor)");
 

@@ -210,3 +210,23 @@ def test_python_wrapper_calls_the_operator():
     op(expected[0], g, expected[1], torch.tensor(0.1), 0.9, 0.99, 0.1)
     lion_ops.ops.lion_update_32bit(p, g, m, torch.tensor(0.1), 0.9, 0.99, 0.1)
     assert torch.equal(p[0], expected[0][0]) and torch.equal(m[0], expected[1][0])
+
+
+# ---- increment_steps ------------------------------------------------------------------------------
+
+def test_increment_steps(device):
+    steps = [torch.tensor(float(i), device=device) for i in range(500)]  # > one CUDA launch
+    torch.ops.lion.increment_steps.default(steps)
+    assert [float(s) for s in steps] == [float(i + 1) for i in range(500)]
+    opcheck(torch.ops.lion.increment_steps.default, ([torch.zeros((), device=device),
+                                                      torch.ones(1, device=device)],))
+    lion_ops.ops.increment_steps([])  # the wrapper accepts an empty list (no dispatch key)
+
+
+def test_increment_steps_refuses_bad_counters_and_changes_nothing(device):
+    good = torch.zeros((), device=device)
+    with pytest.raises(TypeError, match=r"steps\[1\] must be a dense float32 tensor"):
+        torch.ops.lion.increment_steps.default([good, torch.zeros((), dtype=torch.int64)])
+    with pytest.raises(ValueError, match=r"steps\[1\] must have one element"):
+        torch.ops.lion.increment_steps.default([good, torch.zeros(2, device=device)])
+    assert float(good) == 0.0

@@ -149,7 +149,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
                                      f"gradient of shape {tuple(g.shape)}, {g.dtype} on "
                                      f"{g.device}; it must match the parameter")
                 state = self.state.get(p)
-                if state:
+                if state and not _fp32_state_fits(p, state):
                     problem = _state_problem(p, state, _kind_of_state(state))
                     if problem:
                         raise RuntimeError(
@@ -218,7 +218,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
             states = [self.state[p] for p in bucket]
             grads = [p.grad for p in bucket]
             lr = self._lr_tensor(group["lr"], device)
-            torch._foreach_add_([s["step"] for s in states], 1)
+            ops.increment_steps([s["step"] for s in states])
             codes_or_momenta = [s["state1"] for s in states]
             if kind == FP32:
                 ops.lion_update_32bit(bucket, grads, codes_or_momenta, lr, beta1, beta2, wd)
@@ -363,6 +363,13 @@ def _kind_of_state(state: dict) -> str | None:
     if codes.dtype != torch.uint8:
         return FP32
     return STATIC if "max1" in state else BLOCKWISE
+
+
+def _fp32_state_fits(p: Tensor, state: dict) -> bool:
+    """The per-step check of 32-bit state, kept cheap: the common case of every step."""
+    momentum = state.get("state1")
+    return (isinstance(momentum, Tensor) and momentum.dtype == torch.float32
+            and momentum.shape == p.shape and momentum.device == p.device)
 
 
 def _state_problem(p: Tensor, state: dict, kind: str | None, loading: bool = False) -> str:

@@ -410,6 +410,11 @@ void lion_update_8bit_static_cpu(at::TensorList params, at::TensorList grads,
   flat.write_back();
 }
 
+void increment_steps_cpu(at::TensorList steps) {
+  check_step_counters(steps);
+  for (const at::Tensor& step : steps) *step.data_ptr<float>() += 1.f;
+}
+
 // ---- blockwise quantization, for inspection -----------------------------------------------------
 
 void check_blocksize(const char* op, int64_t blocksize) {
@@ -488,6 +493,7 @@ TORCH_LIBRARY_IMPL(lion, CPU, m) {
   m.impl("lion_update_32bit", &lion_update_32bit_cpu);
   m.impl("lion_update_8bit_blockwise", &lion_update_8bit_blockwise_cpu);
   m.impl("lion_update_8bit_static", &lion_update_8bit_static_cpu);
+  m.impl("increment_steps", &increment_steps_cpu);
   m.impl("quantize_blockwise", &quantize_blockwise_cpu);
   m.impl("dequantize_blockwise", &dequantize_blockwise_cpu);
 }

@@ -181,6 +181,26 @@ void lion_update_8bit_static_cuda(at::TensorList params, at::TensorList grads,
                         lr, beta1, beta2, weight_decay);
 }
 
+void increment_steps_cuda(at::TensorList steps) {
+  check_step_counters(steps);
+  if (steps.empty()) return;
+  const at::Device device = check_on_cuda("increment_steps", steps);
+  c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  auto counters = std::make_unique<cuda::StepCounters>();
+  counters->count = 0;
+  for (const at::Tensor& step : steps) {
+    counters->steps[counters->count++] = step.data_ptr<float>();
+    if (counters->count == cuda::kMaxTensorsPerLaunch) {
+      cuda::launch_increment_steps(*counters, stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      counters->count = 0;
+    }
+  }
+  cuda::launch_increment_steps(*counters, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& input,
                                                            const at::Tensor& qmap,
                                                            int64_t blocksize) {
@@ -235,6 +255,7 @@ TORCH_LIBRARY_IMPL(lion, CUDA, m) {
   m.impl("lion_update_32bit", &lion_update_32bit_cuda);
   m.impl("lion_update_8bit_blockwise", &lion_update_8bit_blockwise_cuda);
   m.impl("lion_update_8bit_static", &lion_update_8bit_static_cuda);
+  m.impl("increment_steps", &increment_steps_cuda);
   m.impl("quantize_blockwise", &quantize_blockwise_cuda);
   m.impl("dequantize_blockwise", &dequantize_blockwise_cuda);
 }

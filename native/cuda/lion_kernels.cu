@@ -211,6 +211,11 @@ void launch_8bit_typed(const Lion8bitBatch& batch, Scaling scaling, cudaStream_t
   static_scales_kernel<<<scale_blocks, kThreads, 0, stream>>>(batch, ScaleOp::kCommitNew);
 }
 
+__global__ void increment_steps_kernel(const __grid_constant__ StepCounters counters) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t < counters.count) *counters.steps[t] += 1.f;
+}
+
 __global__ void build_encode_table_kernel(const float* __restrict__ qmap_global,
                                          uint8_t* __restrict__ table) {
   __shared__ float qmap[kQuantMapSize];
@@ -284,6 +289,12 @@ void launch_lion_8bit(const Lion8bitBatch& batch, ParamType type, Scaling scalin
     case ParamType::kBFloat16: launch_8bit_typed<__nv_bfloat16>(batch, scaling, stream); break;
     case ParamType::kFloat16: launch_8bit_typed<__half>(batch, scaling, stream); break;
   }
+}
+
+void launch_increment_steps(const StepCounters& counters, cudaStream_t stream) {
+  if (counters.count == 0) return;
+  increment_steps_kernel<<<(counters.count + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+      counters);
 }
 
 void launch_build_encode_table(const float* qmap, uint8_t* table, cudaStream_t stream) {

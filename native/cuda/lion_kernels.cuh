@@ -55,6 +55,14 @@ struct Lion8bitBatch {
   float beta1, beta2, weight_decay;
 };
 
+struct StepCounters {
+  float* steps[kMaxTensorsPerLaunch];
+  int32_t count;
+};
+
+// Adds 1 to every counter of the batch: one launch.
+void launch_increment_steps(const StepCounters& counters, cudaStream_t stream);
+
 // Fills the kEncodeTableSize-entry encode table of qmap (see lion_math.h).
 void launch_build_encode_table(const float* qmap, uint8_t* table, cudaStream_t stream);
 
