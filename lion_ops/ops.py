@@ -53,6 +53,7 @@ def lion_update_32bit(
     beta1: float,
     beta2: float,
     weight_decay: float,
+    grad_scales: Tensor | None = None,
 ) -> None:
     """One Lion step, in place, for lists of params with fp32 momentum (one call, one launch).
 
@@ -64,15 +65,26 @@ def lion_update_32bit(
     params: float32, bfloat16 or float16 tensors, all on one device; grads: same shapes and
     dtypes; momenta: float32, same shapes. lr: a 0-dim tensor, on the CPU or on the params'
     device (then the kernel reads it there, so a changing lr needs no host synchronization).
+    grad_scales: optional float32 tensor with one factor per param that multiplies its grad
+    wherever the grad appears (percentile clipping's scales; see percentile_clipping).
     """
     torch.ops.lion.lion_update_32bit.default(
-        list(params), list(grads), list(momenta), lr, float(beta1), float(beta2), float(weight_decay)
-    )
+        list(params), list(grads), list(momenta), lr, float(beta1), float(beta2),
+        float(weight_decay), grad_scales)
+
+
+def _check_grad_scales(op: str, grad_scales, params) -> None:
+    if grad_scales is not None and (grad_scales.dtype != torch.float32
+                                    or grad_scales.shape != (len(params),)):
+        raise ValueError(f"{op}: grad_scales must be a float32 tensor of shape ({len(params)},), "
+                         f"got {grad_scales.dtype} {tuple(grad_scales.shape)}")
 
 
 @torch.library.register_fake("lion::lion_update_32bit")
-def _lion_update_32bit_fake(params, grads, momenta, lr, beta1, beta2, weight_decay) -> None:
+def _lion_update_32bit_fake(params, grads, momenta, lr, beta1, beta2, weight_decay,
+                            grad_scales=None) -> None:
     _check_lion_update_32bit(params, grads, momenta, lr)
+    _check_grad_scales("lion_update_32bit", grad_scales, params)
     return None
 
 
@@ -127,6 +139,7 @@ def lion_update_8bit_blockwise(
     beta1: float,
     beta2: float,
     weight_decay: float,
+    grad_scales: Tensor | None = None,
 ) -> None:
     """One Lion step, in place, with blockwise 8-bit momentum (one call, one launch).
 
@@ -139,13 +152,14 @@ def lion_update_8bit_blockwise(
     """
     torch.ops.lion.lion_update_8bit_blockwise.default(
         list(params), list(grads), list(codes), list(absmaxes), qmap, lr, float(beta1),
-        float(beta2), float(weight_decay))
+        float(beta2), float(weight_decay), grad_scales)
 
 
 @torch.library.register_fake("lion::lion_update_8bit_blockwise")
 def _lion_update_8bit_blockwise_fake(params, grads, codes, absmaxes, qmap, lr, beta1, beta2,
-                                     weight_decay) -> None:
+                                     weight_decay, grad_scales=None) -> None:
     op = "lion_update_8bit_blockwise"
+    _check_grad_scales(op, grad_scales, params)
     _check_param_grad_lists(op, params, grads, lr)
     _check_state_list(op, "codes", params, codes, torch.uint8, lambda p: None)
     _check_state_list(op, "absmaxes", params, absmaxes, torch.float32,
@@ -165,6 +179,7 @@ def lion_update_8bit_static(
     beta1: float,
     beta2: float,
     weight_decay: float,
+    grad_scales: Tensor | None = None,
 ) -> None:
     """One Lion step, in place, with per-tensor ("static", block_wise=False) 8-bit momentum.
 
@@ -175,19 +190,53 @@ def lion_update_8bit_static(
     """
     torch.ops.lion.lion_update_8bit_static.default(
         list(params), list(grads), list(codes), list(max1s), list(new_max1s), qmap, lr,
-        float(beta1), float(beta2), float(weight_decay))
+        float(beta1), float(beta2), float(weight_decay), grad_scales)
 
 
 @torch.library.register_fake("lion::lion_update_8bit_static")
 def _lion_update_8bit_static_fake(params, grads, codes, max1s, new_max1s, qmap, lr, beta1, beta2,
-                                  weight_decay) -> None:
+                                  weight_decay, grad_scales=None) -> None:
     op = "lion_update_8bit_static"
+    _check_grad_scales(op, grad_scales, params)
     _check_param_grad_lists(op, params, grads, lr)
     _check_state_list(op, "codes", params, codes, torch.uint8, lambda p: None)
     _check_state_list(op, "max1s", params, max1s, torch.float32, lambda p: 1)
     _check_state_list(op, "new_max1s", params, new_max1s, torch.float32, lambda p: 1)
     _check_qmap(op, qmap)
     return None
+
+
+GNORM_HISTORY = 100  # squared gradient norms each param keeps for percentile clipping
+
+
+def percentile_clipping(grads: Sequence[Tensor], gnorm_vecs: Sequence[Tensor],
+                        steps: Sequence[Tensor], percentile: int) -> Tensor:
+    """bitsandbytes 0.49's percentile clipping, for a list of grads, on their device.
+
+    For each grad: ||g||^2 is recorded in its 100-entry gnorm_vec at slot step % 100 (in every
+    slot at step 1; steps are the counters after this step's increment); with
+    current = ||g|| and clip = sqrt(sorted(gnorm_vec)[percentile]), its scale is
+    clip / current if current > clip, else 1. Returns the scales (float32, one per grad), to
+    pass as grad_scales to the update operators. No host synchronization.
+    """
+    return torch.ops.lion.percentile_clipping.default(list(grads), list(gnorm_vecs), list(steps),
+                                                      int(percentile))
+
+
+@torch.library.register_fake("lion::percentile_clipping")
+def _percentile_clipping_fake(grads, gnorm_vecs, steps, percentile):
+    if not (len(grads) == len(gnorm_vecs) == len(steps)):
+        raise ValueError("percentile_clipping: grads, gnorm_vecs and steps must have the same "
+                         "length")
+    if not 0 <= percentile < GNORM_HISTORY:
+        raise ValueError(f"percentile_clipping: percentile must be in 0..{GNORM_HISTORY - 1}, "
+                         f"got {percentile}")
+    for i, v in enumerate(gnorm_vecs):
+        if v.dtype != torch.float32 or v.numel() != GNORM_HISTORY:
+            raise ValueError(f"percentile_clipping: gnorm_vecs[{i}] must be a float32 tensor of "
+                             f"{GNORM_HISTORY} elements")
+    device = grads[0].device if grads else torch.device("cpu")
+    return torch.empty((len(grads),), dtype=torch.float32, device=device)
 
 
 def increment_steps(steps: Sequence[Tensor]) -> None:

@@ -114,6 +114,52 @@ void check_qmap(const char* op, const at::Tensor& qmap, at::Device device) {
                     qmap.device());
 }
 
+const float* grad_scales_data(const char* op, const std::optional<at::Tensor>& grad_scales,
+                              at::TensorList params) {
+  if (!grad_scales.has_value()) return nullptr;
+  const at::Tensor& s = *grad_scales;
+  TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, op, ": grad_scales must be float32, got ",
+                   dtype_name(s.scalar_type()));
+  TORCH_CHECK_VALUE(s.dim() == 1 && s.numel() == static_cast<int64_t>(params.size()) &&
+                        s.is_contiguous(),
+                    op, ": grad_scales must be a contiguous 1-D tensor with one scale per param (",
+                    params.size(), "), got shape ", s.sizes());
+  if (!params.empty()) {
+    TORCH_CHECK_VALUE(s.device() == params[0].device(), op, ": grad_scales must be on ",
+                      params[0].device(), ", got ", s.device());
+  }
+  return s.const_data_ptr<float>();
+}
+
+void check_percentile_clipping_args(at::TensorList grads, at::TensorList gnorm_vecs,
+                                    at::TensorList steps, int64_t percentile) {
+  constexpr const char* op = "percentile_clipping";
+  TORCH_CHECK_VALUE(percentile >= 0 && percentile < kGnormHistory, op,
+                    ": percentile must be in 0..", kGnormHistory - 1, ", got ", percentile);
+  TORCH_CHECK_VALUE(gnorm_vecs.size() == grads.size() && steps.size() == grads.size(), op,
+                    ": grads, gnorm_vecs and steps must have the same length, got ", grads.size(),
+                    ", ", gnorm_vecs.size(), " and ", steps.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK_TYPE(g.layout() == at::kStrided, op, ": grads[", i,
+                     "] must be dense; sparse gradients are not supported");
+    TORCH_CHECK_TYPE(g.scalar_type() == at::kFloat || g.scalar_type() == at::kBFloat16 ||
+                         g.scalar_type() == at::kHalf,
+                     op, ": grads[", i, "] must be float32, bfloat16 or float16, got ",
+                     dtype_name(g.scalar_type()));
+    TORCH_CHECK_VALUE(g.device() == grads[0].device(), op, ": grads[", i, "] is on ", g.device(),
+                      " but grads[0] is on ", grads[0].device());
+    const at::Tensor& v = gnorm_vecs[i];
+    TORCH_CHECK_VALUE(v.scalar_type() == at::kFloat && v.numel() == kGnormHistory &&
+                          v.is_contiguous() && v.device() == g.device(),
+                      op, ": gnorm_vecs[", i, "] must be a contiguous float32 tensor of ",
+                      kGnormHistory, " elements on ", g.device());
+    const at::Tensor& s = steps[i];
+    TORCH_CHECK_VALUE(s.scalar_type() == at::kFloat && s.numel() == 1 && s.device() == g.device(),
+                      op, ": steps[", i, "] must be a one-element float32 tensor on ", g.device());
+  }
+}
+
 void check_step_counters(at::TensorList steps) {
   for (size_t i = 0; i < steps.size(); ++i) {
     const at::Tensor& s = steps[i];

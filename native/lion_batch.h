@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -27,6 +28,15 @@ void check_state_list(const char* op, const char* name, at::TensorList params,
 
 // Checks a quantization map: 256 sorted float32 values, contiguous, on `device`.
 void check_qmap(const char* op, const at::Tensor& qmap, at::Device device);
+
+// Checks optional per-tensor gradient scales: float32, one per param, on the params' device.
+// Returns their data, or nullptr when absent.
+const float* grad_scales_data(const char* op, const std::optional<at::Tensor>& grad_scales,
+                              at::TensorList params);
+
+// Checks the arguments of percentile_clipping.
+void check_percentile_clipping_args(at::TensorList grads, at::TensorList gnorm_vecs,
+                                    at::TensorList steps, int64_t percentile);
 
 // Checks the step counters of increment_steps: one-element float32 tensors on one device.
 void check_step_counters(at::TensorList steps);

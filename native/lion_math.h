@@ -25,24 +25,47 @@ LION_HOST_DEVICE float sign_of(float x) {
 // the same operations in the same order on every backend.
 struct LionCoefficients {
   float lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay;
+  float grad_scale;  // percentile clipping's gnorm_scale for this tensor (1: off)
 };
 
 LION_HOST_DEVICE LionCoefficients make_lion_coefficients(
     float lr, float beta1, float beta2, float weight_decay) {
   // Decoupled weight decay first, as bitsandbytes and the paper: p <- p * (1 - lr * wd).
-  return {lr, beta1, 1.f - beta1, beta2, 1.f - beta2, 1.f - lr * weight_decay};
+  return {lr, beta1, 1.f - beta1, beta2, 1.f - beta2, 1.f - lr * weight_decay, 1.f};
 }
 
-// One Lion step for one element, all in fp32:
+// One Lion step for one element, all in fp32, with g scaled by grad_scale first (exact when
+// it is 1):
 //   p <- p * (1 - lr*wd)
 //   c <- b1*m + (1 - b1)*g
 //   p <- p - lr*sign(c)
 //   m <- b2*m + (1 - b2)*g
-LION_HOST_DEVICE void lion_update(float& p, float g, float& m, const LionCoefficients& k) {
+LION_HOST_DEVICE void lion_update(float& p, float g_raw, float& m, const LionCoefficients& k) {
+  const float g = g_raw * k.grad_scale;
   p = p * k.decay;
   const float c = k.beta1 * m + k.one_minus_beta1 * g;
   p = p - k.lr * sign_of(c);
   m = k.beta2 * m + k.one_minus_beta2 * g;
+}
+
+// ---- percentile clipping -----------------------------------------------------------------------
+// bitsandbytes 0.49: each param keeps its last kGnormHistory squared gradient norms; step t
+// records ||g||^2 at slot t % kGnormHistory (every slot at t = 1); the gradient is scaled by
+// clip / current when current = ||g|| exceeds clip = sqrt(the percentile-th smallest record).
+
+constexpr int kGnormHistory = 100;
+
+LION_HOST_DEVICE int gnorm_slot(float step) {
+  return static_cast<int>(static_cast<int64_t>(step) % kGnormHistory);
+}
+
+LION_HOST_DEVICE float gnorm_scale(float current_squared, float clip_squared) {
+#if defined(__CUDA_ARCH__)
+  const float current = sqrtf(current_squared), clip = sqrtf(clip_squared);
+#else
+  const float current = std::sqrt(current_squared), clip = std::sqrt(clip_squared);
+#endif
+  return current > clip ? clip / current : 1.f;
 }
 
 // ---- 8-bit state -------------------------------------------------------------------------------

@@ -78,9 +78,6 @@ class LionOptimizerBase(torch.optim.Optimizer):
                 or not 1 <= percentile_clipping <= 100:
             raise ValueError(f"{where}: percentile_clipping must be an int in 1..100, got "
                              f"{percentile_clipping!r}")
-        if percentile_clipping < 100:
-            raise NotImplementedError(f"{where}: percentile_clipping={percentile_clipping} is "
-                                      "not implemented yet; use 100 (off)")
         if is_paged:
             raise NotImplementedError(f"{where}: is_paged=True (paged state) is not "
                                       "implemented yet")
@@ -175,6 +172,9 @@ class LionOptimizerBase(torch.optim.Optimizer):
     def _init_state(self, p: Tensor) -> None:
         state = self.state[p]
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        if self.percentile_clipping < 100:
+            state["gnorm_vec"] = torch.zeros(ops.GNORM_HISTORY, dtype=torch.float32,
+                                             device=p.device)
         kind = self._state_kind(p)
         if kind == FP32:
             state["state1"] = torch.zeros_like(p, dtype=torch.float32,
@@ -218,19 +218,27 @@ class LionOptimizerBase(torch.optim.Optimizer):
             states = [self.state[p] for p in bucket]
             grads = [p.grad for p in bucket]
             lr = self._lr_tensor(group["lr"], device)
-            ops.increment_steps([s["step"] for s in states])
+            steps = [s["step"] for s in states]
+            ops.increment_steps(steps)
+            grad_scales = None
+            if self.percentile_clipping < 100:
+                grad_scales = ops.percentile_clipping(grads, [s["gnorm_vec"] for s in states],
+                                                      steps, self.percentile_clipping)
             codes_or_momenta = [s["state1"] for s in states]
             if kind == FP32:
-                ops.lion_update_32bit(bucket, grads, codes_or_momenta, lr, beta1, beta2, wd)
+                ops.lion_update_32bit(bucket, grads, codes_or_momenta, lr, beta1, beta2, wd,
+                                      grad_scales)
             elif kind == BLOCKWISE:
                 ops.lion_update_8bit_blockwise(bucket, grads, codes_or_momenta,
                                                [s["absmax1"] for s in states],
-                                               self._qmap(device), lr, beta1, beta2, wd)
+                                               self._qmap(device), lr, beta1, beta2, wd,
+                                               grad_scales)
             else:
                 ops.lion_update_8bit_static(bucket, grads, codes_or_momenta,
                                             [s["max1"] for s in states],
                                             [s["new_max1"] for s in states],
-                                            self._qmap(device), lr, beta1, beta2, wd)
+                                            self._qmap(device), lr, beta1, beta2, wd,
+                                            grad_scales)
 
     @staticmethod
     def _lr_tensor(lr, device: torch.device) -> Tensor:
@@ -334,6 +342,13 @@ class LionOptimizerBase(torch.optim.Optimizer):
 
         state = {k: v for k, v in saved.items() if k not in _STATE_TENSOR_KEYS and k != "step"}
         state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
+        if self.percentile_clipping < 100:
+            # A checkpoint without history (clipping was off) starts a fresh one.
+            gnorm = saved.get("gnorm_vec")
+            state["gnorm_vec"] = (torch.zeros(ops.GNORM_HISTORY, dtype=torch.float32,
+                                              device=p.device) if gnorm is None else
+                                  gnorm.to(device=p.device, dtype=torch.float32,
+                                           copy=True).reshape(-1))
         if found == FP32:
             # Laid out like the param, as a freshly initialized momentum would be.
             state["state1"] = torch.empty_like(p, dtype=torch.float32,
@@ -353,7 +368,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
 
 FP32, BLOCKWISE, STATIC = "32-bit", "8-bit blockwise", "8-bit static"
 _KIND_NAMES = {FP32: "32-bit", BLOCKWISE: "8-bit blockwise", STATIC: "8-bit static (block_wise=False)"}
-_STATE_TENSOR_KEYS = frozenset({"state1", "qmap1", "absmax1", "max1", "new_max1"})
+_STATE_TENSOR_KEYS = frozenset({"state1", "qmap1", "absmax1", "max1", "new_max1", "gnorm_vec"})
 
 
 def _kind_of_state(state: dict) -> str | None:
@@ -369,7 +384,8 @@ def _fp32_state_fits(p: Tensor, state: dict) -> bool:
     """The per-step check of 32-bit state, kept cheap: the common case of every step."""
     momentum = state.get("state1")
     return (isinstance(momentum, Tensor) and momentum.dtype == torch.float32
-            and momentum.shape == p.shape and momentum.device == p.device)
+            and momentum.shape == p.shape and momentum.device == p.device
+            and "gnorm_vec" not in state)
 
 
 def _state_problem(p: Tensor, state: dict, kind: str | None, loading: bool = False) -> str:
@@ -379,6 +395,10 @@ def _state_problem(p: Tensor, state: dict, kind: str | None, loading: bool = Fal
                               for k, v in state.items() if k in _STATE_TENSOR_KEYS)
     if kind is None:
         return "it has no momentum tensor 'state1'"
+    gnorm = state.get("gnorm_vec")
+    if gnorm is not None and (not isinstance(gnorm, Tensor) or gnorm.numel() != ops.GNORM_HISTORY
+                              or not gnorm.is_floating_point()):
+        return f"'gnorm_vec' must be a float32 tensor of {ops.GNORM_HISTORY} elements"
     if not where_ok:
         return f"its tensors must be on {p.device}"
     state1 = state["state1"]

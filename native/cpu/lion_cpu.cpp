@@ -13,6 +13,8 @@
 #endif
 
 #include <algorithm>
+#include <functional>
+#include <optional>
 #include <array>
 #include <cstdlib>
 #include <cstring>
@@ -114,12 +116,19 @@ std::vector<int64_t> numels_of(const FlatOperands& flat) {
   return numels;
 }
 
+// The coefficients for tensor t: the call's, with t's gradient scale.
+LionCoefficients for_tensor(LionCoefficients k, const float* grad_scales, size_t t) {
+  if (grad_scales != nullptr) k.grad_scale = grad_scales[t];
+  return k;
+}
+
 void lion_update_32bit_cpu(at::TensorList params, at::TensorList grads, at::TensorList momenta,
-                           const at::Tensor& lr, double beta1, double beta2,
-                           double weight_decay) {
+                           const at::Tensor& lr, double beta1, double beta2, double weight_decay,
+                           const std::optional<at::Tensor>& grad_scales) {
   constexpr const char* op = "lion_update_32bit";
   check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
   check_state_list(op, "momenta", params, momenta, at::kFloat, StateShape::kLikeParam);
+  const float* scales = grad_scales_data(op, grad_scales, params);
   if (params.empty()) return;
   check_on_cpu(op, params);
   const auto k = coefficients_from(op, lr, beta1, beta2, weight_decay);
@@ -130,7 +139,7 @@ void lion_update_32bit_cpu(at::TensorList params, at::TensorList grads, at::Tens
     float* m = flat.get(2, t).data_ptr<float>() + begin;
     LION_DISPATCH_PARAM_TYPES(p.scalar_type(), op, [&] {
       lion_32bit_span(p.data_ptr<scalar_t>() + begin, flat.get(1, t).data_ptr<scalar_t>() + begin,
-                      m, end - begin, k);
+                      m, end - begin, for_tensor(k, scales, t));
     });
   });
   flat.write_back();
@@ -200,13 +209,13 @@ __attribute__((target("avx2"))) float update_block_avx2(float* p, const float* g
   const __m256 vscale = _mm256_set1_ps(scale), decay = _mm256_set1_ps(k.decay);
   const __m256 b1 = _mm256_set1_ps(k.beta1), omb1 = _mm256_set1_ps(k.one_minus_beta1);
   const __m256 b2 = _mm256_set1_ps(k.beta2), omb2 = _mm256_set1_ps(k.one_minus_beta2);
-  const __m256 lr = _mm256_set1_ps(k.lr);
+  const __m256 lr = _mm256_set1_ps(k.lr), grad_scale = _mm256_set1_ps(k.grad_scale);
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   __m256 max_abs = _mm256_setzero_ps();
   for (int64_t i = 0; i < n; i += 8) {
     const __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i)));
     __m256 m = _mm256_mul_ps(_mm256_i32gather_ps(qmap, code, 4), vscale);
-    const __m256 gv = _mm256_loadu_ps(g + i);
+    const __m256 gv = _mm256_mul_ps(_mm256_loadu_ps(g + i), grad_scale);
     __m256 pv = _mm256_mul_ps(_mm256_loadu_ps(p + i), decay);
     const __m256 c = _mm256_add_ps(_mm256_mul_ps(b1, m), _mm256_mul_ps(omb1, gv));
     pv = _mm256_sub_ps(pv, _mm256_mul_ps(lr, sign_of_avx2(c)));
@@ -307,11 +316,13 @@ float lion_8bit_update_block(scalar_t* p, const scalar_t* g, const uint8_t* code
 void lion_update_8bit_blockwise_cpu(at::TensorList params, at::TensorList grads,
                                     at::TensorList codes, at::TensorList absmaxes,
                                     const at::Tensor& qmap, const at::Tensor& lr, double beta1,
-                                    double beta2, double weight_decay) {
+                                    double beta2, double weight_decay,
+                                    const std::optional<at::Tensor>& grad_scales) {
   constexpr const char* op = "lion_update_8bit_blockwise";
   check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
   check_state_list(op, "codes", params, codes, at::kByte, StateShape::kLikeParam);
   check_state_list(op, "absmaxes", params, absmaxes, at::kFloat, StateShape::kOnePerBlock);
+  const float* scales = grad_scales_data(op, grad_scales, params);
   if (params.empty()) return;
   check_qmap(op, qmap, check_on_cpu(op, params).device());
   const auto k = coefficients_from(op, lr, beta1, beta2, weight_decay);
@@ -333,7 +344,8 @@ void lion_update_8bit_blockwise_cpu(at::TensorList params, at::TensorList grads,
       for (int64_t b = begin; b < end; b += kQuantBlockSize) {
         const int64_t n = std::min<int64_t>(kQuantBlockSize, end - b);
         float& scale = absmax[b / kQuantBlockSize];
-        scale = lion_8bit_update_block(pp + b, gp + b, code + b, map, scale, n, k, m);
+        scale = lion_8bit_update_block(pp + b, gp + b, code + b, map, scale, n,
+                                       for_tensor(k, scales, t), m);
         encode_span(m, table, map, scale, n, code + b);
       }
     });
@@ -345,12 +357,14 @@ void lion_update_8bit_static_cpu(at::TensorList params, at::TensorList grads,
                                  at::TensorList codes, at::TensorList max1s,
                                  at::TensorList new_max1s, const at::Tensor& qmap,
                                  const at::Tensor& lr, double beta1, double beta2,
-                                 double weight_decay) {
+                                 double weight_decay,
+                                 const std::optional<at::Tensor>& grad_scales) {
   constexpr const char* op = "lion_update_8bit_static";
   check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
   check_state_list(op, "codes", params, codes, at::kByte, StateShape::kLikeParam);
   check_state_list(op, "max1s", params, max1s, at::kFloat, StateShape::kOneElement);
   check_state_list(op, "new_max1s", params, new_max1s, at::kFloat, StateShape::kOneElement);
+  const float* scales = grad_scales_data(op, grad_scales, params);
   if (params.empty()) return;
   check_qmap(op, qmap, check_on_cpu(op, params).device());
   const auto k = coefficients_from(op, lr, beta1, beta2, weight_decay);
@@ -370,13 +384,14 @@ void lion_update_8bit_static_cpu(at::TensorList params, at::TensorList grads,
   parallel_over_chunks(numels, [&](size_t t, int64_t begin, int64_t end) {
     const float scale = *max1s[t].const_data_ptr<float>();
     const uint8_t* code = flat.get(2, t).const_data_ptr<uint8_t>();
+    const LionCoefficients kt = for_tensor(k, scales, t);
     float max_abs = 0.f;
     LION_DISPATCH_PARAM_TYPES(flat.get(0, t).scalar_type(), op, [&] {
       const scalar_t* gp = flat.get(1, t).const_data_ptr<scalar_t>();
       for (int64_t i = begin; i < end; ++i) {
         float unused_p = 0.f;
         float mf = decode_momentum(map, code[i], scale);
-        lion_update(unused_p, static_cast<float>(gp[i]), mf, k);
+        lion_update(unused_p, static_cast<float>(gp[i]), mf, kt);
         max_abs = std::max(max_abs, std::fabs(mf));
       }
     });
@@ -401,13 +416,52 @@ void lion_update_8bit_static_cpu(at::TensorList params, at::TensorList grads,
       const scalar_t* gp = flat.get(1, t).const_data_ptr<scalar_t>();
       for (int64_t b = begin; b < end; b += kQuantBlockSize) {
         const int64_t n = std::min<int64_t>(kQuantBlockSize, end - b);
-        lion_8bit_update_block(pp + b, gp + b, code + b, map, scale, n, k, m);
+        lion_8bit_update_block(pp + b, gp + b, code + b, map, scale, n,
+                               for_tensor(k, scales, t), m);
         encode_span(m, table, map, new_scale[t], n, code + b);
       }
     });
   });
   for (size_t t = 0; t < numels.size(); ++t) *max1s[t].data_ptr<float>() = new_scale[t];
   flat.write_back();
+}
+
+at::Tensor percentile_clipping_cpu(at::TensorList grads, at::TensorList gnorm_vecs,
+                                  at::TensorList steps, int64_t percentile) {
+  check_percentile_clipping_args(grads, gnorm_vecs, steps, percentile);
+  at::Tensor scales = at::empty({static_cast<int64_t>(grads.size())},
+                                at::TensorOptions().dtype(at::kFloat));
+  float* out = scales.data_ptr<float>();
+  for (size_t t = 0; t < grads.size(); ++t) {
+    const at::Tensor g = grads[t].contiguous();
+    double sum = 0.0;  // the GPU sums fp32 partials in a fixed order; both round once at the end
+    LION_DISPATCH_PARAM_TYPES(g.scalar_type(), "percentile_clipping", [&] {
+      const scalar_t* gp = g.const_data_ptr<scalar_t>();
+      sum = at::parallel_reduce(
+          0, g.numel(), kCpuChunkElements, 0.0,
+          [&](int64_t i0, int64_t i1, double partial) {
+            for (int64_t i = i0; i < i1; ++i) {
+              const float x = static_cast<float>(gp[i]);
+              partial += static_cast<double>(x * x);
+            }
+            return partial;
+          },
+          std::plus<double>());
+    });
+    const float squared = static_cast<float>(sum);
+    float* history = gnorm_vecs[t].data_ptr<float>();
+    const float step = *steps[t].const_data_ptr<float>();
+    if (static_cast<int64_t>(step) == 1) {
+      std::fill(history, history + kGnormHistory, squared);
+    } else {
+      history[gnorm_slot(step)] = squared;
+    }
+    std::array<float, kGnormHistory> sorted;
+    std::copy(history, history + kGnormHistory, sorted.begin());
+    std::nth_element(sorted.begin(), sorted.begin() + percentile, sorted.end());
+    out[t] = gnorm_scale(squared, sorted[percentile]);
+  }
+  return scales;
 }
 
 void increment_steps_cpu(at::TensorList steps) {
@@ -494,6 +548,7 @@ TORCH_LIBRARY_IMPL(lion, CPU, m) {
   m.impl("lion_update_8bit_blockwise", &lion_update_8bit_blockwise_cpu);
   m.impl("lion_update_8bit_static", &lion_update_8bit_static_cpu);
   m.impl("increment_steps", &increment_steps_cpu);
+  m.impl("percentile_clipping", &percentile_clipping_cpu);
   m.impl("quantize_blockwise", &quantize_blockwise_cpu);
   m.impl("dequantize_blockwise", &dequantize_blockwise_cpu);
 }

@@ -10,7 +10,9 @@
 
 #include <limits>
 #include <memory>
+#include <optional>
 #include <tuple>
+#include <vector>
 
 #include "lion_batch.h"
 #include "lion_math.h"
@@ -98,10 +100,11 @@ void for_each_batch(Batch& batch, const FlatOperands& flat, int64_t elements_per
 
 void lion_update_32bit_cuda(at::TensorList params, at::TensorList grads, at::TensorList momenta,
                             const at::Tensor& lr, double beta1, double beta2,
-                            double weight_decay) {
+                            double weight_decay, const std::optional<at::Tensor>& grad_scales) {
   constexpr const char* op = "lion_update_32bit";
   check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
   check_state_list(op, "momenta", params, momenta, at::kFloat, StateShape::kLikeParam);
+  const float* scales = grad_scales_data(op, grad_scales, params);
   if (params.empty()) return;
   const at::Device device = check_on_cuda(op, params);
   c10::cuda::CUDAGuard guard(device);
@@ -117,7 +120,10 @@ void lion_update_32bit_cuda(at::TensorList params, at::TensorList grads, at::Ten
   FlatOperands flat({params, grads, momenta}, {true, false, true});
   for_each_batch(
       *batch, flat, cuda::kElementsPerBlock,
-      [&](int32_t slot, size_t t) { batch->momenta[slot] = flat.get(2, t).data_ptr<float>(); },
+      [&](int32_t slot, size_t t) {
+        batch->momenta[slot] = flat.get(2, t).data_ptr<float>();
+        batch->grad_scale[slot] = scales != nullptr ? scales + t : nullptr;
+      },
       [&](cuda::ParamType type) { cuda::launch_lion_32bit(*batch, type, stream); });
   flat.write_back();
 }
@@ -126,7 +132,7 @@ void lion_update_8bit_cuda(const char* op, cuda::Scaling scaling, at::TensorList
                            at::TensorList grads, at::TensorList codes, at::TensorList scales,
                            at::TensorList new_scales, const at::Tensor& qmap,
                            const at::Tensor& lr, double beta1, double beta2,
-                           double weight_decay) {
+                           double weight_decay, const float* grad_scales) {
   const at::Device device = check_on_cuda(op, params);
   check_qmap(op, qmap, device);
   c10::cuda::CUDAGuard guard(device);
@@ -146,6 +152,7 @@ void lion_update_8bit_cuda(const char* op, cuda::Scaling scaling, at::TensorList
       *batch, flat, cuda::kElements8bitPerBlock,
       [&](int32_t slot, size_t t) {
         batch->codes[slot] = flat.get(2, t).data_ptr<uint8_t>();
+        batch->grad_scale[slot] = grad_scales != nullptr ? grad_scales + t : nullptr;
         batch->scales[slot] = scales[t].data_ptr<float>();
         batch->new_scales[slot] = new_scales.empty() ? nullptr : new_scales[t].data_ptr<float>();
       },
@@ -156,29 +163,82 @@ void lion_update_8bit_cuda(const char* op, cuda::Scaling scaling, at::TensorList
 void lion_update_8bit_blockwise_cuda(at::TensorList params, at::TensorList grads,
                                      at::TensorList codes, at::TensorList absmaxes,
                                      const at::Tensor& qmap, const at::Tensor& lr, double beta1,
-                                     double beta2, double weight_decay) {
+                                     double beta2, double weight_decay,
+                                     const std::optional<at::Tensor>& grad_scales) {
   constexpr const char* op = "lion_update_8bit_blockwise";
   check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
   check_state_list(op, "codes", params, codes, at::kByte, StateShape::kLikeParam);
   check_state_list(op, "absmaxes", params, absmaxes, at::kFloat, StateShape::kOnePerBlock);
+  const float* scales = grad_scales_data(op, grad_scales, params);
   if (params.empty()) return;
   lion_update_8bit_cuda(op, cuda::Scaling::kBlockwise, params, grads, codes, absmaxes, {}, qmap,
-                        lr, beta1, beta2, weight_decay);
+                        lr, beta1, beta2, weight_decay, scales);
 }
 
 void lion_update_8bit_static_cuda(at::TensorList params, at::TensorList grads,
                                   at::TensorList codes, at::TensorList max1s,
                                   at::TensorList new_max1s, const at::Tensor& qmap,
                                   const at::Tensor& lr, double beta1, double beta2,
-                                  double weight_decay) {
+                                  double weight_decay,
+                                  const std::optional<at::Tensor>& grad_scales) {
   constexpr const char* op = "lion_update_8bit_static";
   check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
   check_state_list(op, "codes", params, codes, at::kByte, StateShape::kLikeParam);
   check_state_list(op, "max1s", params, max1s, at::kFloat, StateShape::kOneElement);
   check_state_list(op, "new_max1s", params, new_max1s, at::kFloat, StateShape::kOneElement);
+  const float* scales = grad_scales_data(op, grad_scales, params);
   if (params.empty()) return;
   lion_update_8bit_cuda(op, cuda::Scaling::kStatic, params, grads, codes, max1s, new_max1s, qmap,
-                        lr, beta1, beta2, weight_decay);
+                        lr, beta1, beta2, weight_decay, scales);
+}
+
+at::Tensor percentile_clipping_cuda(at::TensorList grads, at::TensorList gnorm_vecs,
+                                   at::TensorList steps, int64_t percentile) {
+  check_percentile_clipping_args(grads, gnorm_vecs, steps, percentile);
+  if (grads.empty()) return at::empty({0}, at::TensorOptions().dtype(at::kFloat));
+  const at::Device device = check_on_cuda("percentile_clipping", grads);
+  c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const auto options = grads[0].options().dtype(at::kFloat);
+  at::Tensor scales = at::empty({static_cast<int64_t>(grads.size())}, options);
+  std::vector<at::Tensor> contiguous;
+  contiguous.reserve(grads.size());
+  int64_t total_blocks = 0;
+  for (const at::Tensor& g : grads) {
+    contiguous.push_back(g.contiguous());
+    total_blocks += blocks_for(g.numel(), cuda::kElementsPerBlock);
+  }
+  at::Tensor partials = at::empty({std::max<int64_t>(total_blocks, 1)}, options);
+  auto batch = std::make_unique<cuda::GradNormBatch>();
+  batch->percentile = static_cast<int32_t>(percentile);
+  int64_t partial_offset = 0;
+  for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    // Tensors of one dtype, in slots; their scales land at their own positions afterwards.
+    std::vector<size_t> members;
+    for (size_t t = 0; t < grads.size(); ++t) {
+      if (grads[t].scalar_type() == dtype) members.push_back(t);
+    }
+    for (size_t start = 0; start < members.size(); start += cuda::kMaxTensorsPerLaunch) {
+      const size_t count = std::min<size_t>(cuda::kMaxTensorsPerLaunch, members.size() - start);
+      batch->num_tensors = static_cast<int32_t>(count);
+      batch->first_block[0] = 0;
+      for (size_t s = 0; s < count; ++s) {
+        const size_t t = members[start + s];
+        batch->grads[s] = contiguous[t].const_data_ptr();
+        batch->gnorm_vecs[s] = gnorm_vecs[t].data_ptr<float>();
+        batch->steps[s] = steps[t].const_data_ptr<float>();
+        batch->numels[s] = contiguous[t].numel();
+        batch->scale_of[s] = scales.data_ptr<float>() + t;
+        batch->first_block[s + 1] =
+            batch->first_block[s] + blocks_for(contiguous[t].numel(), cuda::kElementsPerBlock);
+      }
+      batch->partial_sums = partials.data_ptr<float>() + partial_offset;
+      partial_offset += batch->first_block[count];
+      cuda::launch_percentile_clipping(*batch, param_type_of(dtype), stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  return scales;
 }
 
 void increment_steps_cuda(at::TensorList steps) {
@@ -256,6 +316,7 @@ TORCH_LIBRARY_IMPL(lion, CUDA, m) {
   m.impl("lion_update_8bit_blockwise", &lion_update_8bit_blockwise_cuda);
   m.impl("lion_update_8bit_static", &lion_update_8bit_static_cuda);
   m.impl("increment_steps", &increment_steps_cuda);
+  m.impl("percentile_clipping", &percentile_clipping_cuda);
   m.impl("quantize_blockwise", &quantize_blockwise_cuda);
   m.impl("dequantize_blockwise", &dequantize_blockwise_cuda);
 }

@@ -71,7 +71,8 @@ lion_32bit_kernel(const __grid_constant__ Lion32bitBatch batch) {
   float* __restrict__ m = batch.momenta[t];
 
   const float lr = batch.lr_on_device != nullptr ? *batch.lr_on_device : batch.lr;
-  const auto k = make_lion_coefficients(lr, batch.beta1, batch.beta2, batch.weight_decay);
+  auto k = make_lion_coefficients(lr, batch.beta1, batch.beta2, batch.weight_decay);
+  if (batch.grad_scale[t] != nullptr) k.grad_scale = *batch.grad_scale[t];
 
   const bool aligned =
       (reinterpret_cast<uintptr_t>(p) | reinterpret_cast<uintptr_t>(g)) % sizeof(Pack<T>) == 0 &&
@@ -151,7 +152,8 @@ lion_8bit_kernel(const __grid_constant__ Lion8bitBatch batch) {
   float* scale_slot = S == Scaling::kBlockwise ? batch.scales[t] + quant_block : batch.scales[t];
   const float scale = *scale_slot;
   const float lr = batch.lr_on_device != nullptr ? *batch.lr_on_device : batch.lr;
-  const auto k = make_lion_coefficients(lr, batch.beta1, batch.beta2, batch.weight_decay);
+  auto k = make_lion_coefficients(lr, batch.beta1, batch.beta2, batch.weight_decay);
+  if (batch.grad_scale[t] != nullptr) k.grad_scale = *batch.grad_scale[t];
 
   float m[kPerLane];
   float max_abs = 0.f;
@@ -209,6 +211,70 @@ void launch_8bit_typed(const Lion8bitBatch& batch, Scaling scaling, cudaStream_t
   lion_8bit_kernel<T, Scaling::kStatic, Pass::kReduceOnly><<<blocks, kThreads, 0, stream>>>(batch);
   lion_8bit_kernel<T, Scaling::kStatic, Pass::kUpdate><<<blocks, kThreads, 0, stream>>>(batch);
   static_scales_kernel<<<scale_blocks, kThreads, 0, stream>>>(batch, ScaleOp::kCommitNew);
+}
+
+// Block sum of one value per thread, in a fixed order.
+__device__ float block_sum(float value, float* scratch /* kThreads / kWarpSize */) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    value += __shfl_xor_sync(0xffffffffu, value, offset);
+  }
+  if (threadIdx.x % kWarpSize == 0) scratch[threadIdx.x / kWarpSize] = value;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < kThreads / kWarpSize; ++w) total += scratch[w];
+  __syncthreads();
+  return total;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+grad_norm_partials_kernel(const __grid_constant__ GradNormBatch batch) {
+  __shared__ float scratch[kThreads / kWarpSize];
+  const int t = tensor_of_block(batch.first_block, batch.num_tensors, blockIdx.x);
+  const int64_t n = batch.numels[t];
+  const int64_t begin = static_cast<int64_t>(blockIdx.x - batch.first_block[t]) * kElementsPerBlock;
+  const int64_t end = min(n, begin + kElementsPerBlock);
+  const T* g = static_cast<const T*>(batch.grads[t]);
+  float sum = 0.f;
+  for (int64_t e = begin + threadIdx.x; e < end; e += kThreads) {
+    const float x = to_float(g[e]);
+    sum += x * x;
+  }
+  const float total = block_sum(sum, scratch);
+  if (threadIdx.x == 0) batch.partial_sums[blockIdx.x] = total;
+}
+
+// One block per tensor: its squared norm, the history update, and its scale.
+__global__ void __launch_bounds__(kThreads)
+percentile_scales_kernel(const __grid_constant__ GradNormBatch batch) {
+  __shared__ float scratch[kThreads / kWarpSize];
+  __shared__ float history[kGnormHistory];
+  const int t = blockIdx.x;
+  float sum = 0.f;
+  for (int b = batch.first_block[t] + threadIdx.x; b < batch.first_block[t + 1]; b += kThreads) {
+    sum += batch.partial_sums[b];
+  }
+  const float squared = block_sum(sum, scratch);
+  float* gnorm = batch.gnorm_vecs[t];
+  const float step = *batch.steps[t];
+  if (threadIdx.x < kGnormHistory) {
+    const bool write = static_cast<int64_t>(step) == 1 || threadIdx.x == gnorm_slot(step);
+    if (write) gnorm[threadIdx.x] = squared;
+    history[threadIdx.x] = write ? squared : gnorm[threadIdx.x];
+  }
+  __syncthreads();
+  if (threadIdx.x < kGnormHistory) {
+    // The value whose rank (ties broken by position) is the percentile: sorted[percentile].
+    const float mine = history[threadIdx.x];
+    int rank = 0;
+    for (int j = 0; j < kGnormHistory; ++j) {
+      const float other = history[j];
+      rank += other < mine || (other == mine && j < static_cast<int>(threadIdx.x));
+    }
+    if (rank == batch.percentile) *batch.scale_of[t] = gnorm_scale(squared, mine);
+  }
 }
 
 __global__ void increment_steps_kernel(const __grid_constant__ StepCounters counters) {
@@ -289,6 +355,25 @@ void launch_lion_8bit(const Lion8bitBatch& batch, ParamType type, Scaling scalin
     case ParamType::kBFloat16: launch_8bit_typed<__nv_bfloat16>(batch, scaling, stream); break;
     case ParamType::kFloat16: launch_8bit_typed<__half>(batch, scaling, stream); break;
   }
+}
+
+void launch_percentile_clipping(const GradNormBatch& batch, ParamType type, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>(batch.first_block[batch.num_tensors]);
+  if (batch.num_tensors == 0) return;
+  if (blocks > 0) {
+    switch (type) {
+      case ParamType::kFloat32:
+        grad_norm_partials_kernel<float><<<blocks, kThreads, 0, stream>>>(batch);
+        break;
+      case ParamType::kBFloat16:
+        grad_norm_partials_kernel<__nv_bfloat16><<<blocks, kThreads, 0, stream>>>(batch);
+        break;
+      case ParamType::kFloat16:
+        grad_norm_partials_kernel<__half><<<blocks, kThreads, 0, stream>>>(batch);
+        break;
+    }
+  }
+  percentile_scales_kernel<<<batch.num_tensors, kThreads, 0, stream>>>(batch);
 }
 
 void launch_increment_steps(const StepCounters& counters, cudaStream_t stream) {

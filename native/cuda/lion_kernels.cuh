@@ -22,6 +22,7 @@ struct Lion32bitBatch {
   void* params[kMaxTensorsPerLaunch];
   const void* grads[kMaxTensorsPerLaunch];
   float* momenta[kMaxTensorsPerLaunch];
+  const float* grad_scale[kMaxTensorsPerLaunch];  // percentile clipping's scale, or null
   int64_t numels[kMaxTensorsPerLaunch];
   // first_block[t] is the first block of tensor t; first_block[num_tensors] the total.
   int32_t first_block[kMaxTensorsPerLaunch + 1];
@@ -45,6 +46,7 @@ struct Lion8bitBatch {
   uint8_t* codes[kMaxTensorsPerLaunch];
   float* scales[kMaxTensorsPerLaunch];      // blockwise: absmax per 256; static: max1
   float* new_scales[kMaxTensorsPerLaunch];  // static only: new_max1
+  const float* grad_scale[kMaxTensorsPerLaunch];  // percentile clipping's scale, or null
   int64_t numels[kMaxTensorsPerLaunch];
   int32_t first_block[kMaxTensorsPerLaunch + 1];
   int32_t num_tensors;
@@ -59,6 +61,23 @@ struct StepCounters {
   float* steps[kMaxTensorsPerLaunch];
   int32_t count;
 };
+
+// Percentile clipping over a batch of gradients: squared norms (per-block partial sums,
+// then summed per tensor in a fixed order, so results are deterministic), the gnorm history,
+// and one scale per tensor.
+struct GradNormBatch {
+  const void* grads[kMaxTensorsPerLaunch];
+  float* gnorm_vecs[kMaxTensorsPerLaunch];
+  const float* steps[kMaxTensorsPerLaunch];
+  int64_t numels[kMaxTensorsPerLaunch];
+  int32_t first_block[kMaxTensorsPerLaunch + 1];
+  int32_t num_tensors;
+  int32_t percentile;
+  float* scale_of[kMaxTensorsPerLaunch];  // where each tensor's scale goes
+  float* partial_sums;  // one per block
+};
+
+void launch_percentile_clipping(const GradNormBatch& batch, ParamType type, cudaStream_t stream);
 
 // Adds 1 to every counter of the batch: one launch.
 void launch_increment_steps(const StepCounters& counters, cudaStream_t stream);

@@ -1,0 +1,186 @@
+"""percentile_clipping with bitsandbytes 0.49's semantics, on the device and inside compiled
+graphs, against a reference written in plain PyTorch."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import lion_ops
+from lion_ops import Lion, Lion8bit
+from reference import lion_reference_step
+
+
+def reference_clip(grad, gnorm_vec, step, percentile):
+    """bitsandbytes 0.49: record ||g||^2 (every slot at step 1, else slot step % 100), then
+    scale = clip / current if current > clip, with clip = sqrt(sorted(history)[percentile])."""
+    squared = grad.double().pow(2).sum()
+    if step == 1:
+        gnorm_vec[:] = squared
+    else:
+        gnorm_vec[step % 100] = squared
+    current = squared.sqrt()
+    clip = torch.sort(gnorm_vec.double()).values[percentile].sqrt()
+    return float(clip / current) if current > clip else 1.0
+
+
+@pytest.mark.parametrize("percentile", [0, 5, 50, 99])
+def test_operator_matches_reference(device, dtype, percentile):
+    sizes = [1, 7, 4097, 30000, 0]
+    vecs = [torch.zeros(100, device=device) for _ in sizes]
+    ref_vecs = [torch.zeros(100, dtype=torch.float64) for _ in sizes]
+    steps = [torch.zeros((), device=device) for _ in sizes]
+    for step in range(1, 130):
+        # Growing, noisy gradient norms, so that clipping engages sometimes.
+        grads = [torch.randn(n, device=device, dtype=dtype) * (1 + step % 7) for n in sizes]
+        lion_ops.ops.increment_steps(steps)
+        scales = lion_ops.ops.percentile_clipping(grads, vecs, steps, percentile)
+        expected = [reference_clip(g.cpu(), v, step, percentile) for g, v in zip(grads, ref_vecs)]
+        torch.testing.assert_close(scales.cpu().double(), torch.tensor(expected, dtype=torch.float64),
+                                   rtol=2e-6, atol=0)
+        for v, r in zip(vecs, ref_vecs):
+            torch.testing.assert_close(v.cpu().double(), r, rtol=2e-6, atol=0)
+    assert any(s < 1 for s in scales.tolist()) or percentile == 99
+
+
+def _reference_lion_with_clipping(params, grads_per_step, lr, betas, wd, percentile):
+    params = [p.detach().double().clone() for p in params]
+    momenta = [torch.zeros_like(p) for p in params]
+    vecs = [torch.zeros(100, dtype=torch.float64) for _ in params]
+    for step, grads in enumerate(grads_per_step, start=1):
+        for i, g in enumerate(grads):
+            scale = reference_clip(g, vecs[i], step, percentile)
+            params[i], momenta[i], _ = lion_reference_step(params[i], g.double() * scale,
+                                                           momenta[i], lr, *betas, wd)
+    return params
+
+
+def _grads(shapes, steps, generator):
+    return [[torch.randn(s, generator=generator) * (1 + (k * 37) % 5) for s in shapes]
+            for k in range(steps)]
+
+
+def test_lion_with_percentile_clipping_matches_reference():
+    shapes = [(33, 17), (1000,), (5,)]
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=generator)) for s in shapes]
+    grads = _grads(shapes, 30, generator)
+    expected = _reference_lion_with_clipping(params, grads, 1e-2, (0.9, 0.99), 0.1, 10)
+    opt = Lion(params, lr=1e-2, weight_decay=0.1, percentile_clipping=10)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-5)
+    nested = opt.state_dict()["state"][0]["__bnb_optimizer_quant_state__"]
+    assert nested["gnorm_vec"].shape == (100,)
+
+
+@pytest.mark.parametrize("cls, kwargs", [(Lion, {}), (Lion8bit, {}),
+                                         (Lion8bit, {"block_wise": False})])
+def test_clipping_checkpoint_resume_is_exact(cls, kwargs):
+    shapes = [(70, 70), (9,)]
+    generator = torch.Generator().manual_seed(1)
+    start = [torch.randn(s, generator=generator) for s in shapes]
+    grads = _grads(shapes, 8, generator)
+
+    def run(params, opt, step_grads):
+        for gs in step_grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+
+    a = [torch.nn.Parameter(t.clone()) for t in start]
+    run(a, cls(a, lr=1e-2, percentile_clipping=20, **kwargs), grads)
+    b = [torch.nn.Parameter(t.clone()) for t in start]
+    opt_b = cls(b, lr=1e-2, percentile_clipping=20, **kwargs)
+    run(b, opt_b, grads[:4])
+    buffer = io.BytesIO()
+    torch.save(opt_b.state_dict(), buffer)
+    buffer.seek(0)
+    c = [torch.nn.Parameter(p.detach().clone()) for p in b]
+    opt_c = cls(c, lr=1e-2, percentile_clipping=20, **kwargs)
+    opt_c.load_state_dict(torch.load(buffer, weights_only=True))
+    run(c, opt_c, grads[4:])
+    for x, y in zip(a, c):
+        assert torch.equal(x, y)
+
+
+def test_grad_scales_scale_the_gradient_everywhere(device):
+    """A scale s on g must act exactly like passing s*g (decay, sign input and momentum)."""
+    p = torch.randn(300, device=device)
+    g = torch.randn(300, device=device)
+    m = torch.randn(300, device=device)
+    p2, m2 = p.clone(), m.clone()
+    scale = torch.tensor([0.25], device=device)
+    lion_ops.ops.lion_update_32bit([p], [g], [m], torch.tensor(0.1), 0.9, 0.99, 0.1, scale)
+    lion_ops.ops.lion_update_32bit([p2], [g * 0.25], [m2], torch.tensor(0.1), 0.9, 0.99, 0.1)
+    assert torch.equal(p, p2) and torch.equal(m, m2)
+
+
+def test_opcheck_percentile_and_scaled_updates(device, dtype):
+    grads = [torch.randn(n, device=device, dtype=dtype) for n in (5, 3000)]
+    vecs = [torch.rand(100, device=device) for _ in grads]
+    steps = [torch.full((), 7.0, device=device) for _ in grads]
+    opcheck(torch.ops.lion.percentile_clipping.default, (grads, vecs, steps, 5))
+    params = [torch.randn_like(g) for g in grads]
+    momenta = [torch.zeros(g.shape, device=device) for g in grads]
+    scales = torch.tensor([0.5, 1.0], device=device)
+    opcheck(torch.ops.lion.lion_update_32bit.default,
+            (params, grads, momenta, torch.tensor(0.1), 0.9, 0.99, 0.0, scales))
+
+
+def test_bad_percentile_arguments_are_refused():
+    g = [torch.randn(4)]
+    with pytest.raises(ValueError, match="percentile must be in 0..99"):
+        lion_ops.ops.percentile_clipping(g, [torch.zeros(100)], [torch.ones(())], 100)
+    vec = torch.zeros(50)
+    with pytest.raises(ValueError, match=r"gnorm_vecs\[0\] must be a contiguous float32 tensor of 100"):
+        lion_ops.ops.percentile_clipping(g, [vec], [torch.ones(())], 5)
+    with pytest.raises(ValueError, match="grad_scales must be a contiguous 1-D tensor"):
+        lion_ops.ops.lion_update_32bit(g, [torch.randn(4)], [torch.zeros(4)], torch.tensor(0.1),
+                                       0.9, 0.99, 0.0, torch.ones(2))
+
+
+def test_compile_and_export_with_clipping_on(device):
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    model = torch.nn.Linear(64, 64).to(device)
+    reference = copy.deepcopy(model)
+    opt = Lion(model.parameters(), lr=torch.tensor(1e-2), percentile_clipping=5)
+    ref_opt = Lion(reference.parameters(), lr=torch.tensor(1e-2), percentile_clipping=5)
+    counter = CompileCounterWithBackend("aot_eager")
+    step = torch.compile(opt.step, backend=counter, fullgraph=True)
+    for i in range(6):
+        x = torch.randn(8, 64, device=device) * (1 + i % 3)
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            m(x).pow(2).sum().backward()
+        step()
+        ref_opt.step()
+        for o in (opt, ref_opt):
+            o.param_groups[0]["lr"].fill_(1e-2 / (i + 2))
+    assert counter.frame_count == 2
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+    torch._dynamo.reset()
+
+    class Clip(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("gnorm", torch.zeros(100))
+            self.register_buffer("step", torch.zeros(()))
+
+        def forward(self, grad):
+            lion_ops.ops.increment_steps([self.step])
+            return lion_ops.ops.percentile_clipping([grad], [self.gnorm], [self.step], 5)
+
+    module = Clip()
+    eager = copy.deepcopy(module)
+    grad = torch.randn(50)
+    program = torch.export.export(module, (grad,))
+    assert "lion.percentile_clipping" in program.graph_module.code
+    assert torch.equal(program.module()(grad), eager(grad))
