@@ -1,5 +1,6 @@
 """The optimizer classes, under the names bitsandbytes.optim uses."""
 
 from .lion import Lion, Lion8bit, Lion32bit
+from .manager import GlobalOptimManager
 
-__all__ = ["Lion", "Lion8bit", "Lion32bit"]
+__all__ = ["GlobalOptimManager", "Lion", "Lion8bit", "Lion32bit"]

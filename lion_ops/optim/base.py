@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .. import ops
 from ..quantization import dynamic_map
+from .manager import GlobalOptimManager
 
 # bitsandbytes 0.50 nests these per-param state entries under one key in its state_dict (so
 # that FSDP does not try to gather them); we write and read the same layout.
@@ -70,8 +71,8 @@ class LionOptimizerBase(torch.optim.Optimizer):
         check_hyperparameters(lr, betas, weight_decay, where)
         _check_tensor_lr_value(lr, where)
         if args is not None:
-            raise NotImplementedError(f"{where}: args is not supported yet; pass the options "
-                                      "as keyword arguments")
+            # As in bitsandbytes, an args object replaces the keyword configuration wholesale.
+            optim_bits, min_8bit_size, percentile_clipping, block_wise = _read_args(args, where)
         if optim_bits not in (8, 32):
             raise ValueError(f"{where}: optim_bits must be 8 or 32, got {optim_bits!r}")
         if isinstance(percentile_clipping, bool) or not isinstance(percentile_clipping, int) \
@@ -99,6 +100,29 @@ class LionOptimizerBase(torch.optim.Optimizer):
         # The 8-bit map, built here (eagerly: building it does not trace) and copied to each
         # device on first use.
         self._qmaps: dict[torch.device, Tensor] = {torch.device("cpu"): dynamic_map()}
+        # Per-param overrides from GlobalOptimManager, resolved eagerly: (group index, param
+        # index) -> (config id, config). Params with equal overrides share a config id, so they
+        # still share operator calls.
+        self._overrides: dict[tuple[int, int], tuple[int, dict]] = {}
+        self._manager = GlobalOptimManager.get_instance()
+        self._manager.attach(self)
+        self._resolve_overrides()
+
+    def _resolve_overrides(self) -> None:
+        overrides, ids = {}, {}
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                config = self._manager.config_for(gi, pi, p)
+                if config:
+                    key = repr(sorted((k, v if not isinstance(v, Tensor) else id(v))
+                                      for k, v in config.items()))
+                    overrides[(gi, pi)] = (ids.setdefault(key, len(ids)), config)
+        self._overrides = overrides
+
+    def _config(self, gi: int, pi: int) -> dict:
+        """The overrides of param pi of group gi ({} when none)."""
+        entry = self._overrides.get((gi, pi))
+        return entry[1] if entry is not None else {}
 
     # ---- param groups ---------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -115,6 +139,8 @@ class LionOptimizerBase(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group["betas"] = tuple(group["betas"])
+        if hasattr(self, "_manager"):  # groups added after construction
+            self._resolve_overrides()
         for index, p in enumerate(group["params"]):
             if p.dtype not in ops.PARAM_DTYPES:
                 raise TypeError(f"{where}: {_describe(group, len(self.param_groups) - 1, index, p)}"
@@ -122,7 +148,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
                                 + (" (complex params are not supported)" if p.is_complex() else ""))
 
     # ---- step -------------------------------------------------------------------------------
-    def _check_step_inputs(self) -> list[tuple[dict, list[Tensor]]]:
+    def _check_step_inputs(self) -> list[tuple[int, dict, list[tuple[int, Tensor]]]]:
         """Everything a step would use, checked before anything is modified."""
         where = f"{type(self).__name__}.step"
         work = []
@@ -153,14 +179,15 @@ class LionOptimizerBase(torch.optim.Optimizer):
                             f"{type(self).__name__}: the state of "
                             f"{_describe(group, group_index, index, p)} does not fit it "
                             f"({problem}); was the param replaced after the first step?")
-                with_grad.append(p)
-            work.append((group, with_grad))
+                with_grad.append((index, p))
+            work.append((group_index, group, with_grad))
         return work
 
-    def _state_kind(self, p: Tensor) -> str:
+    def _state_kind(self, p: Tensor, config: dict) -> str:
         """Which state a param gets: 32-bit, or 8-bit blockwise/static for large enough ones."""
-        if self.optim_bits == 8 and p.numel() >= self.min_8bit_size:
-            return BLOCKWISE if self.block_wise else STATIC
+        if config.get("optim_bits", self.optim_bits) == 8 \
+                and p.numel() >= config.get("min_8bit_size", self.min_8bit_size):
+            return BLOCKWISE if config.get("block_wise", self.block_wise) else STATIC
         return FP32
 
     def _qmap(self, device: torch.device) -> Tensor:
@@ -169,13 +196,13 @@ class LionOptimizerBase(torch.optim.Optimizer):
             qmap = self._qmaps[device] = self._qmaps[torch.device("cpu")].to(device)
         return qmap
 
-    def _init_state(self, p: Tensor) -> None:
+    def _init_state(self, p: Tensor, config: dict) -> None:
         state = self.state[p]
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        if self.percentile_clipping < 100:
+        if config.get("percentile_clipping", self.percentile_clipping) < 100:
             state["gnorm_vec"] = torch.zeros(ops.GNORM_HISTORY, dtype=torch.float32,
                                              device=p.device)
-        kind = self._state_kind(p)
+        kind = self._state_kind(p, config)
         if kind == FP32:
             state["state1"] = torch.zeros_like(p, dtype=torch.float32,
                                                memory_format=torch.preserve_format)
@@ -199,31 +226,44 @@ class LionOptimizerBase(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = self._check_step_inputs()
-        for group, params in work:
+        for group_index, group, params in work:
             if not params:
                 continue
-            for p in params:
+            for index, p in params:
                 if len(self.state[p]) == 0:
-                    self._init_state(p)
-            self._update_group(group, params)
+                    self._init_state(p, self._config(group_index, index))
+            self._update_group(group_index, group, params)
         return loss
 
-    def _update_group(self, group: dict, params: list[Tensor]) -> None:
-        beta1, beta2 = group["betas"]
-        wd = group["weight_decay"]
+    def _update_group(self, group_index: int, group: dict,
+                      params: list[tuple[int, Tensor]]) -> None:
+        # One operator call per (device, dtype, state kind, override config).
         buckets: dict[tuple, list[Tensor]] = defaultdict(list)
-        for p in params:
-            buckets[(p.device, p.dtype, _kind_of_state(self.state[p]))].append(p)
-        for (device, _, kind), bucket in buckets.items():
+        for index, p in params:
+            entry = self._overrides.get((group_index, index))
+            config_id = entry[0] if entry is not None else -1
+            buckets[(p.device, p.dtype, _kind_of_state(self.state[p]), config_id)].append(
+                (index, p))
+        for (device, _, kind, _), members in buckets.items():
+            config = self._config(group_index, members[0][0])
+            bucket = [p for _, p in members]
+            beta1, beta2 = config.get("betas", group["betas"])
+            wd = config.get("weight_decay", group["weight_decay"])
+            percentile = config.get("percentile_clipping", self.percentile_clipping)
             states = [self.state[p] for p in bucket]
             grads = [p.grad for p in bucket]
-            lr = self._lr_tensor(group["lr"], device)
+            lr = self._lr_tensor(config.get("lr", group["lr"]), device)
             steps = [s["step"] for s in states]
             ops.increment_steps(steps)
             grad_scales = None
-            if self.percentile_clipping < 100:
+            if percentile < 100:
+                if any("gnorm_vec" not in s for s in states):
+                    for s in states:  # clipping turned on by an override after state was made
+                        s.setdefault("gnorm_vec", torch.zeros(ops.GNORM_HISTORY,
+                                                              dtype=torch.float32,
+                                                              device=device))
                 grad_scales = ops.percentile_clipping(grads, [s["gnorm_vec"] for s in states],
-                                                      steps, self.percentile_clipping)
+                                                      steps, percentile)
             codes_or_momenta = [s["state1"] for s in states]
             if kind == FP32:
                 ops.lion_update_32bit(bucket, grads, codes_or_momenta, lr, beta1, beta2, wd,
@@ -305,7 +345,8 @@ class LionOptimizerBase(torch.optim.Optimizer):
             what = _describe(group, gi, pi, p)
             flat = dict(saved_state)
             flat.update(flat.pop(QUANT_STATE_KEY, {}))
-            new_state[p] = self._load_param_state(p, flat, f"{where}: {what}")
+            new_state[p] = self._load_param_state(p, flat, f"{where}: {what}",
+                                                  self._config(gi, pi))
 
         param_groups = []
         for group, saved in zip(groups, saved_groups):
@@ -317,11 +358,12 @@ class LionOptimizerBase(torch.optim.Optimizer):
             new_group.setdefault("eps", 0.0)
             param_groups.append(new_group)
         self.__setstate__({"state": new_state, "param_groups": param_groups})
+        self._resolve_overrides()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
-    def _load_param_state(self, p: Tensor, saved: dict, what: str) -> dict:
-        expected, found = self._state_kind(p), _kind_of_state(saved)
+    def _load_param_state(self, p: Tensor, saved: dict, what: str, config: dict) -> dict:
+        expected, found = self._state_kind(p, config), _kind_of_state(saved)
         if found is None:
             raise ValueError(f"{what}: the saved state has no momentum tensor 'state1'")
         if found != expected:
@@ -342,7 +384,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
 
         state = {k: v for k, v in saved.items() if k not in _STATE_TENSOR_KEYS and k != "step"}
         state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
-        if self.percentile_clipping < 100:
+        if config.get("percentile_clipping", self.percentile_clipping) < 100:
             # A checkpoint without history (clipping was off) starts a fresh one.
             gnorm = saved.get("gnorm_vec")
             state["gnorm_vec"] = (torch.zeros(ops.GNORM_HISTORY, dtype=torch.float32,
@@ -364,6 +406,26 @@ class LionOptimizerBase(torch.optim.Optimizer):
                                            memory_format=torch.contiguous_format,
                                            copy=True).reshape(-1)
         return state
+
+
+def _read_args(args, where: str) -> tuple:
+    """(optim_bits, min_8bit_size, percentile_clipping, block_wise) from a bitsandbytes-style
+    args object; options Lion does not support are refused."""
+    values = {}
+    for name, default in (("optim_bits", None), ("min_8bit_size", None),
+                          ("percentile_clipping", 100), ("block_wise", True),
+                          ("max_unorm", 0.0), ("skip_zeros", False)):
+        if not hasattr(args, name) and default is None:
+            raise ValueError(f"{where}: args has no attribute {name!r} (args replaces the "
+                             "keyword options, as in bitsandbytes)")
+        values[name] = getattr(args, name, default)
+    if values["max_unorm"]:
+        raise NotImplementedError(f"{where}: args.max_unorm={values['max_unorm']!r}: update-norm "
+                                  "clipping is not supported for Lion; use 0")
+    if values["skip_zeros"]:
+        raise NotImplementedError(f"{where}: args.skip_zeros=True is not supported; use False")
+    return (values["optim_bits"], values["min_8bit_size"], values["percentile_clipping"],
+            values["block_wise"])
 
 
 FP32, BLOCKWISE, STATIC = "32-bit", "8-bit blockwise", "8-bit static"

@@ -1,0 +1,187 @@
+"""The args object and GlobalOptimManager's per-parameter overrides, as bitsandbytes users
+know them, against plain-PyTorch references."""
+
+import gc
+import types
+import weakref
+
+import pytest
+import torch
+
+import lion_ops
+from lion_ops import Lion, Lion8bit
+from lion_ops.optim import GlobalOptimManager
+from reference import lion_reference_step
+
+
+@pytest.fixture(autouse=True)
+def _fresh_manager():
+    GlobalOptimManager.get_instance().initialize()
+    yield
+    GlobalOptimManager.get_instance().initialize()
+
+
+def _args(**overrides):
+    values = dict(optim_bits=8, min_8bit_size=100, percentile_clipping=100, block_wise=True,
+                  max_unorm=0.0, skip_zeros=False)
+    values.update(overrides)
+    return types.SimpleNamespace(**values)
+
+
+def _step(opt, params):
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+
+
+# ---- args ----------------------------------------------------------------------------------------
+
+def test_args_replace_the_keyword_configuration():
+    params = [torch.nn.Parameter(torch.randn(200)), torch.nn.Parameter(torch.randn(50))]
+    opt = Lion(params, lr=1e-3, optim_bits=32, min_8bit_size=4096, args=_args())
+    _step(opt, params)
+    assert opt.state[params[0]]["state1"].dtype == torch.uint8  # 200 >= args.min_8bit_size
+    assert opt.state[params[1]]["state1"].dtype == torch.float32
+    opt = Lion(params, args=_args(optim_bits=32, percentile_clipping=5))
+    _step(opt, params)
+    assert "gnorm_vec" in opt.state[params[0]] and opt.state[params[0]]["state1"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("args, error, message", [
+    (types.SimpleNamespace(optim_bits=8), ValueError, "args has no attribute 'min_8bit_size'"),
+    (_args(max_unorm=1.0), NotImplementedError, "max_unorm"),
+    (_args(skip_zeros=True), NotImplementedError, "skip_zeros"),
+    (_args(optim_bits=4), ValueError, "optim_bits must be 8 or 32"),
+    (_args(percentile_clipping=0), ValueError, "percentile_clipping must be an int in 1..100"),
+])
+def test_unsupported_args_are_refused(args, error, message):
+    with pytest.raises(error, match=message):
+        Lion([torch.nn.Parameter(torch.zeros(3))], args=args)
+
+
+# ---- GlobalOptimManager --------------------------------------------------------------------------
+
+class TinyModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 64)
+        self.proj = torch.nn.Linear(64, 80)
+
+    def forward(self, tokens):
+        return self.proj(self.embed(tokens)).sum()
+
+
+@pytest.mark.parametrize("register_before_optimizer", [True, False])
+def test_hf_trainer_pattern_keeps_embeddings_32bit(register_before_optimizer):
+    model = TinyModel()
+    manager = GlobalOptimManager.get_instance()
+    if register_before_optimizer:
+        manager.register_module_override(model.embed, "weight", {"optim_bits": 32})
+    opt = Lion8bit(model.parameters(), lr=1e-3, min_8bit_size=1000)
+    if not register_before_optimizer:
+        manager.register_module_override(model.embed, "weight", {"optim_bits": 32})
+    model(torch.tensor([1, 2, 3])).backward()
+    opt.step()
+    assert opt.state[model.embed.weight]["state1"].dtype == torch.float32
+    assert opt.state[model.proj.weight]["state1"].dtype == torch.uint8
+    assert opt.state[model.proj.bias]["state1"].dtype == torch.float32  # under min_8bit_size
+
+
+def test_override_hyperparameters_per_param_match_reference():
+    params = [torch.nn.Parameter(torch.randn(30)) for _ in range(3)]
+    manager = GlobalOptimManager.get_instance()
+    manager.override_config(params[0], "lr", 0.1)
+    manager.override_config([params[1]], key_value_dict={"betas": (0.5, 0.6),
+                                                         "weight_decay": 0.3})
+    opt = Lion(params, lr=0.01, weight_decay=0.05)
+    before = [p.detach().clone() for p in params]
+    _step(opt, params)
+    settings = [(0.1, (0.9, 0.99), 0.05), (0.01, (0.5, 0.6), 0.3), (0.01, (0.9, 0.99), 0.05)]
+    for p, p0, (lr, betas, wd) in zip(params, before, settings):
+        expected, _, _ = lion_reference_step(p0, p.grad, torch.zeros_like(p0), lr, *betas, wd)
+        torch.testing.assert_close(p.detach().double(), expected)
+
+
+def test_override_percentile_clipping_and_min_8bit_size():
+    params = [torch.nn.Parameter(torch.randn(500)), torch.nn.Parameter(torch.randn(500))]
+    manager = GlobalOptimManager.get_instance()
+    manager.override_config(params[0], key_value_dict={"percentile_clipping": 5,
+                                                       "min_8bit_size": 100})
+    opt = Lion8bit(params, lr=1e-3)
+    _step(opt, params)
+    assert "gnorm_vec" in opt.state[params[0]] and opt.state[params[0]]["state1"].dtype == torch.uint8
+    assert "gnorm_vec" not in opt.state[params[1]]
+    assert opt.state[params[1]]["state1"].dtype == torch.float32  # 500 < 4096
+
+
+def test_params_with_equal_overrides_share_operator_calls(monkeypatch):
+    calls = []
+    real = lion_ops.ops.lion_update_32bit
+    monkeypatch.setattr(lion_ops.ops, "lion_update_32bit",
+                        lambda params, *a: (calls.append(len(params)), real(params, *a)))
+    params = [torch.nn.Parameter(torch.randn(10)) for _ in range(5)]
+    manager = GlobalOptimManager.get_instance()
+    manager.override_config(params[0], "lr", 0.1)
+    manager.override_config(params[3], "lr", 0.1)
+    opt = Lion(params, lr=0.01)
+    _step(opt, params)
+    assert sorted(calls) == [2, 3]
+
+
+def test_index_based_overrides_follow_positions():
+    cpu_params = [torch.nn.Parameter(torch.randn(40)), torch.nn.Parameter(torch.randn(40))]
+    manager = GlobalOptimManager.get_instance()
+    manager.override_config(cpu_params[1], "lr", 0.5)
+    manager.register_parameters(cpu_params)
+    moved = [torch.nn.Parameter(p.detach().clone()) for p in cpu_params]  # new objects
+    opt = Lion(moved, lr=0.01)
+    before = [p.detach().clone() for p in moved]
+    _step(opt, moved)
+    assert (moved[1] - before[1]).abs().max().item() == pytest.approx(0.5, rel=1e-6)
+    assert (moved[0] - before[0]).abs().max().item() == pytest.approx(0.01, rel=1e-6)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"eps": 1e-8}, r"unknown key\(s\) \['eps'\]"),
+    ({"optim_bits": 16}, "optim_bits must be 8 or 32"),
+    ({"betas": (1.5, 0.9)}, "beta parameter at index 0"),
+    ({"lr": -1.0}, "invalid learning rate"),
+])
+def test_bad_overrides_are_refused(config, message):
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=message):
+        GlobalOptimManager.get_instance().override_config(p, key_value_dict=config)
+    with pytest.raises(ValueError, match=message):
+        GlobalOptimManager.get_instance().register_module_override(torch.nn.Linear(2, 2),
+                                                                   "weight", config)
+
+
+def test_the_manager_keeps_no_model_alive():
+    model = TinyModel()
+    manager = GlobalOptimManager.get_instance()
+    manager.override_config(model.proj.weight, "lr", 0.1)
+    manager.register_module_override(model.embed, "weight", {"optim_bits": 32})
+    opt = Lion(model.parameters())
+    model_ref, weight_ref = weakref.ref(model), weakref.ref(model.proj.weight)
+    del model, opt
+    gc.collect()
+    assert model_ref() is None and weight_ref() is None
+
+
+def test_overrides_compile_without_recompiles():
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    model = TinyModel()
+    GlobalOptimManager.get_instance().register_module_override(model.embed, "weight",
+                                                               {"optim_bits": 32, "lr": 1e-2})
+    opt = Lion8bit(model.parameters(), lr=torch.tensor(1e-3), min_8bit_size=1000)
+    counter = CompileCounterWithBackend("aot_eager")
+    step = torch.compile(opt.step, backend=counter, fullgraph=True)
+    for i in range(4):
+        opt.zero_grad()
+        model(torch.tensor([i, i + 1])).backward()
+        step()
+        opt.param_groups[0]["lr"].fill_(1e-3 / (i + 2))
+    assert counter.frame_count == 2
+    assert opt.state[model.embed.weight]["state1"].dtype == torch.float32
+    torch._dynamo.reset()
