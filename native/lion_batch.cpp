@@ -131,6 +131,67 @@ const float* grad_scales_data(const char* op, const std::optional<at::Tensor>& g
   return s.const_data_ptr<float>();
 }
 
+const float* check_lion_update_32bit_args(at::TensorList params, at::TensorList grads,
+                                          at::TensorList momenta, const at::Tensor& lr,
+                                          double beta1, double beta2, double weight_decay,
+                                          const std::optional<at::Tensor>& grad_scales) {
+  constexpr const char* op = "lion_update_32bit";
+  check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
+  check_state_list(op, "momenta", params, momenta, at::kFloat, StateShape::kLikeParam);
+  return grad_scales_data(op, grad_scales, params);
+}
+
+const float* check_lion_update_8bit_blockwise_args(
+    at::TensorList params, at::TensorList grads, at::TensorList codes, at::TensorList absmaxes,
+    const at::Tensor& qmap, const at::Tensor& lr, double beta1, double beta2,
+    double weight_decay, const std::optional<at::Tensor>& grad_scales) {
+  constexpr const char* op = "lion_update_8bit_blockwise";
+  check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
+  check_state_list(op, "codes", params, codes, at::kByte, StateShape::kLikeParam);
+  check_state_list(op, "absmaxes", params, absmaxes, at::kFloat, StateShape::kOnePerBlock);
+  if (!params.empty()) check_qmap(op, qmap, params[0].device());
+  return grad_scales_data(op, grad_scales, params);
+}
+
+const float* check_lion_update_8bit_static_args(
+    at::TensorList params, at::TensorList grads, at::TensorList codes, at::TensorList max1s,
+    at::TensorList new_max1s, const at::Tensor& qmap, const at::Tensor& lr, double beta1,
+    double beta2, double weight_decay, const std::optional<at::Tensor>& grad_scales) {
+  constexpr const char* op = "lion_update_8bit_static";
+  check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
+  check_state_list(op, "codes", params, codes, at::kByte, StateShape::kLikeParam);
+  check_state_list(op, "max1s", params, max1s, at::kFloat, StateShape::kOneElement);
+  check_state_list(op, "new_max1s", params, new_max1s, at::kFloat, StateShape::kOneElement);
+  if (!params.empty()) check_qmap(op, qmap, params[0].device());
+  return grad_scales_data(op, grad_scales, params);
+}
+
+void check_quantize_blockwise_args(const at::Tensor& input, const at::Tensor& qmap,
+                                   int64_t blocksize) {
+  constexpr const char* op = "quantize_blockwise";
+  TORCH_CHECK_VALUE(blocksize > 0, op, ": blocksize must be positive, got ", blocksize);
+  TORCH_CHECK_TYPE(is_supported_param_dtype(input.scalar_type()), op,
+                   ": input must be float32, bfloat16 or float16, got ",
+                   dtype_name(input.scalar_type()));
+  check_qmap(op, qmap, input.device());
+}
+
+void check_dequantize_blockwise_args(const at::Tensor& codes, const at::Tensor& absmax,
+                                     const at::Tensor& qmap, int64_t blocksize) {
+  constexpr const char* op = "dequantize_blockwise";
+  TORCH_CHECK_VALUE(blocksize > 0, op, ": blocksize must be positive, got ", blocksize);
+  TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, op, ": codes must be uint8, got ",
+                   dtype_name(codes.scalar_type()));
+  TORCH_CHECK_TYPE(absmax.scalar_type() == at::kFloat, op, ": absmax must be float32, got ",
+                   dtype_name(absmax.scalar_type()));
+  const int64_t blocks = (codes.numel() + blocksize - 1) / blocksize;
+  TORCH_CHECK_VALUE(absmax.numel() == blocks, op, ": absmax must have ", blocks,
+                    " elements (one per ", blocksize, " codes), got ", absmax.numel());
+  TORCH_CHECK_VALUE(absmax.device() == codes.device(), op, ": absmax must be on ",
+                    codes.device(), ", got ", absmax.device());
+  check_qmap(op, qmap, codes.device());
+}
+
 void check_percentile_clipping_args(at::TensorList grads, at::TensorList gnorm_vecs,
                                     at::TensorList steps, int64_t percentile) {
   constexpr const char* op = "percentile_clipping";

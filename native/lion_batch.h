@@ -10,6 +10,26 @@
 
 namespace lion {
 
+// The complete argument checks of each operator, shared by its CPU and CUDA kernels. The
+// update checks return the grad_scales data (nullptr when absent); nothing is modified
+// before they pass.
+const float* check_lion_update_32bit_args(at::TensorList params, at::TensorList grads,
+                                          at::TensorList momenta, const at::Tensor& lr,
+                                          double beta1, double beta2, double weight_decay,
+                                          const std::optional<at::Tensor>& grad_scales);
+const float* check_lion_update_8bit_blockwise_args(
+    at::TensorList params, at::TensorList grads, at::TensorList codes, at::TensorList absmaxes,
+    const at::Tensor& qmap, const at::Tensor& lr, double beta1, double beta2,
+    double weight_decay, const std::optional<at::Tensor>& grad_scales);
+const float* check_lion_update_8bit_static_args(
+    at::TensorList params, at::TensorList grads, at::TensorList codes, at::TensorList max1s,
+    at::TensorList new_max1s, const at::Tensor& qmap, const at::Tensor& lr, double beta1,
+    double beta2, double weight_decay, const std::optional<at::Tensor>& grad_scales);
+void check_quantize_blockwise_args(const at::Tensor& input, const at::Tensor& qmap,
+                                   int64_t blocksize);
+void check_dequantize_blockwise_args(const at::Tensor& codes, const at::Tensor& absmax,
+                                     const at::Tensor& qmap, int64_t blocksize);
+
 // Checks what every update operator takes: hyperparameters, the lr tensor, and the
 // (param, grad) pairs. Throws a ValueError/TypeError naming the argument.
 void check_update_args(const char* op, at::TensorList params, at::TensorList grads,

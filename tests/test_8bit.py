@@ -454,3 +454,15 @@ def test_8bit_export():
     code = program.graph_module.code
     assert "lion.lion_update_8bit_blockwise" in code and "lion.dequantize_blockwise" in code
     assert torch.equal(program.module()(grad, lr), eager(grad, lr))
+
+
+def test_quantize_and_dequantize_compile(device):
+    qmap = QMAP.to(device)
+
+    def roundtrip(x):
+        codes, absmax = lion_ops.ops.quantize_blockwise(x, qmap, 256)
+        return lion_ops.ops.dequantize_blockwise(codes, absmax, qmap, 256)
+
+    x = torch.randn(1000, device=device)
+    compiled = torch.compile(roundtrip, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), roundtrip(x))

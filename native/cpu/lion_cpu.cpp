@@ -126,9 +126,8 @@ void lion_update_32bit_cpu(at::TensorList params, at::TensorList grads, at::Tens
                            const at::Tensor& lr, double beta1, double beta2, double weight_decay,
                            const std::optional<at::Tensor>& grad_scales) {
   constexpr const char* op = "lion_update_32bit";
-  check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
-  check_state_list(op, "momenta", params, momenta, at::kFloat, StateShape::kLikeParam);
-  const float* scales = grad_scales_data(op, grad_scales, params);
+  const float* scales = check_lion_update_32bit_args(params, grads, momenta, lr, beta1, beta2,
+                                                     weight_decay, grad_scales);
   if (params.empty()) return;
   check_on_cpu(op, params);
   const auto k = coefficients_from(op, lr, beta1, beta2, weight_decay);
@@ -319,12 +318,10 @@ void lion_update_8bit_blockwise_cpu(at::TensorList params, at::TensorList grads,
                                     double beta2, double weight_decay,
                                     const std::optional<at::Tensor>& grad_scales) {
   constexpr const char* op = "lion_update_8bit_blockwise";
-  check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
-  check_state_list(op, "codes", params, codes, at::kByte, StateShape::kLikeParam);
-  check_state_list(op, "absmaxes", params, absmaxes, at::kFloat, StateShape::kOnePerBlock);
-  const float* scales = grad_scales_data(op, grad_scales, params);
+  const float* scales = check_lion_update_8bit_blockwise_args(
+      params, grads, codes, absmaxes, qmap, lr, beta1, beta2, weight_decay, grad_scales);
   if (params.empty()) return;
-  check_qmap(op, qmap, check_on_cpu(op, params).device());
+  check_on_cpu(op, params);
   const auto k = coefficients_from(op, lr, beta1, beta2, weight_decay);
   const float* map = qmap.const_data_ptr<float>();
   const auto table_holder = encode_table_for(map);
@@ -360,13 +357,10 @@ void lion_update_8bit_static_cpu(at::TensorList params, at::TensorList grads,
                                  double weight_decay,
                                  const std::optional<at::Tensor>& grad_scales) {
   constexpr const char* op = "lion_update_8bit_static";
-  check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
-  check_state_list(op, "codes", params, codes, at::kByte, StateShape::kLikeParam);
-  check_state_list(op, "max1s", params, max1s, at::kFloat, StateShape::kOneElement);
-  check_state_list(op, "new_max1s", params, new_max1s, at::kFloat, StateShape::kOneElement);
-  const float* scales = grad_scales_data(op, grad_scales, params);
+  const float* scales = check_lion_update_8bit_static_args(
+      params, grads, codes, max1s, new_max1s, qmap, lr, beta1, beta2, weight_decay, grad_scales);
   if (params.empty()) return;
-  check_qmap(op, qmap, check_on_cpu(op, params).device());
+  check_on_cpu(op, params);
   const auto k = coefficients_from(op, lr, beta1, beta2, weight_decay);
   const float* map = qmap.const_data_ptr<float>();
   const auto table_holder = encode_table_for(map);
@@ -471,19 +465,10 @@ void increment_steps_cpu(at::TensorList steps) {
 
 // ---- blockwise quantization, for inspection -----------------------------------------------------
 
-void check_blocksize(const char* op, int64_t blocksize) {
-  TORCH_CHECK_VALUE(blocksize > 0, op, ": blocksize must be positive, got ", blocksize);
-}
-
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& input,
                                                           const at::Tensor& qmap,
                                                           int64_t blocksize) {
-  constexpr const char* op = "quantize_blockwise";
-  check_blocksize(op, blocksize);
-  TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kBFloat16 ||
-                       input.scalar_type() == at::kHalf,
-                   op, ": input must be float32, bfloat16 or float16, got ", input.scalar_type());
-  check_qmap(op, qmap, input.device());
+  check_quantize_blockwise_args(input, qmap, blocksize);
   const at::Tensor x = input.contiguous().to(at::kFloat);
   const int64_t n = x.numel();
   const int64_t blocks = (n + blocksize - 1) / blocksize;
@@ -509,19 +494,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& inpu
 
 at::Tensor dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& absmax,
                                     const at::Tensor& qmap, int64_t blocksize) {
-  constexpr const char* op = "dequantize_blockwise";
-  check_blocksize(op, blocksize);
-  TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, op, ": codes must be uint8, got ",
-                   codes.scalar_type());
-  TORCH_CHECK_TYPE(absmax.scalar_type() == at::kFloat, op, ": absmax must be float32, got ",
-                   absmax.scalar_type());
+  check_dequantize_blockwise_args(codes, absmax, qmap, blocksize);
   const int64_t n = codes.numel();
   const int64_t blocks = (n + blocksize - 1) / blocksize;
-  TORCH_CHECK_VALUE(absmax.numel() == blocks, op, ": absmax must have ", blocks,
-                    " elements (one per ", blocksize, " codes), got ", absmax.numel());
-  TORCH_CHECK_VALUE(absmax.device() == codes.device(), op, ": absmax must be on ",
-                    codes.device());
-  check_qmap(op, qmap, codes.device());
   const at::Tensor c = codes.contiguous();
   const at::Tensor a = absmax.contiguous();
   at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));

@@ -102,9 +102,8 @@ void lion_update_32bit_cuda(at::TensorList params, at::TensorList grads, at::Ten
                             const at::Tensor& lr, double beta1, double beta2,
                             double weight_decay, const std::optional<at::Tensor>& grad_scales) {
   constexpr const char* op = "lion_update_32bit";
-  check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
-  check_state_list(op, "momenta", params, momenta, at::kFloat, StateShape::kLikeParam);
-  const float* scales = grad_scales_data(op, grad_scales, params);
+  const float* scales = check_lion_update_32bit_args(params, grads, momenta, lr, beta1, beta2,
+                                                     weight_decay, grad_scales);
   if (params.empty()) return;
   const at::Device device = check_on_cuda(op, params);
   c10::cuda::CUDAGuard guard(device);
@@ -134,7 +133,6 @@ void lion_update_8bit_cuda(const char* op, cuda::Scaling scaling, at::TensorList
                            const at::Tensor& lr, double beta1, double beta2,
                            double weight_decay, const float* grad_scales) {
   const at::Device device = check_on_cuda(op, params);
-  check_qmap(op, qmap, device);
   c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
 
@@ -166,10 +164,8 @@ void lion_update_8bit_blockwise_cuda(at::TensorList params, at::TensorList grads
                                      double beta2, double weight_decay,
                                      const std::optional<at::Tensor>& grad_scales) {
   constexpr const char* op = "lion_update_8bit_blockwise";
-  check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
-  check_state_list(op, "codes", params, codes, at::kByte, StateShape::kLikeParam);
-  check_state_list(op, "absmaxes", params, absmaxes, at::kFloat, StateShape::kOnePerBlock);
-  const float* scales = grad_scales_data(op, grad_scales, params);
+  const float* scales = check_lion_update_8bit_blockwise_args(
+      params, grads, codes, absmaxes, qmap, lr, beta1, beta2, weight_decay, grad_scales);
   if (params.empty()) return;
   lion_update_8bit_cuda(op, cuda::Scaling::kBlockwise, params, grads, codes, absmaxes, {}, qmap,
                         lr, beta1, beta2, weight_decay, scales);
@@ -182,11 +178,8 @@ void lion_update_8bit_static_cuda(at::TensorList params, at::TensorList grads,
                                   double weight_decay,
                                   const std::optional<at::Tensor>& grad_scales) {
   constexpr const char* op = "lion_update_8bit_static";
-  check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
-  check_state_list(op, "codes", params, codes, at::kByte, StateShape::kLikeParam);
-  check_state_list(op, "max1s", params, max1s, at::kFloat, StateShape::kOneElement);
-  check_state_list(op, "new_max1s", params, new_max1s, at::kFloat, StateShape::kOneElement);
-  const float* scales = grad_scales_data(op, grad_scales, params);
+  const float* scales = check_lion_update_8bit_static_args(
+      params, grads, codes, max1s, new_max1s, qmap, lr, beta1, beta2, weight_decay, grad_scales);
   if (params.empty()) return;
   lion_update_8bit_cuda(op, cuda::Scaling::kStatic, params, grads, codes, max1s, new_max1s, qmap,
                         lr, beta1, beta2, weight_decay, scales);
@@ -264,12 +257,7 @@ void increment_steps_cuda(at::TensorList steps) {
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& input,
                                                            const at::Tensor& qmap,
                                                            int64_t blocksize) {
-  constexpr const char* op = "quantize_blockwise";
-  TORCH_CHECK_VALUE(blocksize > 0, op, ": blocksize must be positive, got ", blocksize);
-  TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kBFloat16 ||
-                       input.scalar_type() == at::kHalf,
-                   op, ": input must be float32, bfloat16 or float16, got ", input.scalar_type());
-  check_qmap(op, qmap, input.device());
+  check_quantize_blockwise_args(input, qmap, blocksize);
   c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous().to(at::kFloat);
   const int64_t n = x.numel();
@@ -286,18 +274,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& inp
 
 at::Tensor dequantize_blockwise_cuda(const at::Tensor& codes, const at::Tensor& absmax,
                                      const at::Tensor& qmap, int64_t blocksize) {
-  constexpr const char* op = "dequantize_blockwise";
-  TORCH_CHECK_VALUE(blocksize > 0, op, ": blocksize must be positive, got ", blocksize);
-  TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, op, ": codes must be uint8, got ",
-                   codes.scalar_type());
-  TORCH_CHECK_TYPE(absmax.scalar_type() == at::kFloat, op, ": absmax must be float32, got ",
-                   absmax.scalar_type());
+  check_dequantize_blockwise_args(codes, absmax, qmap, blocksize);
   const int64_t n = codes.numel();
-  TORCH_CHECK_VALUE(absmax.numel() == (n + blocksize - 1) / blocksize, op, ": absmax must have ",
-                    (n + blocksize - 1) / blocksize, " elements (one per ", blocksize,
-                    " codes), got ", absmax.numel());
-  TORCH_CHECK_VALUE(absmax.device() == codes.device(), op, ": absmax must be on ", codes.device());
-  check_qmap(op, qmap, codes.device());
   c10::cuda::CUDAGuard guard(codes.device());
   const at::Tensor c = codes.contiguous();
   const at::Tensor a = absmax.contiguous();
