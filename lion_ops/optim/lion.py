@@ -16,11 +16,13 @@ class Lion(LionOptimizerBase):
         betas: (beta1, beta2): beta1 interpolates the update direction, beta2 the momentum.
         weight_decay: decoupled weight decay.
         optim_bits: bits of optimizer state: 32 (float32 momentum) or 8 (uint8 codes).
-        args: an object with the options below (not implemented yet).
+        args: an object with optim_bits, min_8bit_size, percentile_clipping and block_wise
+            (and max_unorm=0, skip_zeros=False) that replaces those keyword options.
         min_8bit_size: params with fewer elements keep 32-bit state when optim_bits=8.
-        percentile_clipping: adaptive gradient clipping (100 = off; others not implemented yet).
+        percentile_clipping: adaptive gradient clipping from the last 100 gradient norms:
+            grads whose norm exceeds this percentile of them are scaled down (100 = off).
         block_wise: blockwise (True) or per-tensor (False) 8-bit quantization.
-        is_paged: keep state in paged (managed) memory (not implemented yet).
+        is_paged: keep state in paged (managed) memory (not implemented yet: refused).
     """
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0, optim_bits=32,
