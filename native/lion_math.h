@@ -133,10 +133,8 @@ LION_HOST_DEVICE float inverse_scale(float scale) { return scale > 0.f ? 1.f / s
 // otherwise the comparisons go on while needed. Both give the same code.
 // Then a code whose entry has the wrong sign bit is moved one step toward x's sign, as
 // bitsandbytes' CUDA kernels do, so quantization never flips the momentum's sign.
-// TableEntry: uint8_t on the GPU (64 KiB, cache friendly); int32_t on the CPU, where it lets
-// the compiler vectorize the lookups as gathers.
-template <bool kOneMidpointPerBucket, typename TableEntry>
-LION_HOST_DEVICE uint8_t encode_normalized(const TableEntry* table, const float* qmap, float x) {
+template <bool kOneMidpointPerBucket>
+LION_HOST_DEVICE uint8_t encode_normalized(const uint8_t* table, const float* qmap, float x) {
   int code = static_cast<int>(table[order_key(x) >> 16]);
   if (kOneMidpointPerBucket) {
     const float midpoint = map_midpoint(qmap, code < kQuantMapSize - 1 ? code : kQuantMapSize - 2);
