@@ -315,6 +315,30 @@ def save_and_load(state_dict, through_bytes):
     return torch.load(buffer, weights_only=True)
 
 
+def train_save_and_load(saver_cls, loader_cls, initial, no_grad, through_bytes):
+    """Trains copies of `initial` 20 steps with saver_cls (param `no_grad` never gets a grad),
+    loads the state_dict into loader_cls built with deliberately different hyperparameters,
+    and checks the checkpoint's hyperparameters replaced them. Returns (saving optimizer, its
+    params, loading optimizer, its params)."""
+    trained = [p.clone().requires_grad_() for p in initial]
+    saving = saver_cls(checkpoint_groups(trained))
+    for _ in range(20):
+        for i, p in enumerate(trained):
+            p.grad = None if i == no_grad else random_grad(p)
+        saving.step()
+    checkpoint = save_and_load(saving.state_dict(), through_bytes)
+
+    resumed = [p.detach().clone().requires_grad_() for p in trained]
+    loading = loader_cls([{"params": resumed[:3]}, {"params": resumed[3:]}], lr=0.5,
+                         betas=(0.5, 0.5), weight_decay=0.0)
+    loading.load_state_dict(checkpoint)
+    for saved, loaded in zip(saving.param_groups, loading.param_groups, strict=True):
+        assert loaded["lr"] == saved["lr"]
+        assert tuple(loaded["betas"]) == tuple(saved["betas"])
+        assert loaded["weight_decay"] == saved["weight_decay"]
+    return saving, trained, loading, resumed
+
+
 def checkpoint_groups(params):
     return [{"params": params[:3], "lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.1},
             {"params": params[3:], "lr": 3e-3, "betas": (0.95, 0.98), "weight_decay": 0.0}]
@@ -333,24 +357,8 @@ def test_checkpoint_interchange(bnb, device, saver, through_bytes):
         initial[3] = initial[3].bfloat16()  # the loader must keep its momentum fp32
     no_grad = 4
 
-    trained = [p.clone().requires_grad_() for p in initial]
-    saving = saver_cls(checkpoint_groups(trained))
-    for _ in range(20):
-        for i, p in enumerate(trained):
-            p.grad = None if i == no_grad else random_grad(p)
-        saving.step()
-    checkpoint = save_and_load(saving.state_dict(), through_bytes)
-
-    resumed = [p.detach().clone().requires_grad_() for p in trained]
-    # Deliberately different hyperparameters: the checkpoint's must replace them.
-    loading = loader_cls([{"params": resumed[:3]}, {"params": resumed[3:]}], lr=0.5,
-                         betas=(0.5, 0.5), weight_decay=0.0)
-    loading.load_state_dict(checkpoint)
-
-    for saved, loaded in zip(saving.param_groups, loading.param_groups, strict=True):
-        assert loaded["lr"] == saved["lr"]
-        assert tuple(loaded["betas"]) == tuple(saved["betas"])
-        assert loaded["weight_decay"] == saved["weight_decay"]
+    saving, trained, loading, resumed = train_save_and_load(saver_cls, loader_cls, initial,
+                                                            no_grad, through_bytes)
     for p_saved, p_loaded in zip(trained, resumed):
         m_saved, m_loaded = momentum_of(saving, p_saved, "state1"), \
             momentum_of(loading, p_loaded, "state1")
@@ -634,24 +642,8 @@ def test_8bit_checkpoint_interchange(bnb, saver, through_bytes):
     initial[3] = initial[3].bfloat16()  # a 32-bit one: the loader must keep its momentum fp32
     no_grad = 4  # 8-bit sized, no state when saved
 
-    trained = [p.clone().requires_grad_() for p in initial]
-    saving = saver_cls(checkpoint_groups(trained))
-    for _ in range(20):
-        for i, p in enumerate(trained):
-            p.grad = None if i == no_grad else random_grad(p)
-        saving.step()
-    checkpoint = save_and_load(saving.state_dict(), through_bytes)
-
-    resumed = [p.detach().clone().requires_grad_() for p in trained]
-    # Deliberately different hyperparameters: the checkpoint's must replace them.
-    loading = loader_cls([{"params": resumed[:3]}, {"params": resumed[3:]}], lr=0.5,
-                         betas=(0.5, 0.5), weight_decay=0.0)
-    loading.load_state_dict(checkpoint)
-
-    for saved, loaded in zip(saving.param_groups, loading.param_groups, strict=True):
-        assert loaded["lr"] == saved["lr"]
-        assert tuple(loaded["betas"]) == tuple(saved["betas"])
-        assert loaded["weight_decay"] == saved["weight_decay"]
+    saving, trained, loading, resumed = train_save_and_load(saver_cls, loader_cls, initial,
+                                                            no_grad, through_bytes)
     for p_saved, p_loaded in zip(trained, resumed):
         s_saved, s_loaded = saving.state.get(p_saved), loading.state.get(p_loaded)
         assert bool(s_saved) == bool(s_loaded)
