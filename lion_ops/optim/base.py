@@ -148,7 +148,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
                                 + (" (complex params are not supported)" if p.is_complex() else ""))
 
     # ---- step -------------------------------------------------------------------------------
-    def _check_step_inputs(self) -> list[tuple[int, dict, list[tuple[int, Tensor]]]]:
+    def _check_step_inputs(self) -> list[tuple[int, dict, list[tuple[int, Tensor, dict]]]]:
         """Everything a step would use, checked before anything is modified."""
         where = f"{type(self).__name__}.step"
         work = []
@@ -171,7 +171,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
                     raise ValueError(f"{where}: {_describe(group, group_index, index, p)} has a "
                                      f"gradient of shape {tuple(g.shape)}, {g.dtype} on "
                                      f"{g.device}; it must match the parameter")
-                state = self.state.get(p)
+                state = self.state.get(p)  # looked up once per step: tensor hashing costs
                 if state and not _fp32_state_fits(p, state):
                     problem = _state_problem(p, state, _kind_of_state(state))
                     if problem:
@@ -179,7 +179,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
                             f"{type(self).__name__}: the state of "
                             f"{_describe(group, group_index, index, p)} does not fit it "
                             f"({problem}); was the param replaced after the first step?")
-                with_grad.append((index, p))
+                with_grad.append((index, p, state))
             work.append((group_index, group, with_grad))
         return work
 
@@ -229,28 +229,31 @@ class LionOptimizerBase(torch.optim.Optimizer):
         for group_index, group, params in work:
             if not params:
                 continue
-            for index, p in params:
-                if len(self.state[p]) == 0:
+            ready = []
+            for index, p, state in params:
+                if not state:
                     self._init_state(p, self._config(group_index, index))
-            self._update_group(group_index, group, params)
+                    state = self.state[p]
+                ready.append((index, p, state))
+            self._update_group(group_index, group, ready)
         return loss
 
     def _update_group(self, group_index: int, group: dict,
-                      params: list[tuple[int, Tensor]]) -> None:
+                      params: list[tuple[int, Tensor, dict]]) -> None:
         # One operator call per (device, dtype, state kind, override config).
-        buckets: dict[tuple, list[Tensor]] = defaultdict(list)
-        for index, p in params:
+        buckets: dict[tuple, list[tuple[int, Tensor, dict]]] = defaultdict(list)
+        for index, p, state in params:
             entry = self._overrides.get((group_index, index))
             config_id = entry[0] if entry is not None else -1
-            buckets[(p.device, p.dtype, _kind_of_state(self.state[p]), config_id)].append(
-                (index, p))
+            buckets[(p.device, p.dtype, _kind_of_state(state), config_id)].append(
+                (index, p, state))
         for (device, _, kind, _), members in buckets.items():
             config = self._config(group_index, members[0][0])
-            bucket = [p for _, p in members]
+            bucket = [p for _, p, _ in members]
             beta1, beta2 = config.get("betas", group["betas"])
             wd = config.get("weight_decay", group["weight_decay"])
             percentile = config.get("percentile_clipping", self.percentile_clipping)
-            states = [self.state[p] for p in bucket]
+            states = [state for _, _, state in members]
             grads = [p.grad for p in bucket]
             lr = self._lr_tensor(config.get("lr", group["lr"]), device)
             steps = [s["step"] for s in states]
