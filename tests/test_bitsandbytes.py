@@ -147,9 +147,11 @@ class Pair:
     env: Tensor              # fp64 envelope of |m| (see module doc)
     rnd: Tensor              # fp64 accumulated rounding magnitude R
     excused: Tensor = field(init=False)  # elements where sign(c) was ever ambiguous
+    param_slack: Tensor = field(init=False)  # fp64 bound of |a - b| from FMA contraction
 
     def __post_init__(self):
         self.excused = torch.zeros(self.a.shape, dtype=torch.bool)
+        self.param_slack = torch.zeros(self.a.shape, dtype=torch.float64)
 
     def momentum_bound(self):
         return BOOKKEEPING_SLACK * (one_minus_gap(self.group["betas"][1]) * self.env
@@ -167,6 +169,15 @@ class Lockstep:
 
     def __init__(self, opt_a, opt_b, key_a="state1", key_b="state1"):
         self.opt_a, self.opt_b, self.key_a, self.key_b = opt_a, opt_b, key_a, key_b
+        # bitsandbytes' CUDA kernel is compiled with FMA contraction: it computes
+        # p*(1-lr*wd) - lr*sign(c) with one rounding where lion_ops (no FMA, so that its CPU
+        # and CUDA kernels agree bit for bit) rounds twice. Each step may then part the params
+        # by up to 2^-24 * (|p| + 2|p_new|); the difference carried from earlier steps only
+        # shrinks (times 1-lr*wd). Elsewhere the params must stay bitwise equal.
+        self.fused_reference = any(
+            type(o).__module__.startswith("bitsandbytes")
+            and any(p.device.type == "cuda" for g in o.param_groups for p in g["params"])
+            for o in (opt_a, opt_b))
         self.pairs = []
         self.compared = 0
         for ga, gb in zip(opt_a.param_groups, opt_b.param_groups, strict=True):
@@ -189,8 +200,13 @@ class Lockstep:
             pair.a.grad, pair.b.grad = g.clone(), g.clone()
             self._track(pair, g.cpu().double())
             self.compared += pair.a.numel()
+        before = [pair.b.detach().cpu().double().abs() for pair in self.pairs]
         self.opt_a.step()
         self.opt_b.step()
+        if self.fused_reference:
+            for pair, p_old in zip(self.pairs, before):
+                p_new = pair.b.detach().cpu().double().abs()
+                pair.param_slack += BOOKKEEPING_SLACK * U32 * (p_old + 2 * p_new)
         self.check()
 
     def _track(self, pair, g):
@@ -236,7 +252,8 @@ class Lockstep:
 def assert_params_agree(where, pair):
     """Twin params must be equal wherever sign(c) was never ambiguous."""
     keep = ~pair.excused.to(pair.a.device)
-    mismatch = (pair.a != pair.b) & keep
+    gap = (pair.a.detach().double() - pair.b.detach().double()).abs()
+    mismatch = (gap > pair.param_slack.to(pair.a.device)) & keep
     assert not bool(mismatch.any()), (
         f"{where}: {int(mismatch.sum())} params differ where sign(c) was unambiguous, "
         f"e.g. {pair.a[mismatch][:4].tolist()} vs {pair.b[mismatch][:4].tolist()}")
@@ -498,6 +515,7 @@ class Lockstep8bit(Lockstep):
             with torch.no_grad():
                 for pair in self.pairs:
                     pair.a.copy_(pair.b)
+                    pair.param_slack.zero_()
                     state_a, state_b = self.opt_a.state.get(pair.a), self.opt_b.state.get(pair.b)
                     for key in ("state1", "absmax1"):
                         if state_b and key in state_b:
@@ -585,10 +603,13 @@ def bnb_runs_8bit_on_cpu(bnb, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES],
                          ids=lambda d: str(d).replace("torch.", ""))
-def test_8bit_matches_bitsandbytes(bnb, dtype):
-    if not bnb_runs_8bit_on_cpu(bnb, dtype):
+def test_8bit_matches_bitsandbytes(bnb, device, dtype):
+    if device.type == "cuda":
+        skip_unless_bnb_runs_on(device)
+        if dtype != torch.float32:
+            pytest.skip("16-bit params are compared with bitsandbytes on the CPU only")
+    elif not bnb_runs_8bit_on_cpu(bnb, dtype):
         pytest.skip(f"bitsandbytes' CPU Lion8bit does not support {dtype} params")
-    device = torch.device("cpu")
     lr, betas, wd = 1e-3, (0.9, 0.99), 0.1
     as_8bit = dict(min_8bit_size=1)
     assert decay_factor(partial(lion_ops.Lion8bit, **as_8bit), lr, wd, device) == \

@@ -30,7 +30,7 @@ cuda::ParamType param_type_of(at::ScalarType t) {
   }
 }
 
-const at::Device& check_on_cuda(const char* op, at::TensorList params) {
+at::Device check_on_cuda(const char* op, at::TensorList params) {
   TORCH_CHECK_VALUE(params[0].device().is_cuda(), op, ": CUDA kernel got ", params[0].device());
   return params[0].device();
 }
