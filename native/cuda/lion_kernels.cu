@@ -112,6 +112,36 @@ constexpr int kWarpSize = 32;
 constexpr int kWarpsPer8bitBlock = static_cast<int>(kElements8bitPerBlock / kQuantBlockSize);
 constexpr int kPerLane = kQuantBlockSize / kWarpSize;  // elements of a quant block per lane
 static_assert(kWarpsPer8bitBlock * kWarpSize == kThreads);
+static_assert(kPerLane == 2 * kVec, "a lane's elements are two packs and one 8-byte code word");
+
+template <typename T>
+__device__ __forceinline__ void load_lane(const T* __restrict__ src, float (&out)[kPerLane]) {
+  float lo[kVec], hi[kVec];
+  load_pack(src, lo);
+  load_pack(src + kVec, hi);
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    out[j] = lo[j];
+    out[kVec + j] = hi[j];
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_lane(T* __restrict__ dst, const float (&in)[kPerLane]) {
+  float lo[kVec], hi[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    lo[j] = in[j];
+    hi[j] = in[kVec + j];
+  }
+  store_pack(dst, lo);
+  store_pack(dst + kVec, hi);
+}
+
+// A lane's 8 codes as one 8-byte word; the byte at the lowest address is the lowest byte.
+__device__ __forceinline__ uint8_t code_byte(uint2 word, int j) {
+  return static_cast<uint8_t>((j < 4 ? word.x >> (8 * j) : word.y >> (8 * (j - 4))) & 0xffu);
+}
 
 __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
@@ -155,18 +185,47 @@ lion_8bit_kernel(const __grid_constant__ Lion8bitBatch batch) {
   auto k = make_lion_coefficients(lr, batch.beta1, batch.beta2, batch.weight_decay);
   if (batch.grad_scale[t] != nullptr) k.grad_scale = *batch.grad_scale[t];
 
+  // A whole, aligned quantization block (all but a tensor's ragged tail, in practice): each
+  // lane takes 8 consecutive elements with 16-byte (fp32) or 8-byte (16-bit) accesses and its
+  // 8 codes as one word. Otherwise one element per lane per step, strided across the warp.
+  // Either way each element gets the same arithmetic, and the block's max does not depend on
+  // the order, so both give the same bits. The condition is the same for the whole warp.
+  const bool whole_block =
+      begin + kQuantBlockSize <= n &&
+      (reinterpret_cast<uintptr_t>(p) | reinterpret_cast<uintptr_t>(g)) % sizeof(Pack<T>) == 0 &&
+      reinterpret_cast<uintptr_t>(codes) % sizeof(uint2) == 0;
   float m[kPerLane];
   float max_abs = 0.f;
+  if (whole_block) {
+    const int64_t base = begin + lane * kPerLane;
+    float pv[kPerLane], gv[kPerLane];
+    if (P == Pass::kUpdate) {
+      load_lane(p + base, pv);
+    } else {
 #pragma unroll
-  for (int j = 0; j < kPerLane; ++j) {
-    const int64_t e = begin + j * kWarpSize + lane;  // coalesced across the warp
-    m[j] = 0.f;
-    if (e < n) {
-      float pf = P == Pass::kUpdate ? to_float(p[e]) : 0.f;
-      m[j] = decode_momentum(qmap, codes[e], scale);
-      lion_update(pf, to_float(g[e]), m[j], k);
-      if (P == Pass::kUpdate) p[e] = from_float<T>(pf);
+      for (int j = 0; j < kPerLane; ++j) pv[j] = 0.f;
+    }
+    load_lane(g + base, gv);
+    const uint2 word = *reinterpret_cast<const uint2*>(codes + base);
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      m[j] = decode_momentum(qmap, code_byte(word, j), scale);
+      lion_update(pv[j], gv[j], m[j], k);
       max_abs = fmaxf(max_abs, fabsf(m[j]));
+    }
+    if (P == Pass::kUpdate) store_lane(p + base, pv);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      const int64_t e = begin + j * kWarpSize + lane;  // coalesced across the warp
+      m[j] = 0.f;
+      if (e < n) {
+        float pf = P == Pass::kUpdate ? to_float(p[e]) : 0.f;
+        m[j] = decode_momentum(qmap, codes[e], scale);
+        lion_update(pf, to_float(g[e]), m[j], k);
+        if (P == Pass::kUpdate) p[e] = from_float<T>(pf);
+        max_abs = fmaxf(max_abs, fabsf(m[j]));
+      }
     }
   }
   max_abs = warp_max(max_abs);
@@ -182,10 +241,20 @@ lion_8bit_kernel(const __grid_constant__ Lion8bitBatch batch) {
     new_scale = *batch.new_scales[t];
   }
   const float inverse = inverse_scale(new_scale);
+  if (whole_block) {
+    uint2 word = make_uint2(0u, 0u);
 #pragma unroll
-  for (int j = 0; j < kPerLane; ++j) {
-    const int64_t e = begin + j * kWarpSize + lane;
-    if (e < n) codes[e] = encode_normalized<false>(batch.encode_table, qmap, m[j] * inverse);
+    for (int j = 0; j < kPerLane; ++j) {
+      const uint32_t code = encode_normalized<false>(batch.encode_table, qmap, m[j] * inverse);
+      if (j < 4) word.x |= code << (8 * j); else word.y |= code << (8 * (j - 4));
+    }
+    *reinterpret_cast<uint2*>(codes + begin + lane * kPerLane) = word;
+  } else {
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      const int64_t e = begin + j * kWarpSize + lane;
+      if (e < n) codes[e] = encode_normalized<false>(batch.encode_table, qmap, m[j] * inverse);
+    }
   }
 }
 
