@@ -234,7 +234,7 @@ main() {
   record versions ok $((SECONDS - t0))
 
   if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
-    run_stage wheels 120 400 "$ROOT" - "$PY" -m pip install --no-index --no-deps "$ROOT"/.whl/*.whl
+    run_stage wheels 120 250 "$ROOT" - "$PY" -m pip install --no-index --no-deps "$ROOT"/.whl/*.whl
   else
     echo "(no wheels in .whl/: bitsandbytes, expecttest etc. are used only if preinstalled)"
   fi
