@@ -390,6 +390,36 @@ def test_8bit_state_into_32bit_optimizer_is_refused_and_nothing_changes():
         eight.load_state_dict(before)
 
 
+@pytest.mark.parametrize("block_wise", [True, False], ids=["blockwise", "static"])
+@pytest.mark.parametrize("corrupt", ["scale dtype", "scale length", "codes shape", "scale missing"])
+def test_live_8bit_state_broken_in_place_is_refused_and_nothing_changes(block_wise, corrupt):
+    """The per-step state check is a cheap one; whatever it lets through to the full check must
+    still be refused, naming the param, before any param, momentum or step counter changes."""
+    params = _big_params("cpu")
+    opt = Lion8bit(params, lr=1e-3, block_wise=block_wise)
+    _train(opt, params, 2)
+    state = opt.state[params[2]]
+    key = "absmax1" if block_wise else "max1"
+    if corrupt == "scale dtype":
+        state[key] = state[key].half()
+    elif corrupt == "scale length":
+        state[key] = torch.cat([state[key], state[key]])
+    elif corrupt == "codes shape":
+        state["state1"] = state["state1"].reshape(-1)
+    else:
+        del state[key]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    values = [p.detach().clone() for p in params]
+    states = {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(params)}
+    with pytest.raises(RuntimeError, match=r"index 2,.*does not fit"):
+        opt.step()
+    for i, p in enumerate(params):
+        assert torch.equal(p, values[i])
+        for k, v in states[i].items():
+            assert torch.equal(opt.state[p][k], v), (i, k)
+
+
 @pytest.mark.parametrize("corrupt, message", [
     (lambda n: n.__setitem__("absmax1", n["absmax1"][:-1]), "'absmax1' must be a float32 tensor of 16 "),
     (lambda n: n.__setitem__("state1", n["state1"][:100]), "8-bit codes 'state1' have shape"),

@@ -172,7 +172,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
                                      f"gradient of shape {tuple(g.shape)}, {g.dtype} on "
                                      f"{g.device}; it must match the parameter")
                 state = self.state.get(p)  # looked up once per step: tensor hashing costs
-                if state and not _fp32_state_fits(p, state):
+                if state and not _state_fits_quickly(p, state):
                     problem = _state_problem(p, state, _kind_of_state(state))
                     if problem:
                         raise RuntimeError(
@@ -445,12 +445,31 @@ def _kind_of_state(state: dict) -> str | None:
     return STATIC if "max1" in state else BLOCKWISE
 
 
-def _fp32_state_fits(p: Tensor, state: dict) -> bool:
-    """The per-step check of 32-bit state, kept cheap: the common case of every step."""
+def _state_fits_quickly(p: Tensor, state: dict) -> bool:
+    """The per-step check of a param's state, kept cheap (a few attribute reads): True when the
+    momentum (or codes) and its scales match the param's shape and device. False sends the
+    state to the full check of _state_problem, which names what is wrong."""
     momentum = state.get("state1")
-    return (isinstance(momentum, Tensor) and momentum.dtype == torch.float32
-            and momentum.shape == p.shape and momentum.device == p.device
-            and "gnorm_vec" not in state)
+    if not isinstance(momentum, Tensor) or momentum.shape != p.shape \
+            or momentum.device != p.device:
+        return False
+    gnorm = state.get("gnorm_vec")
+    if gnorm is not None and (not isinstance(gnorm, Tensor) or gnorm.dtype != torch.float32
+                              or gnorm.device != p.device or gnorm.numel() != ops.GNORM_HISTORY):
+        return False
+    dtype = momentum.dtype
+    if dtype == torch.float32:
+        return True
+    if dtype != torch.uint8:
+        return False
+    if "max1" not in state:  # blockwise (as _kind_of_state decides)
+        absmax = state.get("absmax1")
+        return (isinstance(absmax, Tensor) and absmax.dtype == torch.float32
+                and absmax.device == p.device
+                and absmax.numel() == ops.blockwise_absmax_count(p.numel()))
+    return all(isinstance(scale, Tensor) and scale.dtype == torch.float32
+               and scale.device == p.device and scale.numel() == 1
+               for scale in (state["max1"], state.get("new_max1")))
 
 
 def _state_problem(p: Tensor, state: dict, kind: str | None, loading: bool = False) -> str:
@@ -486,7 +505,7 @@ def _state_problem(p: Tensor, state: dict, kind: str | None, loading: bool = Fal
     for key, shape in keys.items():
         value = state.get(key)
         if not isinstance(value, Tensor) or value.numel() != shape[0] \
-                or not value.is_floating_point():
+                or not value.is_floating_point() or (not loading and value.dtype != torch.float32):
             got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             return (f"'{key}' must be a float32 tensor of {shape[0]} element(s) for a param of "
                     f"{p.numel()} elements, got {got}")
