@@ -222,6 +222,64 @@ def test_8bit_vectorized_cpu_path_equals_scalar_path(tmp_path):
                 assert torch.equal(a, b), kind
 
 
+_SCALAR_ENCODE_SCRIPT = """
+import sys, torch, lion_ops
+from lion_ops.quantization import dynamic_map
+x = torch.load(sys.argv[1])
+torch.save(lion_ops.ops.quantize_blockwise(x, dynamic_map(), 256)[0], sys.argv[1])
+"""
+
+
+def _encoder_edge_cases():
+    """Normalized values where an encoder can go wrong, each block led by a 1.0 (its absmax,
+    so the rest are encoded as they are): every midpoint and its float neighbours, +-0,
+    denormals, NaN, values around every table bucket's first key, and random ones."""
+    mids = ((QMAP[:-1].double() + QMAP[1:].double()) / 2).float()
+    mids = torch.cat([mids, (QMAP[:-1] + QMAP[1:]) * 0.5])
+    near = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)),
+                      torch.nextafter(mids, torch.tensor(-2.0))])
+    buckets = torch.arange(1 << 16, dtype=torch.int64) << 16  # keys at the buckets' starts
+    keys = torch.cat([buckets, buckets - 1, buckets + 1]).clamp(0, 2**32 - 1)
+    bits = torch.where(keys >= 2**31, keys - 2**31, ~keys & 0xFFFFFFFF)
+    at_buckets = torch.tensor(bits.to(torch.int64).tolist(), dtype=torch.int64).to(torch.int32)
+    at_buckets = at_buckets.view(torch.float32)
+    at_buckets = at_buckets[at_buckets.abs() <= 1]  # |x| <= 1: the block's max is 1.0
+    special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40, 1e-30, -1e-30, 1.0, -1.0,
+                            float("nan"), -float("nan")])
+    values = torch.cat([near, at_buckets, special, torch.rand(100_000) * 2 - 1])
+    blocks = -(-values.numel() // 255)
+    rest = torch.zeros(blocks * 255)
+    rest[: values.numel()] = values
+    x = torch.cat([torch.ones(blocks, 1), rest.view(blocks, 255)], dim=1)
+    return x.reshape(-1)
+
+
+def test_vectorized_encoder_equals_scalar_on_edge_cases(tmp_path):
+    """The AVX2 encoder (one lookup in a folded table, the sign from the code) gives the scalar
+    encoder's codes (lion_math.h, as on CUDA) on every bucket boundary, midpoint, tie and
+    special value. (On a CPU without AVX2 both runs take the scalar path.)"""
+    import os
+    import subprocess
+    import sys
+    x = _encoder_edge_cases()
+    path = tmp_path / "x.pt"
+    torch.save(x, path)
+    subprocess.run([sys.executable, "-c", _SCALAR_ENCODE_SCRIPT, str(path)], check=True,
+                   env=dict(os.environ, LION_OPS_NO_AVX2="1"), cwd=tmp_path)
+    scalar = torch.load(path)
+    vectorized = lion_ops.ops.quantize_blockwise(x, QMAP, 256)[0]
+    assert x.numel() > 190_000
+    mismatch = (vectorized != scalar).nonzero().flatten()
+    assert mismatch.numel() == 0, (x[mismatch[:5]].tolist(), vectorized[mismatch[:5]].tolist(),
+                                   scalar[mismatch[:5]].tolist())
+    # And the codes are the nearest entries with the sign rule, checked independently (away
+    # from midpoints, where the kernels' fp32 midpoint and the exact one may round apart).
+    x64 = x.double()
+    checked = ~torch.isnan(x) & ~near_tie(x64, QMAP)
+    assert checked.sum() > 150_000
+    assert torch.equal(vectorized[checked].long(), reference_encode(x64[checked], QMAP))
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("blockwise", [True, False], ids=["blockwise", "static"])
 def test_8bit_cuda_matches_cpu_bit_for_bit(dtype, blockwise):
