@@ -149,8 +149,7 @@ void lion_update_32bit_cpu(at::TensorList params, at::TensorList grads, at::Tens
 // The encode table of a qmap (see lion_math.h), and whether one comparison per element
 // resolves it.
 struct EncodeTable {
-  std::vector<uint8_t> entries;  // kEncodeTableSize, then 3 bytes of padding for 4-byte gathers
-  std::vector<float> midpoints;  // map_midpoint(qmap, j) for j < 255, then a pad
+  std::vector<uint8_t> entries;  // kEncodeTableSize
   bool one_midpoint_per_bucket;
   // The vectorized encoder's form of the same function, valid when `folded_ok`: per bucket,
   // the code (low byte) and, above it, the low 16 bits of the key of the one midpoint inside
@@ -174,7 +173,8 @@ void build_folded_table(const float* qmap, EncodeTable& table) {
     if (std::isnan(qmap[j]) || sign_bit(qmap[j]) != (j < first_nonnegative)) table.folded_ok = false;
   }
   for (int j = 0; j + 1 < kQuantMapSize; ++j) {
-    if (table.midpoints[j] == 0.f || std::isnan(table.midpoints[j])) table.folded_ok = false;
+    const float midpoint = map_midpoint(qmap, j);
+    if (midpoint == 0.f || std::isnan(midpoint)) table.folded_ok = false;
   }
   table.first_nonnegative = first_nonnegative;
   if (!table.folded_ok) return;
@@ -183,7 +183,7 @@ void build_folded_table(const float* qmap, EncodeTable& table) {
     const uint32_t code = table.entries[bucket];
     uint32_t threshold = 0x10000;
     if (code < kQuantMapSize - 1) {
-      const uint32_t key = order_key(table.midpoints[code]);
+      const uint32_t key = order_key(map_midpoint(qmap, static_cast<int>(code)));
       if (key >> 16 == bucket) threshold = key & 0xffffu;
     }
     table.folded[bucket] = code | threshold << 8;
@@ -199,7 +199,7 @@ std::shared_ptr<const EncodeTable> encode_table_for(const float* qmap) {
   std::lock_guard<std::mutex> lock(mutex);
   if (cached && std::memcmp(cached_map.data(), qmap, sizeof(cached_map)) == 0) return cached;
   auto table = std::make_shared<EncodeTable>();
-  table->entries.assign(kEncodeTableSize + 3, 0);
+  table->entries.assign(kEncodeTableSize, 0);
   for (uint32_t bucket = 0; bucket < static_cast<uint32_t>(kEncodeTableSize); ++bucket) {
     table->entries[bucket] = encode_table_entry(qmap, bucket);
   }
@@ -210,8 +210,6 @@ std::shared_ptr<const EncodeTable> encode_table_for(const float* qmap) {
       table->one_midpoint_per_bucket = false;
     }
   }
-  table->midpoints.assign(kQuantMapSize, 0.f);
-  for (int j = 0; j + 1 < kQuantMapSize; ++j) table->midpoints[j] = map_midpoint(qmap, j);
   build_folded_table(qmap, *table);
   std::memcpy(cached_map.data(), qmap, sizeof(cached_map));
   cached = std::move(table);
