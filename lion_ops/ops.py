@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, _prims_common
 
 from . import _native
 
@@ -283,3 +283,75 @@ def _dequantize_blockwise_fake(codes, absmax, qmap, blocksize=QUANT_BLOCK_SIZE):
     _check_qmap("dequantize_blockwise", qmap)
     torch._check(blocksize > 0, lambda: "dequantize_blockwise: blocksize must be positive")
     return codes.new_empty(codes.shape, dtype=torch.float32)
+
+
+# ---- paged state -------------------------------------------------------------------------------
+
+PAGING_NONE, PAGING_WITHOUT_PREFETCH, PAGING_WITH_PREFETCH = 0, 1, 2
+
+
+def zeros_paged_like(like: Tensor, *, dtype: torch.dtype | None = None,
+                     memory_format: torch.memory_format | None = None) -> Tensor:
+    """Zeros shaped like `like`, in CUDA managed memory on like's GPU: memory the driver may
+    move to host memory when the GPU runs short, and back when a kernel touches it.
+
+    The result has like's strides when like is dense and non-overlapping (and memory_format
+    is None or torch.preserve_format), else it is contiguous; dtype defaults to like's. Its
+    memory is not counted by torch's caching allocator and is freed when the tensor dies. On
+    the CPU, where there is no managed memory, it is an ordinary zero tensor. Raises on a GPU
+    without managed memory (see paging_support).
+    """
+    return torch.ops.lion.zeros_paged_like.default(like, dtype=dtype, memory_format=memory_format)
+
+
+def _paged_like_strides(like: Tensor, memory_format) -> tuple:
+    # The same rule as native/lion_batch.cpp's paged_like_strides.
+    if memory_format not in (None, torch.preserve_format, torch.contiguous_format):
+        raise ValueError("zeros_paged_like: memory_format must be torch.preserve_format or "
+                         f"torch.contiguous_format, got {memory_format}")
+    if memory_format is not torch.contiguous_format \
+            and _prims_common.is_non_overlapping_and_dense_or_false(like):
+        return like.stride()
+    return _prims_common.make_contiguous_strides_for(like.shape)
+
+
+@torch.library.register_fake("lion::zeros_paged_like")
+def _zeros_paged_like_fake(like, *, dtype=None, memory_format=None):
+    if like.layout != torch.strided:
+        raise TypeError(f"zeros_paged_like: like must be a dense (strided) tensor, got layout "
+                        f"{like.layout}")
+    return torch.empty_strided(like.shape, _paged_like_strides(like, memory_format),
+                               dtype=dtype if dtype is not None else like.dtype,
+                               device=like.device)
+
+
+def prefetch_paged(tensors: Sequence[Tensor], to_host: bool = False) -> None:
+    """Prefetches the tensors in managed memory (zeros_paged_like's) to their GPU, or to host
+    memory with to_host=True, asynchronously on the current stream. Values never change.
+
+    Tensors in ordinary memory are left alone, and so is everything on a device without
+    concurrent managed access (paging_support() == PAGING_WITHOUT_PREFETCH), where the driver
+    refuses prefetches. All tensors must be on one device; on the CPU this does nothing.
+    """
+    if tensors:  # an empty list has no device to dispatch on
+        torch.ops.lion.prefetch_paged.default(list(tensors), bool(to_host))
+
+
+@torch.library.register_fake("lion::prefetch_paged")
+def _prefetch_paged_fake(tensors, to_host=False) -> None:
+    for i, t in enumerate(tensors):
+        if t.device != tensors[0].device:
+            raise ValueError(f"prefetch_paged: all tensors must be on one device; tensors[0] is "
+                             f"on {tensors[0].device}, tensors[{i}] on {t.device}")
+    return None
+
+
+def paging_support(device: torch.device | str) -> int:
+    """What paging `device` supports: PAGING_NONE (the CPU, or a GPU without managed memory),
+    PAGING_WITHOUT_PREFETCH (managed memory without concurrent managed access: the driver
+    migrates pages around kernel launches itself) or PAGING_WITH_PREFETCH.
+
+    It asks the CUDA driver, so call it outside compiled regions (the optimizers ask once,
+    when they are built).
+    """
+    return int(torch.ops.lion.paging_support.default(torch.device(device)))

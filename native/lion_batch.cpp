@@ -2,6 +2,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "lion_math.h"
@@ -190,6 +191,40 @@ void check_dequantize_blockwise_args(const at::Tensor& codes, const at::Tensor& 
   TORCH_CHECK_VALUE(absmax.device() == codes.device(), op, ": absmax must be on ",
                     codes.device(), ", got ", absmax.device());
   check_qmap(op, qmap, codes.device());
+}
+
+std::vector<int64_t> paged_like_strides(const at::Tensor& like,
+                                        std::optional<at::MemoryFormat> memory_format) {
+  constexpr const char* op = "zeros_paged_like";
+  TORCH_CHECK_TYPE(like.layout() == at::kStrided, op, ": like must be a dense (strided) tensor, ",
+                   "got layout ", like.layout());
+  const at::MemoryFormat format = memory_format.value_or(at::MemoryFormat::Preserve);
+  TORCH_CHECK_VALUE(format == at::MemoryFormat::Preserve || format == at::MemoryFormat::Contiguous,
+                    op, ": memory_format must be torch.preserve_format or ",
+                    "torch.contiguous_format, got ", format);
+  if (format == at::MemoryFormat::Preserve && like.is_non_overlapping_and_dense()) {
+    return like.strides().vec();
+  }
+  std::vector<int64_t> strides(like.dim());
+  int64_t stride = 1;
+  for (int64_t d = like.dim() - 1; d >= 0; --d) {
+    strides[d] = stride;
+    stride *= std::max<int64_t>(like.size(d), 1);
+  }
+  return strides;
+}
+
+at::Device check_prefetch_paged_args(at::TensorList tensors) {
+  constexpr const char* op = "prefetch_paged";
+  if (tensors.empty()) return at::Device(at::kCPU);
+  const at::Device device = tensors[0].device();
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK_TYPE(tensors[i].layout() == at::kStrided, op, ": tensors[", i,
+                     "] must be a dense (strided) tensor, got layout ", tensors[i].layout());
+    TORCH_CHECK_VALUE(tensors[i].device() == device, op, ": all tensors must be on one device; ",
+                      "tensors[0] is on ", device, ", tensors[", i, "] on ", tensors[i].device());
+  }
+  return device;
 }
 
 void check_percentile_clipping_args(at::TensorList grads, at::TensorList gnorm_vecs,

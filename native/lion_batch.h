@@ -30,6 +30,13 @@ void check_quantize_blockwise_args(const at::Tensor& input, const at::Tensor& qm
 void check_dequantize_blockwise_args(const at::Tensor& codes, const at::Tensor& absmax,
                                      const at::Tensor& qmap, int64_t blocksize);
 
+// zeros_paged_like: checks its arguments and returns the strides of its result (like's own
+// when like is dense and non-overlapping and the format is preserve, else contiguous).
+std::vector<int64_t> paged_like_strides(const at::Tensor& like,
+                                        std::optional<at::MemoryFormat> memory_format);
+// prefetch_paged: dense tensors, all on one device. Returns that device (CPU if empty).
+at::Device check_prefetch_paged_args(at::TensorList tensors);
+
 // Checks what every update operator takes: hyperparameters, the lr tensor, and the
 // (param, grad) pairs. Throws a ValueError/TypeError naming the argument.
 void check_update_args(const char* op, at::TensorList params, at::TensorList grads,

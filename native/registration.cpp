@@ -40,4 +40,19 @@ TORCH_LIBRARY(lion, m) {
   m.def(
       "dequantize_blockwise(Tensor codes, Tensor absmax, Tensor qmap, int blocksize=256) "
       "-> Tensor");
+
+  // Paged state (CUDA managed memory, which the driver can move to host memory under pressure).
+  // Zeros laid out like `like` (its strides if dense, else contiguous; contiguous on request) in
+  // managed memory on like's CUDA device, freed when the tensor dies; ordinary memory elsewhere.
+  m.def(
+      "zeros_paged_like(Tensor like, *, ScalarType? dtype=None, MemoryFormat? memory_format=None) "
+      "-> Tensor");
+
+  // Prefetches the managed-memory tensors among `tensors` to their GPU (or to the host) on the
+  // current stream; others are left alone, as is everything without concurrent managed access.
+  m.def("prefetch_paged(Tensor(a!)[] tensors, bool to_host=False) -> ()");
+
+  // What paging `device` supports: 0 none (CPU, or no managed memory), 1 managed memory without
+  // prefetch (no concurrent managed access), 2 managed memory with prefetch.
+  m.def("paging_support(Device device) -> int");
 }

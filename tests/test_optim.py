@@ -39,14 +39,6 @@ def test_constructors_match_bitsandbytes():
     assert issubclass(Lion, torch.optim.Optimizer)
 
 
-@pytest.mark.parametrize("kwargs, feature", [
-    (dict(is_paged=True), "is_paged"),
-])
-def test_features_not_built_yet_are_refused_not_ignored(kwargs, feature):
-    with pytest.raises(NotImplementedError, match=feature):
-        Lion([torch.nn.Parameter(torch.zeros(3))], **kwargs)
-
-
 @pytest.mark.parametrize("kwargs, message", [
     (dict(lr=-1.0), "invalid learning rate"),
     (dict(lr=float("nan")), "invalid learning rate"),
@@ -60,6 +52,7 @@ def test_features_not_built_yet_are_refused_not_ignored(kwargs, feature):
     (dict(percentile_clipping=0), "percentile_clipping must be an int in 1..100"),
     (dict(percentile_clipping=101), "percentile_clipping must be an int in 1..100"),
     (dict(min_8bit_size=-1), "min_8bit_size"),
+    (dict(is_paged="yes"), "is_paged must be a bool"),
 ])
 def test_out_of_range_hyperparameters_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -1,6 +1,7 @@
 """The optimizer classes, under the names bitsandbytes.optim uses."""
 
-from .lion import Lion, Lion8bit, Lion32bit
+from .lion import Lion, Lion8bit, Lion32bit, PagedLion, PagedLion8bit, PagedLion32bit
 from .manager import GlobalOptimManager
 
-__all__ = ["GlobalOptimManager", "Lion", "Lion8bit", "Lion32bit"]
+__all__ = ["GlobalOptimManager", "Lion", "Lion8bit", "Lion32bit", "PagedLion", "PagedLion8bit",
+           "PagedLion32bit"]

@@ -9,6 +9,7 @@ hyperparameter leaves params and state exactly as they were.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from copy import deepcopy
 from itertools import chain
@@ -27,6 +28,10 @@ QUANT_STATE_KEY = "__bnb_optimizer_quant_state__"
 QUANT_STATE_ENTRIES = frozenset(
     {"qmap1", "max1", "new_max1", "state1", "gnorm_vec", "absmax1", "unorm_vec"}
 )
+
+# Like bitsandbytes, a paged optimizer pages the momentum (or codes) of params with at least
+# this many elements; smaller state, absmax and the map stay in ordinary device memory.
+PAGED_MIN_NUMEL = 100_000
 
 
 def _describe(group: dict, group_index: int, param_index: int, param: Tensor) -> str:
@@ -79,9 +84,8 @@ class LionOptimizerBase(torch.optim.Optimizer):
                 or not 1 <= percentile_clipping <= 100:
             raise ValueError(f"{where}: percentile_clipping must be an int in 1..100, got "
                              f"{percentile_clipping!r}")
-        if is_paged:
-            raise NotImplementedError(f"{where}: is_paged=True (paged state) is not "
-                                      "implemented yet")
+        if not isinstance(is_paged, (bool, int)) or is_paged not in (0, 1):
+            raise ValueError(f"{where}: is_paged must be a bool, got {is_paged!r}")
         if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) \
                 or min_8bit_size < 0:
             raise ValueError(f"{where}: min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
@@ -96,7 +100,11 @@ class LionOptimizerBase(torch.optim.Optimizer):
         self.min_8bit_size = min_8bit_size
         self.percentile_clipping = percentile_clipping
         self.block_wise = block_wise
-        self.is_paged = is_paged
+        self.is_paged = bool(is_paged)
+        # What paging each params' device supports (ops.PAGING_*), asked once per device here,
+        # outside any compiled region; always PAGING_NONE for an unpaged optimizer.
+        self._paging: dict[torch.device, int] = {}
+        self._note_paging_devices(self.param_groups)
         # The 8-bit map, built here (eagerly: building it does not trace) and copied to each
         # device on first use.
         self._qmaps: dict[torch.device, Tensor] = {torch.device("cpu"): dynamic_map()}
@@ -107,6 +115,31 @@ class LionOptimizerBase(torch.optim.Optimizer):
         self._manager = GlobalOptimManager.get_instance()
         self._manager.attach(self)
         self._resolve_overrides()
+
+    def _note_paging_devices(self, groups) -> None:
+        """Records what paging the devices of `groups` support; warns, once per call, about
+        devices where a paged optimizer has to keep ordinary state."""
+        unpageable = []
+        for group in groups:
+            for p in group["params"]:
+                if p.device in self._paging:
+                    continue
+                support = ops.paging_support(p.device) if self.is_paged else ops.PAGING_NONE
+                self._paging[p.device] = support
+                if self.is_paged and support == ops.PAGING_NONE:
+                    unpageable.append(str(p.device))
+        if unpageable:
+            warnings.warn(
+                f"{type(self).__name__}: paged state needs CUDA managed memory, which "
+                f"{', '.join(unpageable)} does not have; the state of params there is kept in "
+                "ordinary memory, exactly as by the unpaged optimizer", UserWarning, stacklevel=3)
+
+    def _pages(self, p: Tensor) -> bool:
+        """Whether the momentum (or 8-bit codes) of param p lives in paged memory: as in
+        bitsandbytes, on a paged optimizer, for params of PAGED_MIN_NUMEL elements or more."""
+        if p.device not in self._paging:  # a param moved to a new device after construction
+            self._note_paging_devices([{"params": [p]}])
+        return self._paging[p.device] != ops.PAGING_NONE and p.numel() >= PAGED_MIN_NUMEL
 
     def _resolve_overrides(self) -> None:
         overrides, ids = {}, {}
@@ -141,6 +174,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
         group["betas"] = tuple(group["betas"])
         if hasattr(self, "_manager"):  # groups added after construction
             self._resolve_overrides()
+            self._note_paging_devices([group])
         for index, p in enumerate(group["params"]):
             if p.dtype not in ops.PARAM_DTYPES:
                 raise TypeError(f"{where}: {_describe(group, len(self.param_groups) - 1, index, p)}"
@@ -203,13 +237,9 @@ class LionOptimizerBase(torch.optim.Optimizer):
             state["gnorm_vec"] = torch.zeros(ops.GNORM_HISTORY, dtype=torch.float32,
                                              device=p.device)
         kind = self._state_kind(p, config)
+        state["state1"] = self._new_momentum(p, kind)
         if kind == FP32:
-            state["state1"] = torch.zeros_like(p, dtype=torch.float32,
-                                               memory_format=torch.preserve_format)
             return
-        # Codes are always contiguous: their 256-element blocks follow the param's logical
-        # order, as in bitsandbytes, whatever the param's layout.
-        state["state1"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
         state["qmap1"] = self._qmap(p.device)
         if kind == BLOCKWISE:
             state["absmax1"] = torch.zeros(ops.blockwise_absmax_count(p.numel()),
@@ -217,6 +247,16 @@ class LionOptimizerBase(torch.optim.Optimizer):
         else:
             state["max1"] = torch.zeros(1, dtype=torch.float32, device=p.device)
             state["new_max1"] = torch.zeros(1, dtype=torch.float32, device=p.device)
+
+    def _new_momentum(self, p: Tensor, kind: str) -> Tensor:
+        """Zeroed momentum (float32, laid out like p) or 8-bit codes for p, paged or not."""
+        # Codes are always contiguous: their 256-element blocks follow the param's logical
+        # order, as in bitsandbytes, whatever the param's layout.
+        dtype, layout = (torch.float32, torch.preserve_format) if kind == FP32 \
+            else (torch.uint8, torch.contiguous_format)
+        if self._pages(p):
+            return ops.zeros_paged_like(p, dtype=dtype, memory_format=layout)
+        return torch.zeros_like(p, dtype=dtype, memory_format=layout)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -268,6 +308,10 @@ class LionOptimizerBase(torch.optim.Optimizer):
                 grad_scales = ops.percentile_clipping(grads, [s["gnorm_vec"] for s in states],
                                                       steps, percentile)
             codes_or_momenta = [s["state1"] for s in states]
+            if self._paging[device] == ops.PAGING_WITH_PREFETCH:
+                paged = [m for p, m in zip(bucket, codes_or_momenta) if self._pages(p)]
+                if paged:  # back from host memory, if the driver paged any of it out
+                    ops.prefetch_paged(paged)
             if kind == FP32:
                 ops.lion_update_32bit(bucket, grads, codes_or_momenta, lr, beta1, beta2, wd,
                                       grad_scales)
@@ -394,14 +438,11 @@ class LionOptimizerBase(torch.optim.Optimizer):
                                               device=p.device) if gnorm is None else
                                   gnorm.to(device=p.device, dtype=torch.float32,
                                            copy=True).reshape(-1))
+        # Laid out (and paged) as a freshly initialized momentum would be.
+        state["state1"] = self._new_momentum(p, found)
+        state["state1"].copy_(saved["state1"])
         if found == FP32:
-            # Laid out like the param, as a freshly initialized momentum would be.
-            state["state1"] = torch.empty_like(p, dtype=torch.float32,
-                                               memory_format=torch.preserve_format)
-            state["state1"].copy_(saved["state1"])
             return state
-        state["state1"] = saved["state1"].to(device=p.device, dtype=torch.uint8,
-                                             memory_format=torch.contiguous_format, copy=True)
         state["qmap1"] = self._qmap(p.device)
         for key in ("absmax1", "max1", "new_max1"):
             if key in saved:

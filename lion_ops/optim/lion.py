@@ -22,7 +22,7 @@ class Lion(LionOptimizerBase):
         percentile_clipping: adaptive gradient clipping from the last 100 gradient norms:
             grads whose norm exceeds this percentile of them are scaled down (100 = off).
         block_wise: blockwise (True) or per-tensor (False) 8-bit quantization.
-        is_paged: keep state in paged (managed) memory (not implemented yet: refused).
+        is_paged: keep large state in paged (CUDA managed) memory; see PagedLion.
     """
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0, optim_bits=32,
@@ -50,3 +50,38 @@ class Lion8bit(LionOptimizerBase):
                  min_8bit_size=4096, percentile_clipping=100, block_wise=True, is_paged=False):
         super().__init__(params, lr, betas, weight_decay, 8, args, min_8bit_size,
                          percentile_clipping, block_wise, is_paged)
+
+
+class PagedLion(LionOptimizerBase):
+    """Lion with its state in paged (CUDA managed) memory; see Lion.
+
+    The momentum (or 8-bit codes) of params of 100,000 elements or more lives in managed
+    memory (lion_ops.ops.zeros_paged_like), which the driver moves to host memory when the
+    GPU runs short and back when it is needed; each step prefetches it on the current
+    stream. Smaller state, absmax and the map stay in ordinary device memory. state_dict()
+    is the unpaged format; load_state_dict keeps the state paged. On the CPU, or on a GPU
+    without managed memory, it warns once and behaves exactly as Lion.
+    """
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0, optim_bits=32,
+                 args=None, min_8bit_size=4096, percentile_clipping=100, block_wise=True):
+        super().__init__(params, lr, betas, weight_decay, optim_bits, args, min_8bit_size,
+                         percentile_clipping, block_wise, is_paged=True)
+
+
+class PagedLion32bit(LionOptimizerBase):
+    """Lion32bit with paged state; see PagedLion."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0, args=None,
+                 min_8bit_size=4096, percentile_clipping=100, block_wise=True):
+        super().__init__(params, lr, betas, weight_decay, 32, args, min_8bit_size,
+                         percentile_clipping, block_wise, is_paged=True)
+
+
+class PagedLion8bit(LionOptimizerBase):
+    """Lion8bit with paged state; see PagedLion."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0, args=None,
+                 min_8bit_size=4096, percentile_clipping=100, block_wise=True):
+        super().__init__(params, lr, betas, weight_decay, 8, args, min_8bit_size,
+                         percentile_clipping, block_wise, is_paged=True)

@@ -4,6 +4,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -555,6 +556,21 @@ at::Tensor dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& a
 
 }  // namespace
 
+// The CPU has no managed memory: paged state on the CPU is ordinary memory, and prefetching
+// it does nothing (the paged optimizers do not page on the CPU at all; these keep the
+// operators usable, and testable, on every device).
+at::Tensor zeros_paged_like_cpu(const at::Tensor& like, std::optional<at::ScalarType> dtype,
+                                std::optional<at::MemoryFormat> memory_format) {
+  const std::vector<int64_t> strides = paged_like_strides(like, memory_format);
+  return at::empty_strided(like.sizes(), strides,
+                           like.options().dtype(dtype.value_or(like.scalar_type())))
+      .zero_();
+}
+
+void prefetch_paged_cpu(at::TensorList tensors, bool to_host) {
+  check_prefetch_paged_args(tensors);
+}
+
 TORCH_LIBRARY_IMPL(lion, CPU, m) {
   m.impl("lion_update_32bit", &lion_update_32bit_cpu);
   m.impl("lion_update_8bit_blockwise", &lion_update_8bit_blockwise_cpu);
@@ -563,13 +579,17 @@ TORCH_LIBRARY_IMPL(lion, CPU, m) {
   m.impl("percentile_clipping", &percentile_clipping_cpu);
   m.impl("quantize_blockwise", &quantize_blockwise_cpu);
   m.impl("dequantize_blockwise", &dequantize_blockwise_cpu);
+  m.impl("zeros_paged_like", &zeros_paged_like_cpu);
+  m.impl("prefetch_paged", &prefetch_paged_cpu);
 }
 
-// A sparse gradient dispatches here; the argument checks then refuse it by name.
+// A sparse tensor dispatches here; the argument checks then refuse it by name.
 TORCH_LIBRARY_IMPL(lion, SparseCPU, m) {
   m.impl("lion_update_32bit", &lion_update_32bit_cpu);
   m.impl("lion_update_8bit_blockwise", &lion_update_8bit_blockwise_cpu);
   m.impl("lion_update_8bit_static", &lion_update_8bit_static_cpu);
+  m.impl("zeros_paged_like", &zeros_paged_like_cpu);
+  m.impl("prefetch_paged", &prefetch_paged_cpu);
 }
 
 }  // namespace lion

@@ -1,0 +1,135 @@
+// Paged optimizer state on CUDA: tensors in managed (unified) memory, which the driver may
+// move to host memory when the GPU runs short and back when a kernel touches it, and their
+// prefetch on the current stream. Nothing here synchronizes with the device, except that
+// cudaMallocManaged and cudaFree may (as cudaMalloc and cudaFree do): they run when state is
+// created or dies, not in a step.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_strided.h>
+#include <ATen/ops/from_blob.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/safe_numerics.h>
+#include <cuda_runtime_api.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "lion_batch.h"
+#include "paging.h"
+
+namespace lion {
+namespace cuda {
+
+int64_t paging_support(c10::DeviceIndex index) {
+  int managed = 0;
+  int concurrent = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&managed, cudaDevAttrManagedMemory, index));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&concurrent, cudaDevAttrConcurrentManagedAccess, index));
+  if (!managed) return kNoPaging;
+  return concurrent ? kPagingWithPrefetch : kPagingWithoutPrefetch;
+}
+
+}  // namespace cuda
+
+namespace {
+
+// CUDA 13 replaced the device ordinal of cudaMemPrefetchAsync by a cudaMemLocation (and
+// dropped the old form); CUDA 12 has the ordinal form everywhere.
+cudaError_t prefetch_async(const void* data, size_t bytes, c10::DeviceIndex device, bool to_host,
+                           cudaStream_t stream) {
+#if CUDART_VERSION >= 13000
+  cudaMemLocation location{};
+  location.type = to_host ? cudaMemLocationTypeHost : cudaMemLocationTypeDevice;
+  location.id = to_host ? 0 : device;
+  return cudaMemPrefetchAsync(data, bytes, location, /*flags=*/0, stream);
+#else
+  return cudaMemPrefetchAsync(data, bytes, to_host ? cudaCpuDeviceId : device, stream);
+#endif
+}
+
+// Frees managed memory when its tensor dies. cudaFree waits for work that may still use it.
+// A deleter must not throw; at interpreter exit the runtime may already be gone, and the
+// memory goes with the process anyway.
+void free_managed(void* data) {
+  (void)cudaFree(data);
+  (void)cudaGetLastError();
+}
+
+at::Tensor zeros_paged_like_cuda(const at::Tensor& like, std::optional<at::ScalarType> dtype,
+                                 std::optional<at::MemoryFormat> memory_format) {
+  constexpr const char* op = "zeros_paged_like";
+  const std::vector<int64_t> strides = paged_like_strides(like, memory_format);
+  const at::Device device = like.device();
+  c10::cuda::CUDAGuard guard(device);
+  const at::TensorOptions options =
+      like.options().dtype(dtype.value_or(like.scalar_type())).device(device);
+  TORCH_CHECK_VALUE(cuda::paging_support(device.index()) != kNoPaging, op, ": ", device,
+                    " has no managed memory (cudaDevAttrManagedMemory is 0); paged state is not "
+                    "possible there");
+
+  int64_t bytes = 0;
+  if (like.numel() > 0) {
+    int64_t span = 1;  // elements from the first to one past the last
+    for (int64_t d = 0; d < like.dim(); ++d) span += (like.size(d) - 1) * strides[d];
+    TORCH_CHECK_VALUE(!c10::mul_overflows(span, static_cast<int64_t>(options.dtype().itemsize()),
+                                          &bytes),
+                      op, ": a tensor of ", span, " elements is too large");
+  }
+  if (bytes == 0) return at::empty_strided(like.sizes(), strides, options);
+
+  void* data = nullptr;
+  C10_CUDA_CHECK(cudaMallocManaged(&data, static_cast<size_t>(bytes), cudaMemAttachGlobal));
+  // Zeroed on the GPU, in stream order: the pages start out resident on the device.
+  const cudaError_t zeroed =
+      cudaMemsetAsync(data, 0, static_cast<size_t>(bytes),
+                      c10::cuda::getCurrentCUDAStream(device.index()).stream());
+  if (zeroed != cudaSuccess) {
+    free_managed(data);
+    C10_CUDA_CHECK(zeroed);
+  }
+  return at::for_blob(data, like.sizes())
+      .strides(strides)
+      .deleter(&free_managed)
+      .options(options)
+      .target_device(device)
+      .make_tensor();
+}
+
+void prefetch_paged_cuda(at::TensorList tensors, bool to_host) {
+  constexpr const char* op = "prefetch_paged";
+  const at::Device device = check_prefetch_paged_args(tensors);
+  if (tensors.empty()) return;
+  TORCH_CHECK_VALUE(device.is_cuda(), op, ": CUDA kernel got ", device);
+  c10::cuda::CUDAGuard guard(device);
+  // Without concurrent managed access the driver refuses prefetches (and migrates on its own
+  // around kernel launches), so there is nothing to do.
+  if (cuda::paging_support(device.index()) != kPagingWithPrefetch) return;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  for (const at::Tensor& t : tensors) {
+    const c10::Storage& storage = t.storage();
+    if (storage.nbytes() == 0) continue;
+    cudaPointerAttributes attributes{};
+    C10_CUDA_CHECK(cudaPointerGetAttributes(&attributes, storage.data()));
+    if (attributes.type != cudaMemoryTypeManaged) continue;  // ordinary memory stays put
+    C10_CUDA_CHECK(prefetch_async(storage.data(), storage.nbytes(), device.index(), to_host,
+                                  stream));
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lion, CUDA, m) {
+  m.impl("zeros_paged_like", &zeros_paged_like_cuda);
+  m.impl("prefetch_paged", &prefetch_paged_cuda);
+}
+
+// A sparse tensor dispatches here; the argument checks then refuse it by name.
+TORCH_LIBRARY_IMPL(lion, SparseCUDA, m) {
+  m.impl("zeros_paged_like", &zeros_paged_like_cuda);
+  m.impl("prefetch_paged", &prefetch_paged_cuda);
+}
+
+}  // namespace lion

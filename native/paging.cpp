@@ -1,0 +1,33 @@
+// The paging_support operator. It takes no tensor, so it has one kernel for every backend.
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include "paging.h"
+
+#ifdef LION_OPS_WITH_CUDA
+#include <c10/cuda/CUDAFunctions.h>
+#endif
+
+namespace lion {
+namespace {
+
+int64_t paging_support(at::Device device) {
+  if (!device.is_cuda()) return kNoPaging;
+#ifdef LION_OPS_WITH_CUDA
+  const c10::DeviceIndex count = c10::cuda::device_count();
+  const c10::DeviceIndex index = device.has_index() ? device.index() : c10::cuda::current_device();
+  TORCH_CHECK_VALUE(index >= 0 && index < count, "paging_support: no device ", device,
+                    " (this machine has ", static_cast<int>(count), " CUDA devices)");
+  return cuda::paging_support(index);
+#else
+  return kNoPaging;  // built without the CUDA kernels
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lion, CompositeExplicitAutograd, m) {
+  m.impl("paging_support", &paging_support);
+}
+
+}  // namespace lion
