@@ -18,7 +18,9 @@ Parameter sets (shapes written down here; nothing is downloaded):
   single16m  one 4096x4096 tensor (16,777,216 params).
 
 Implementations (see IMPLS; a lion_ops variant or a peer is one line there): lion_ops.Lion and,
-when present, lion_ops.Lion8bit; bitsandbytes' Lion and Lion8bit; a hand-written torch._foreach_*
+when present, lion_ops.Lion8bit, and on CUDA PagedLion and PagedLion8bit (state in managed
+memory, resident on the GPU: the cost of paging when nothing is paged out); bitsandbytes' Lion
+and Lion8bit (and on CUDA its PagedLion and PagedLion8bit); a hand-written torch._foreach_*
 Lion, eager and under torch.compile (dynamic=False: one static compile per set, so that shapes
 seen in earlier runs cannot make it compile dynamic kernels; its compile time is in the
 first_step_s figure); timm's Lion; lion-pytorch's Lion (per-tensor, foreach and,
@@ -193,10 +195,21 @@ IMPLS: list[Impl] = [
     Impl("lion_ops8bit", "lion_ops.Lion8bit", "lion_ops",
          lambda m, ps, hp: m.Lion8bit(ps, **hp), "8bit", ours=True,
          when=lambda m: hasattr(m, "Lion8bit")),
+    # Paged state (CUDA managed memory, resident on the GPU here): what paging costs per step.
+    Impl("lion_ops_paged", "lion_ops.PagedLion", "lion_ops",
+         lambda m, ps, hp: m.PagedLion(ps, **hp), "fp32", ours=True, cuda_only=True,
+         when=lambda m: hasattr(m, "PagedLion")),
+    Impl("lion_ops_paged8bit", "lion_ops.PagedLion8bit", "lion_ops",
+         lambda m, ps, hp: m.PagedLion8bit(ps, **hp), "8bit", ours=True, cuda_only=True,
+         when=lambda m: hasattr(m, "PagedLion8bit")),
     Impl("bnb", "bnb.Lion", "bitsandbytes",
          lambda m, ps, hp: m.optim.Lion(ps, **hp), "fp32"),
     Impl("bnb8bit", "bnb.Lion8bit", "bitsandbytes",
          lambda m, ps, hp: m.optim.Lion8bit(ps, **hp), "8bit"),
+    Impl("bnb_paged", "bnb.PagedLion", "bitsandbytes",
+         lambda m, ps, hp: m.optim.PagedLion(ps, **hp), "fp32", cuda_only=True),
+    Impl("bnb_paged8bit", "bnb.PagedLion8bit", "bitsandbytes",
+         lambda m, ps, hp: m.optim.PagedLion8bit(ps, **hp), "8bit", cuda_only=True),
     Impl("foreach", "torch foreach", "torch",
          lambda m, ps, hp: ForeachLion(ps, **hp), "fp32"),
     Impl("compiled", "torch foreach compiled", "torch",
