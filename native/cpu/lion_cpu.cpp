@@ -226,45 +226,115 @@ std::shared_ptr<const EncodeTable> encode_table_for(const float* qmap) {
 // reference, and the CUDA kernels run the scalar functions.
 // LION_OPS_NO_AVX2=1 forces the scalar loops (the tests use it to compare both paths).
 bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && std::getenv("LION_OPS_NO_AVX2") == nullptr;
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+                          std::getenv("LION_OPS_NO_AVX2") == nullptr;
   return has;
 }
 
-__attribute__((target("avx2"))) inline __m256 sign_of_avx2(__m256 c) {
+__attribute__((target("avx2,f16c"))) inline __m256 sign_of_avx2(__m256 c) {
   const __m256 zero = _mm256_setzero_ps();
   __m256 s = _mm256_blendv_ps(c, _mm256_set1_ps(-1.f), _mm256_cmp_ps(c, zero, _CMP_LT_OQ));
   return _mm256_blendv_ps(s, _mm256_set1_ps(1.f), _mm256_cmp_ps(c, zero, _CMP_GT_OQ));
 }
 
-// Decodes, updates (fp32 params) and returns the new momentum's max magnitude, for a whole
-// number of 8-element groups.
-__attribute__((target("avx2"))) float update_block_avx2(float* p, const float* g,
-                                                        const uint8_t* codes, const float* qmap,
-                                                        float scale, int64_t n,
-                                                        const LionCoefficients& k, float* m_out) {
-  const __m256 vscale = _mm256_set1_ps(scale), decay = _mm256_set1_ps(k.decay);
-  const __m256 b1 = _mm256_set1_ps(k.beta1), omb1 = _mm256_set1_ps(k.one_minus_beta1);
-  const __m256 b2 = _mm256_set1_ps(k.beta2), omb2 = _mm256_set1_ps(k.one_minus_beta2);
-  const __m256 lr = _mm256_set1_ps(k.lr), grad_scale = _mm256_set1_ps(k.grad_scale);
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  __m256 max_abs = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n; i += 8) {
-    const __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i)));
-    __m256 m = _mm256_mul_ps(_mm256_i32gather_ps(qmap, code, 4), vscale);
-    const __m256 gv = _mm256_mul_ps(_mm256_loadu_ps(g + i), grad_scale);
-    __m256 pv = _mm256_mul_ps(_mm256_loadu_ps(p + i), decay);
-    const __m256 c = _mm256_add_ps(_mm256_mul_ps(b1, m), _mm256_mul_ps(omb1, gv));
-    pv = _mm256_sub_ps(pv, _mm256_mul_ps(lr, sign_of_avx2(c)));
-    m = _mm256_add_ps(_mm256_mul_ps(b2, m), _mm256_mul_ps(omb2, gv));
-    _mm256_storeu_ps(p + i, pv);
-    _mm256_storeu_ps(m_out + i, m);
-    max_abs = _mm256_max_ps(_mm256_and_ps(m, abs_mask), max_abs);  // NaN-ignoring, as std::max
-  }
+// Eight params or grads as fp32, and back, rounding as c10's conversions do (to nearest
+// even; a NaN stays a NaN). bfloat16 is the top half of a float32; float16 uses F16C.
+#define LION_AVX2 __attribute__((target("avx2,f16c")))
+
+LION_AVX2 inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+LION_AVX2 inline __m256 load8(const c10::BFloat16* x) {
+  const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
+}
+LION_AVX2 inline __m256 load8(const c10::Half* x) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+}
+
+LION_AVX2 inline void store8(float* x, __m256 v) { _mm256_storeu_ps(x, v); }
+LION_AVX2 inline void store8(c10::BFloat16* x, __m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_srli_epi32(
+      _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), nan);
+  // Values are below 2^16, so the saturating pack is exact; it packs within 128-bit lanes.
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(x), _mm256_castsi256_si128(packed));
+}
+LION_AVX2 inline void store8(c10::Half* x, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(x),
+                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// The Lion step for eight elements, lane by lane as lion_update: m is the decoded momentum,
+// updated in place; returns the new params.
+struct LionVectors {
+  __m256 decay, beta1, one_minus_beta1, beta2, one_minus_beta2, lr, grad_scale;
+  LION_AVX2 explicit LionVectors(const LionCoefficients& k)
+      : decay(_mm256_set1_ps(k.decay)), beta1(_mm256_set1_ps(k.beta1)),
+        one_minus_beta1(_mm256_set1_ps(k.one_minus_beta1)), beta2(_mm256_set1_ps(k.beta2)),
+        one_minus_beta2(_mm256_set1_ps(k.one_minus_beta2)), lr(_mm256_set1_ps(k.lr)),
+        grad_scale(_mm256_set1_ps(k.grad_scale)) {}
+};
+
+LION_AVX2 inline __m256 lion_update8(__m256 p, __m256 g_raw, __m256& m, const LionVectors& k) {
+  const __m256 g = _mm256_mul_ps(g_raw, k.grad_scale);
+  p = _mm256_mul_ps(p, k.decay);
+  const __m256 c = _mm256_add_ps(_mm256_mul_ps(k.beta1, m), _mm256_mul_ps(k.one_minus_beta1, g));
+  p = _mm256_sub_ps(p, _mm256_mul_ps(k.lr, sign_of_avx2(c)));
+  m = _mm256_add_ps(_mm256_mul_ps(k.beta2, m), _mm256_mul_ps(k.one_minus_beta2, g));
+  return p;
+}
+
+LION_AVX2 inline __m256 decode8(const uint8_t* codes, const float* qmap, __m256 scale) {
+  const __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes)));
+  return _mm256_mul_ps(_mm256_i32gather_ps(qmap, code, 4), scale);
+}
+
+// Largest lane of a vector of magnitudes (NaN-ignoring, as std::max from 0).
+LION_AVX2 inline float max_lane(__m256 max_abs) {
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, max_abs);
   float result = 0.f;
   for (float lane : lanes) result = std::max(result, lane);
   return result;
+}
+
+// Decodes, updates and returns the new momentum's max magnitude, for a whole number of
+// 8-element groups; the new momentum goes to m_out.
+template <typename scalar_t>
+LION_AVX2 float update_block_avx2(scalar_t* p, const scalar_t* g, const uint8_t* codes,
+                                  const float* qmap, float scale, int64_t n,
+                                  const LionCoefficients& k, float* m_out) {
+  const LionVectors kv(k);
+  const __m256 vscale = _mm256_set1_ps(scale);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 max_abs = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) {
+    __m256 m = decode8(codes + i, qmap, vscale);
+    store8(p + i, lion_update8(load8(p + i), load8(g + i), m, kv));
+    _mm256_storeu_ps(m_out + i, m);
+    max_abs = _mm256_max_ps(_mm256_and_ps(m, abs_mask), max_abs);  // NaN-ignoring, as std::max
+  }
+  return max_lane(max_abs);
+}
+
+// The new momentum's max magnitude alone (static 8-bit's first pass), for a whole number of
+// 8-element groups.
+template <typename scalar_t>
+LION_AVX2 float momentum_max_avx2(const scalar_t* g, const uint8_t* codes, const float* qmap,
+                                  float scale, int64_t n, const LionCoefficients& k) {
+  const LionVectors kv(k);
+  const __m256 vscale = _mm256_set1_ps(scale), zero = _mm256_setzero_ps();
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 max_abs = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) {
+    __m256 m = decode8(codes + i, qmap, vscale);
+    lion_update8(zero, load8(g + i), m, kv);
+    max_abs = _mm256_max_ps(_mm256_and_ps(m, abs_mask), max_abs);
+  }
+  return max_lane(max_abs);
 }
 
 // encode_normalized<true> for a whole number of 8-element groups, through the folded table:
@@ -332,11 +402,9 @@ float lion_8bit_update_block(scalar_t* p, const scalar_t* g, const uint8_t* code
   float max_abs = 0.f;
   int64_t i = 0;
 #if defined(LION_HAVE_AVX2_KERNELS)
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (cpu_has_avx2()) {
-      i = n / 8 * 8;
-      max_abs = update_block_avx2(p, g, codes, qmap, scale, i, k, m_out);
-    }
+  if (cpu_has_avx2()) {
+    i = n / 8 * 8;
+    max_abs = update_block_avx2(p, g, codes, qmap, scale, i, k, m_out);
   }
 #endif
   for (; i < n; ++i) {
@@ -420,7 +488,15 @@ void lion_update_8bit_static_cpu(at::TensorList params, at::TensorList grads,
     float max_abs = 0.f;
     LION_DISPATCH_PARAM_TYPES(flat.get(0, t).scalar_type(), op, [&] {
       const scalar_t* gp = flat.get(1, t).const_data_ptr<scalar_t>();
-      for (int64_t i = begin; i < end; ++i) {
+      int64_t i = begin;
+#if defined(LION_HAVE_AVX2_KERNELS)
+      if (cpu_has_avx2()) {
+        const int64_t vectorized = (end - begin) / 8 * 8;
+        max_abs = momentum_max_avx2(gp + begin, code + begin, map, scale, vectorized, kt);
+        i += vectorized;
+      }
+#endif
+      for (; i < end; ++i) {
         float unused_p = 0.f;
         float mf = decode_momentum(map, code[i], scale);
         lion_update(unused_p, static_cast<float>(gp[i]), mf, kt);
