@@ -182,10 +182,14 @@ class LionOptimizerBase(torch.optim.Optimizer):
                                 + (" (complex params are not supported)" if p.is_complex() else ""))
 
     # ---- step -------------------------------------------------------------------------------
-    def _check_step_inputs(self) -> list[tuple[int, dict, list[tuple[int, Tensor, dict]]]]:
-        """Everything a step would use, checked before anything is modified."""
+    def _check_step_inputs(self) -> list[tuple[int, dict, list[tuple]]]:
+        """Everything a step would use, checked before anything is modified. Per group, per
+        param with a gradient: (index, param, state, state kind or None if no state yet,
+        device, dtype). This loop runs every step over every param, so it reads each tensor
+        attribute once and builds descriptions only for errors."""
         where = f"{type(self).__name__}.step"
         work = []
+        strided, param_dtypes = torch.strided, ops.PARAM_DTYPES
         for group_index, group in enumerate(self.param_groups):
             check_hyperparameters(group["lr"], group["betas"], group["weight_decay"],
                                   f"{where} (param group {group_index})")
@@ -194,26 +198,30 @@ class LionOptimizerBase(torch.optim.Optimizer):
                 g = p.grad
                 if g is None:
                     continue
-                # The description is built only for an error: this loop runs every step.
-                if g.layout != torch.strided:
+                if g.layout != strided:
                     raise RuntimeError(f"{where}: {_describe(group, group_index, index, p)} has "
                                        "a sparse gradient; Lion does not support sparse gradients")
-                if p.dtype not in ops.PARAM_DTYPES:
+                dtype, shape, device = p.dtype, p.shape, p.device
+                if dtype not in param_dtypes:
                     raise TypeError(f"{where}: {_describe(group, group_index, index, p)} must be "
                                     "float32, bfloat16 or float16")
-                if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+                if g.dtype != dtype or g.shape != shape or g.device != device:
                     raise ValueError(f"{where}: {_describe(group, group_index, index, p)} has a "
                                      f"gradient of shape {tuple(g.shape)}, {g.dtype} on "
                                      f"{g.device}; it must match the parameter")
                 state = self.state.get(p)  # looked up once per step: tensor hashing costs
-                if state and not _state_fits_quickly(p, state):
-                    problem = _state_problem(p, state, _kind_of_state(state))
-                    if problem:
-                        raise RuntimeError(
-                            f"{type(self).__name__}: the state of "
-                            f"{_describe(group, group_index, index, p)} does not fit it "
-                            f"({problem}); was the param replaced after the first step?")
-                with_grad.append((index, p, state))
+                kind = None
+                if state:
+                    kind = _quick_state_kind(p, shape, device, state)
+                    if kind is None:
+                        kind = _kind_of_state(state)
+                        problem = _state_problem(p, state, kind)
+                        if problem:
+                            raise RuntimeError(
+                                f"{type(self).__name__}: the state of "
+                                f"{_describe(group, group_index, index, p)} does not fit it "
+                                f"({problem}); was the param replaced after the first step?")
+                with_grad.append((index, p, state, kind, device, dtype))
             work.append((group_index, group, with_grad))
         return work
 
@@ -267,26 +275,22 @@ class LionOptimizerBase(torch.optim.Optimizer):
                 loss = closure()
         work = self._check_step_inputs()
         for group_index, group, params in work:
-            if not params:
-                continue
-            ready = []
-            for index, p, state in params:
-                if not state:
-                    self._init_state(p, self._config(group_index, index))
-                    state = self.state[p]
-                ready.append((index, p, state))
-            self._update_group(group_index, group, ready)
+            if params:
+                self._update_group(group_index, group, params)
         return loss
 
-    def _update_group(self, group_index: int, group: dict,
-                      params: list[tuple[int, Tensor, dict]]) -> None:
+    def _update_group(self, group_index: int, group: dict, params: list[tuple]) -> None:
         # One operator call per (device, dtype, state kind, override config).
         buckets: dict[tuple, list[tuple[int, Tensor, dict]]] = defaultdict(list)
-        for index, p, state in params:
-            entry = self._overrides.get((group_index, index))
+        overrides = self._overrides
+        for index, p, state, kind, device, dtype in params:
+            if kind is None:  # first step of this param
+                self._init_state(p, self._config(group_index, index))
+                state = self.state[p]
+                kind = _kind_of_state(state)
+            entry = overrides.get((group_index, index)) if overrides else None
             config_id = entry[0] if entry is not None else -1
-            buckets[(p.device, p.dtype, _kind_of_state(state), config_id)].append(
-                (index, p, state))
+            buckets[(device, dtype, kind, config_id)].append((index, p, state))
         for (device, _, kind, _), members in buckets.items():
             config = self._config(group_index, members[0][0])
             bucket = [p for _, p, _ in members]
@@ -486,31 +490,32 @@ def _kind_of_state(state: dict) -> str | None:
     return STATIC if "max1" in state else BLOCKWISE
 
 
-def _state_fits_quickly(p: Tensor, state: dict) -> bool:
-    """The per-step check of a param's state, kept cheap (a few attribute reads): True when the
-    momentum (or codes) and its scales match the param's shape and device. False sends the
-    state to the full check of _state_problem, which names what is wrong."""
+def _quick_state_kind(p: Tensor, shape, device, state: dict) -> str | None:
+    """The per-step check of a param's state, kept cheap (a few attribute reads): its kind
+    when the momentum (or codes) and its scales match the param's shape and device, else None,
+    which sends the state to the full check of _state_problem, which names what is wrong."""
     momentum = state.get("state1")
-    if not isinstance(momentum, Tensor) or momentum.shape != p.shape \
-            or momentum.device != p.device:
-        return False
+    if not isinstance(momentum, Tensor) or momentum.shape != shape or momentum.device != device:
+        return None
     gnorm = state.get("gnorm_vec")
     if gnorm is not None and (not isinstance(gnorm, Tensor) or gnorm.dtype != torch.float32
-                              or gnorm.device != p.device or gnorm.numel() != ops.GNORM_HISTORY):
-        return False
+                              or gnorm.device != device or gnorm.numel() != ops.GNORM_HISTORY):
+        return None
     dtype = momentum.dtype
     if dtype == torch.float32:
-        return True
+        return FP32
     if dtype != torch.uint8:
-        return False
+        return None
     if "max1" not in state:  # blockwise (as _kind_of_state decides)
         absmax = state.get("absmax1")
-        return (isinstance(absmax, Tensor) and absmax.dtype == torch.float32
-                and absmax.device == p.device
+        fits = (isinstance(absmax, Tensor) and absmax.dtype == torch.float32
+                and absmax.device == device
                 and absmax.numel() == ops.blockwise_absmax_count(p.numel()))
-    return all(isinstance(scale, Tensor) and scale.dtype == torch.float32
-               and scale.device == p.device and scale.numel() == 1
+        return BLOCKWISE if fits else None
+    fits = all(isinstance(scale, Tensor) and scale.dtype == torch.float32
+               and scale.device == device and scale.numel() == 1
                for scale in (state["max1"], state.get("new_max1")))
+    return STATIC if fits else None
 
 
 def _state_problem(p: Tensor, state: dict, kind: str | None, loading: bool = False) -> str:
