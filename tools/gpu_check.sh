@@ -5,7 +5,8 @@
 # LION_OPS_CUDA=ON; a CUDA smoke test of the installed package; the CUDA tests; the rest of the
 # test suite; the benchmark (--quick). Every stage runs even when an earlier one failed; the
 # script exits non-zero if any failed. All output is also in $OUT/gpu_check.log; the build's
-# in $OUT/build.log; test results in $OUT/junit-*.xml; the benchmark in $OUT/bench.{json,png}.
+# in $OUT/build.log; test results in $OUT/junit-*.xml; the benchmark in $OUT/bench.{json,png};
+# Nsight Compute's kernel metrics (when ncu is installed) in $OUT/ncu.csv.
 # The whole run is kept within GPU_CHECK_BUDGET seconds (default 540, 9 minutes): each
 # stage's time limit is cut so that the later stages keep some time (the benchmark at least 200 s).
 set -uo pipefail  # no -e: a failing stage is recorded and the next one runs
@@ -16,7 +17,7 @@ OUT=${OUT:-$ROOT/gpu_results}
 mkdir -p "$OUT" || exit 1
 OUT=$(cd "$OUT" && pwd)  # absolute: stages run in other directories
 # Results of an earlier run in the same folder must not pass for this run's.
-rm -f "$OUT"/junit-*.xml "$OUT"/bench.json "$OUT"/bench.png "$OUT"/build.log
+rm -f "$OUT"/junit-*.xml "$OUT"/bench.json "$OUT"/bench.png "$OUT"/build.log "$OUT"/ncu.csv
 LOG=$OUT/gpu_check.log
 BUDGET=${GPU_CHECK_BUDGET:-540}
 PY=${PYTHON:-$(command -v python || command -v python3)}
@@ -36,7 +37,7 @@ FAILED=0
 
 record() {  # record NAME STATUS SECONDS
   STAGES+=("$1|$2|$3")
-  case "$2" in ok*) ;; *) FAILED=1 ;; esac
+  case "$2" in ok*|skipped*) ;; *) FAILED=1 ;; esac
 }
 
 # run_stage NAME LIMIT RESERVE DIR LOGFILE|- COMMAND...
@@ -286,6 +287,24 @@ main() {
   unset OMP_NUM_THREADS  # the benchmark's CPU peers get every thread
   run_stage bench 300 5 "$ROOT" - \
     "$PY" tools/benchmark.py --quick --json "$OUT/bench.json" --png "$OUT/bench.png"
+
+  # Nsight Compute, where installed and time is left: the achieved DRAM bandwidth of each of
+  # our kernels, on the gpt2 shapes (500 MB of fp32 params: well past the L2).
+  local ncu
+  ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+  if [ -z "$ncu" ]; then
+    echo "[ncu] skipped: Nsight Compute (ncu) is not installed"
+    record ncu "skipped (no ncu)" 0
+  elif ((BUDGET - SECONDS < 60)); then
+    echo "[ncu] skipped: less than 60 s of the budget left"
+    record ncu "skipped (no time left)" 0
+  else
+    run_stage ncu 240 5 "$OUT" "$OUT/ncu.csv" \
+      "$ncu" --csv --page raw --kernel-name "regex:lion_(32|8)bit_kernel|static_scales" \
+      --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
+      "$PY" "$ROOT/tools/ncu_workload.py" gpt2
+    tail -n 20 "$OUT/ncu.csv" | cut -c1-400
+  fi
 
   summary
   return "$FAILED"
