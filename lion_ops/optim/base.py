@@ -312,7 +312,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
                 grad_scales = ops.percentile_clipping(grads, [s["gnorm_vec"] for s in states],
                                                       steps, percentile)
             codes_or_momenta = [s["state1"] for s in states]
-            if self._paging[device] == ops.PAGING_WITH_PREFETCH:
+            if self._paging.get(device) == ops.PAGING_WITH_PREFETCH:
                 paged = [m for p, m in zip(bucket, codes_or_momenta) if self._pages(p)]
                 if paged:  # back from host memory, if the driver paged any of it out
                     ops.prefetch_paged(paged)
