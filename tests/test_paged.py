@@ -448,3 +448,43 @@ def test_compiled_paged_step_initializes_paged_state_in_the_graph(paging_device)
     for p, q in zip(params, twin_params):
         assert torch.equal(p, q)
     torch._dynamo.reset()
+
+
+def test_each_step_prefetches_the_paged_state_before_updating_it(paging_device, monkeypatch):
+    """The calls a paged step makes (on the CPU with paging forced, the same calls as on a
+    GPU): one prefetch of exactly the paged momenta per operator call, before it; loading a
+    state_dict allocates paged state again."""
+    params = _params(paging_device)
+    opt = PagedLion(params, lr=1e-3)
+    calls = []
+    real_prefetch, real_update, real_zeros = (ops.prefetch_paged, ops.lion_update_32bit,
+                                              ops.zeros_paged_like)
+
+    def prefetch(tensors, to_host=False):
+        calls.append(("prefetch", [t.numel() for t in tensors], to_host))
+        real_prefetch(tensors, to_host)
+
+    def update(params, *args, **kwargs):
+        calls.append(("update", len(params)))
+        real_update(params, *args, **kwargs)
+
+    def zeros(like, **kwargs):
+        calls.append(("zeros_paged_like", like.numel()))
+        return real_zeros(like, **kwargs)
+
+    monkeypatch.setattr(ops, "prefetch_paged", prefetch)
+    monkeypatch.setattr(ops, "lion_update_32bit", update)
+    monkeypatch.setattr(ops, "zeros_paged_like", zeros)
+    big = sorted(p.numel() for p in params if p.numel() >= PAGED_MIN_NUMEL)
+    for step in range(2):
+        _set_grads(params, step)
+        calls.clear()
+        opt.step()
+        allocations = [c[1] for c in calls if c[0] == "zeros_paged_like"]
+        assert sorted(allocations) == (big if step == 0 else [])
+        steps = [c for c in calls if c[0] != "zeros_paged_like"]
+        assert steps == [("prefetch", [p.numel() for p in params if p.numel() >= PAGED_MIN_NUMEL],
+                          False), ("update", len(params))]
+    calls.clear()
+    opt.load_state_dict(opt.state_dict())
+    assert sorted(c[1] for c in calls if c[0] == "zeros_paged_like") == big
