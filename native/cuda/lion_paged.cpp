@@ -18,6 +18,7 @@
 
 #include "lion_batch.h"
 #include "paging.h"
+#include "prefetch_compat.h"
 
 namespace lion {
 namespace cuda {
@@ -35,20 +36,6 @@ int64_t paging_support(c10::DeviceIndex index) {
 }  // namespace cuda
 
 namespace {
-
-// CUDA 13 replaced the device ordinal of cudaMemPrefetchAsync by a cudaMemLocation (and
-// dropped the old form); CUDA 12 has the ordinal form everywhere.
-cudaError_t prefetch_async(const void* data, size_t bytes, c10::DeviceIndex device, bool to_host,
-                           cudaStream_t stream) {
-#if CUDART_VERSION >= 13000
-  cudaMemLocation location{};
-  location.type = to_host ? cudaMemLocationTypeHost : cudaMemLocationTypeDevice;
-  location.id = to_host ? 0 : device;
-  return cudaMemPrefetchAsync(data, bytes, location, /*flags=*/0, stream);
-#else
-  return cudaMemPrefetchAsync(data, bytes, to_host ? cudaCpuDeviceId : device, stream);
-#endif
-}
 
 // Frees managed memory when its tensor dies. cudaFree waits for work that may still use it.
 // A deleter must not throw; at interpreter exit the runtime may already be gone, and the
@@ -114,8 +101,8 @@ void prefetch_paged_cuda(at::TensorList tensors, bool to_host) {
     cudaPointerAttributes attributes{};
     C10_CUDA_CHECK(cudaPointerGetAttributes(&attributes, storage.data()));
     if (attributes.type != cudaMemoryTypeManaged) continue;  // ordinary memory stays put
-    C10_CUDA_CHECK(prefetch_async(storage.data(), storage.nbytes(), device.index(), to_host,
-                                  stream));
+    C10_CUDA_CHECK(cuda::prefetch_managed(storage.data(), storage.nbytes(), device.index(),
+                                           to_host, stream));
   }
 }
 
