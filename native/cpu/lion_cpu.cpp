@@ -153,42 +153,62 @@ struct EncodeTable {
   std::vector<uint8_t> entries;  // kEncodeTableSize
   bool one_midpoint_per_bucket;
   // The vectorized encoder's form of the same function, valid when `folded_ok`: per bucket,
-  // the code (low byte) and, above it, the low 16 bits of the key of the one midpoint inside
-  // the bucket (0x10000, never reached, if none), so one lookup and one integer compare give
-  // what the table entry plus a float compare with the midpoint give. The sign rule then
-  // reads the entry's sign from the code: entries below `first_nonnegative` have the sign
-  // bit set, the others not.
+  // the final code (sign rule applied) for keys below the one midpoint inside the bucket
+  // (byte 0), the final code at or above it (byte 1), and the low 16 bits of that midpoint's
+  // key (bytes 2-3; 0 when the bucket holds no midpoint, and then both codes are equal). One
+  // lookup and one integer compare give what the table entry, a float compare with the
+  // midpoint and the sign rule give.
   std::vector<uint32_t> folded;
-  int first_nonnegative;
   bool folded_ok;
 };
 
-// Fills the folded table; it needs one midpoint per bucket, no midpoint of +-0 (where the key
-// order and the float order of -0.0 and +0.0 differ), no NaN, and entries whose sign bits are
-// set exactly below some index.
+// The float whose order_key is `key` (its inverse).
+inline float float_of_key(uint32_t key) {
+  const uint32_t bits = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
+  return __builtin_bit_cast(float, bits);
+}
+
+// Fills the folded table from the scalar encoder itself, and checks that it is right: each
+// bucket splits into at most two key ranges (below the midpoint inside it, and from it on),
+// and the scalar encoder must give one code across each range. Within a range only the
+// table entry, the midpoint compare and x's sign bit decide the code, and they are constant
+// given one midpoint per bucket, no midpoint of +-0 (where the key order and the float order
+// of -0.0 and +0.0 differ) and no NaN in the map; x > 0, which picks the sign rule's
+// direction, changes only at range ends (+0, and +inf before the NaNs), so comparing the
+// two ends of each range proves it.
 void build_folded_table(const float* qmap, EncodeTable& table) {
   table.folded_ok = table.one_midpoint_per_bucket;
-  int first_nonnegative = 0;
-  while (first_nonnegative < kQuantMapSize && sign_bit(qmap[first_nonnegative])) ++first_nonnegative;
   for (int j = 0; j < kQuantMapSize; ++j) {
-    if (std::isnan(qmap[j]) || sign_bit(qmap[j]) != (j < first_nonnegative)) table.folded_ok = false;
+    if (std::isnan(qmap[j])) table.folded_ok = false;
   }
   for (int j = 0; j + 1 < kQuantMapSize; ++j) {
     const float midpoint = map_midpoint(qmap, j);
     if (midpoint == 0.f || std::isnan(midpoint)) table.folded_ok = false;
   }
-  table.first_nonnegative = first_nonnegative;
   if (!table.folded_ok) return;
+  const uint8_t* entries = table.entries.data();
+  const auto code_at = [&](uint32_t key) {
+    return static_cast<uint32_t>(encode_normalized<true>(entries, qmap, float_of_key(key)));
+  };
   table.folded.resize(kEncodeTableSize);
   for (uint32_t bucket = 0; bucket < static_cast<uint32_t>(kEncodeTableSize); ++bucket) {
-    const uint32_t code = table.entries[bucket];
-    uint32_t threshold = 0x10000;
-    if (code < kQuantMapSize - 1) {
-      const uint32_t key = order_key(map_midpoint(qmap, static_cast<int>(code)));
+    const uint32_t first = bucket << 16, last = first | 0xffffu;
+    const uint32_t entry = entries[bucket];
+    uint32_t threshold = 0;  // no midpoint in the bucket: every key is "at or above"
+    if (entry < kQuantMapSize - 1) {
+      const uint32_t key = order_key(map_midpoint(qmap, static_cast<int>(entry)));
       if (key >> 16 == bucket) threshold = key & 0xffffu;
     }
-    table.folded[bucket] = code | threshold << 8;
+    const uint32_t above = code_at(first | threshold);
+    uint32_t below = above;
+    if (threshold > 0) {
+      below = code_at(first);
+      if (code_at(first | (threshold - 1)) != below) table.folded_ok = false;
+    }
+    if (code_at(last) != above) table.folded_ok = false;
+    table.folded[bucket] = below | above << 8 | threshold << 16;
   }
+  if (!table.folded_ok) table.folded.clear();
 }
 
 // Cached for the map last used: building it takes ~1 ms, and every call of a training run
@@ -356,32 +376,25 @@ LION_AVX2 float momentum_max_avx2(const scalar_t* g, const uint8_t* codes, const
 // instead of three (table entry, midpoint, entry for the sign).
 struct Encoder8 {
   const uint32_t* folded;
-  __m256 inverse, zero;
-  __m256i top_bit, low_byte, low_16, one, minus_one, first_nonnegative;
+  __m256 inverse;
+  __m256i top_bit, low_byte, low_16, byte_shift;
 
   LION_AVX2 Encoder8(const EncodeTable& table, float inverse_scale)
       : folded(table.folded.data()), inverse(_mm256_set1_ps(inverse_scale)),
-        zero(_mm256_setzero_ps()), top_bit(_mm256_set1_epi32(static_cast<int>(0x80000000u))),
+        top_bit(_mm256_set1_epi32(static_cast<int>(0x80000000u))),
         low_byte(_mm256_set1_epi32(0xff)), low_16(_mm256_set1_epi32(0xffff)),
-        one(_mm256_set1_epi32(1)), minus_one(_mm256_set1_epi32(-1)),
-        first_nonnegative(_mm256_set1_epi32(table.first_nonnegative)) {}
+        byte_shift(_mm256_set1_epi32(8)) {}
 
   LION_AVX2 void operator()(const float* m, uint8_t* codes) const {
     const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(m), inverse);
     const __m256i bits = _mm256_castps_si256(x);
     const __m256i key = _mm256_xor_si256(bits, _mm256_or_si256(_mm256_srai_epi32(bits, 31), top_bit));
     const __m256i entry = lookup8(folded, _mm256_srli_epi32(key, 16));
-    const __m256i threshold = _mm256_srli_epi32(entry, 8);
-    __m256i code = _mm256_and_si256(entry, low_byte);
-    // One up where the midpoint's key is <= x's (both in the same bucket).
-    const __m256i below = _mm256_cmpgt_epi32(threshold, _mm256_and_si256(key, low_16));
-    code = _mm256_add_epi32(code, _mm256_andnot_si256(below, one));
-    // The sign rule: the entry's sign bit is (code < first_nonnegative); x's is bits' top bit.
-    const __m256i wrong_sign = _mm256_xor_si256(_mm256_cmpgt_epi32(first_nonnegative, code),
-                                                _mm256_srai_epi32(bits, 31));
-    const __m256i toward = _mm256_blendv_epi8(minus_one, one,
-                                              _mm256_castps_si256(_mm256_cmp_ps(x, zero, _CMP_GT_OQ)));
-    code = _mm256_add_epi32(code, _mm256_and_si256(wrong_sign, toward));
+    // Byte 1 (the code at or above the bucket's midpoint) unless the key is below it.
+    const __m256i below = _mm256_cmpgt_epi32(_mm256_srli_epi32(entry, 16),
+                                             _mm256_and_si256(key, low_16));
+    const __m256i code = _mm256_and_si256(
+        _mm256_srlv_epi32(entry, _mm256_andnot_si256(below, byte_shift)), low_byte);
     const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(codes), _mm_packus_epi16(words, words));
   }
