@@ -291,6 +291,13 @@ class LionOptimizerBase(torch.optim.Optimizer):
             entry = overrides.get((group_index, index)) if overrides else None
             config_id = entry[0] if entry is not None else -1
             buckets[(device, dtype, kind, config_id)].append((index, p, state))
+        # Every step counter of the group's params, one call (one launch) per device.
+        steps_by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+        for (device, _, _, _), members in buckets.items():
+            steps_by_device[device].extend(state["step"] for _, _, state in members)
+        for steps in steps_by_device.values():
+            ops.increment_steps(steps)
+        lrs: dict[tuple, Tensor] = {}  # one lr tensor per (device, lr) for all the buckets
         for (device, _, kind, _), members in buckets.items():
             config = self._config(group_index, members[0][0])
             bucket = [p for _, p, _ in members]
@@ -299,9 +306,12 @@ class LionOptimizerBase(torch.optim.Optimizer):
             percentile = config.get("percentile_clipping", self.percentile_clipping)
             states = [state for _, _, state in members]
             grads = [p.grad for p in bucket]
-            lr = self._lr_tensor(config.get("lr", group["lr"]), device)
+            lr_value = config.get("lr", group["lr"])
+            lr_key = (device, id(lr_value) if isinstance(lr_value, Tensor) else lr_value)
+            lr = lrs.get(lr_key)
+            if lr is None:
+                lr = lrs[lr_key] = self._lr_tensor(lr_value, device)
             steps = [s["step"] for s in states]
-            ops.increment_steps(steps)
             grad_scales = None
             if percentile < 100:
                 if any("gnorm_vec" not in s for s in states):
