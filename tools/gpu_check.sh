@@ -165,6 +165,19 @@ for dtype, rel in ((torch.float32, 1e-6), (torch.bfloat16, 2.0 ** -8)):
     print(f"{dtype}: {int(bad_p.sum())} params and {int(bad_m.sum())} momenta off the fp64 "
           f"reference, of {p.numel()}")
     assert not bad_p.any() and not bad_m.any(), "the CUDA kernel disagrees with the fp64 reference"
+# Paged state: managed memory, outside the caching allocator, values kept through a page-out.
+support = lion_ops.ops.paging_support("cuda")
+print("paging support:", {0: "none", 1: "managed memory without prefetch", 2: "with prefetch"}[support])
+before = torch.cuda.memory_allocated()
+paged = lion_ops.ops.zeros_paged_like(torch.empty(1 << 20, device="cuda"))
+assert torch.cuda.memory_allocated() == before, "paged memory went through the caching allocator"
+paged.normal_()
+expected = paged.cpu()
+lion_ops.ops.prefetch_paged([paged], to_host=True)
+lion_ops.ops.prefetch_paged([paged])
+paged.mul_(2)
+assert torch.equal(paged.cpu(), expected * 2), "paged values changed through a page-out"
+del paged
 print("smoke test passed")
 EOF
 )
