@@ -1,4 +1,5 @@
-// The paging_support operator. It takes no tensor, so it has one kernel for every backend.
+// The paging_support operator (it takes no tensor, so it has one kernel for every backend),
+// and zeros_paged_like's autograd registration.
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -28,6 +29,12 @@ int64_t paging_support(at::Device device) {
 
 TORCH_LIBRARY_IMPL(lion, CompositeExplicitAutograd, m) {
   m.impl("paging_support", &paging_support);
+}
+
+// zeros_paged_like makes new state, which is never differentiable: autograd passes it by, so
+// that zeros laid out like a param that requires grad do not themselves require grad.
+TORCH_LIBRARY_IMPL(lion, Autograd, m) {
+  m.impl("zeros_paged_like", torch::CppFunction::makeFallthrough());
 }
 
 }  // namespace lion

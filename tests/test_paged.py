@@ -105,6 +105,14 @@ def test_zeros_paged_like(device, like, dtype, memory_format):
     opcheck(torch.ops.lion.zeros_paged_like.default, (source,), kwargs)
 
 
+def test_zeros_paged_like_of_a_param_does_not_require_grad(device):
+    # State is made outside no_grad too (load_state_dict): it must not join autograd.
+    param = torch.nn.Parameter(torch.randn(5, 7, device=device))
+    zeros = ops.zeros_paged_like(param, dtype=torch.float32)
+    assert not zeros.requires_grad and zeros.grad_fn is None
+    opcheck(torch.ops.lion.zeros_paged_like.default, (param,), {"dtype": torch.float32})
+
+
 def test_zeros_paged_like_refuses_bad_arguments(device):
     with pytest.raises(ValueError, match="memory_format must be"):
         ops.zeros_paged_like(torch.zeros(3, 3, device=device),
@@ -392,6 +400,8 @@ def test_paged_equals_unpaged_over_50_steps(paging_device, paged_cls, kwargs, tw
         resumed = paged_cls(fresh_params, lr=1e-3, weight_decay=0.1, **kwargs)
     resumed.load_state_dict(copy.deepcopy(saved))
     assert _managed_where_expected(resumed.state[fresh_params[0]]["state1"])
+    assert not any(t.requires_grad for state in resumed.state.values() for t in state.values()
+                   if isinstance(t, torch.Tensor))
     twin.load_state_dict(saved)  # and an unpaged optimizer loads it as ordinary memory
     assert not (on_gpu and _is_managed(twin.state[twin_params[0]]["state1"]))
     _run_lockstep(resumed, fresh_params, twin, twin_params, steps=3)
