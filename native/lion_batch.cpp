@@ -1,8 +1,8 @@
 #include "lion_batch.h"
 
 #include <c10/util/Exception.h>
+#include <c10/util/strides.h>
 
-#include <algorithm>
 #include <cmath>
 
 #include "lion_math.h"
@@ -205,13 +205,8 @@ std::vector<int64_t> paged_like_strides(const at::Tensor& like,
   if (format == at::MemoryFormat::Preserve && like.is_non_overlapping_and_dense()) {
     return like.strides().vec();
   }
-  std::vector<int64_t> strides(like.dim());
-  int64_t stride = 1;
-  for (int64_t d = like.dim() - 1; d >= 0; --d) {
-    strides[d] = stride;
-    stride *= std::max<int64_t>(like.size(d), 1);
-  }
-  return strides;
+  const c10::DimVector strides = c10::contiguous_strides(like.sizes());
+  return std::vector<int64_t>(strides.begin(), strides.end());
 }
 
 at::Device check_prefetch_paged_args(at::TensorList tensors) {

@@ -122,10 +122,13 @@ def test_zeros_paged_like_refuses_bad_arguments(device):
 
 
 @pytest.mark.parametrize("to_host", [False, True])
-def test_prefetch_paged_keeps_values(device, to_host):
-    tensors = [ops.zeros_paged_like(torch.zeros(300, 301, device=device)).normal_(),
-               torch.randn(17, device=device),  # ordinary memory: left alone
-               ops.zeros_paged_like(torch.zeros(0, device=device))]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.uint8],
+                         ids=str)
+def test_prefetch_paged_keeps_values(device, to_host, dtype):
+    tensors = [ops.zeros_paged_like(torch.zeros(300, 301, device=device), dtype=dtype),
+               torch.randn(17, device=device).to(dtype),  # ordinary memory: left alone
+               ops.zeros_paged_like(torch.zeros(0, device=device), dtype=dtype)]
+    tensors[0].copy_(torch.randn(300, 301, device=device) * 50)
     expected = [t.clone() for t in tensors]
     ops.prefetch_paged(tensors, to_host=to_host)
     ops.prefetch_paged(tensors)

@@ -239,8 +239,8 @@ std::shared_ptr<const EncodeTable> encode_table_for(const float* qmap) {
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define LION_HAVE_AVX2_KERNELS 1
-// Hand-vectorized AVX2 versions of the 8-bit element loops (the table lookups are gathers,
-// which compilers will not emit for generic tuning). Each computes exactly what the scalar
+// Hand-vectorized AVX2 versions of the 8-bit element loops (compilers do not vectorize the
+// table lookups, nor the 16-bit conversions, of the scalar loops). Each computes exactly what the scalar
 // code over lion_math.h computes, lane by lane, with the same IEEE operations in the same
 // order (no FMA), so results are bit-identical; the tests compare both against the same
 // reference, and the CUDA kernels run the scalar functions.
@@ -308,7 +308,7 @@ LION_AVX2 inline __m256 lion_update8(__m256 p, __m256 g_raw, __m256& m, const Li
 }
 
 // Table lookups are eight scalar loads rather than a gather instruction: on the AMD Zen 3
-// this was tuned on, a gather of eight costs about as much as 1.7 of these (measured), and
+// this was tuned on, a gather of eight costs 1.7x as much (bench_results/cpu-profile.md), and
 // the lookups are most of the 8-bit step's work.
 LION_AVX2 inline __m256 decode8(const uint8_t* codes, const float* qmap, __m256 scale) {
   uint64_t c;
@@ -336,6 +336,18 @@ LION_AVX2 inline float max_lane(__m256 max_abs) {
   return result;
 }
 
+// Decodes 8 elements with `scale`, updates their params, writes their new momentum to m_out
+// and folds its magnitudes into max_abs (NaN-ignoring, as std::max).
+template <typename scalar_t>
+LION_AVX2 inline void update8(scalar_t* p, const scalar_t* g, const uint8_t* codes,
+                              const float* qmap, __m256 scale, const LionVectors& k,
+                              float* m_out, __m256& max_abs) {
+  __m256 m = decode8(codes, qmap, scale);
+  store8(p, lion_update8(load8(p), load8(g), m, k));
+  _mm256_storeu_ps(m_out, m);
+  max_abs = _mm256_max_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.f), m), max_abs);
+}
+
 // Decodes, updates and returns the new momentum's max magnitude, for a whole number of
 // 8-element groups; the new momentum goes to m_out.
 template <typename scalar_t>
@@ -344,13 +356,9 @@ LION_AVX2 float update_block_avx2(scalar_t* p, const scalar_t* g, const uint8_t*
                                   const LionCoefficients& k, float* m_out) {
   const LionVectors kv(k);
   const __m256 vscale = _mm256_set1_ps(scale);
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   __m256 max_abs = _mm256_setzero_ps();
   for (int64_t i = 0; i < n; i += 8) {
-    __m256 m = decode8(codes + i, qmap, vscale);
-    store8(p + i, lion_update8(load8(p + i), load8(g + i), m, kv));
-    _mm256_storeu_ps(m_out + i, m);
-    max_abs = _mm256_max_ps(_mm256_and_ps(m, abs_mask), max_abs);  // NaN-ignoring, as std::max
+    update8(p + i, g + i, codes + i, qmap, vscale, kv, m_out + i, max_abs);
   }
   return max_lane(max_abs);
 }
@@ -420,14 +428,10 @@ LION_AVX2 float update_and_encode_blocks_avx2(scalar_t* p, const scalar_t* g,
   const LionVectors kv(k);
   const Encoder8 encode(table, current_inverse);
   const __m256 vscale = _mm256_set1_ps(next_scale);
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   __m256 max_abs = _mm256_setzero_ps();
   for (int64_t i = 0; i < kQuantBlockSize; i += 8) {
     encode(m_current + i, current_codes + i);
-    __m256 m = decode8(next_codes + i, qmap, vscale);
-    store8(p + i, lion_update8(load8(p + i), load8(g + i), m, kv));
-    _mm256_storeu_ps(m_next + i, m);
-    max_abs = _mm256_max_ps(_mm256_and_ps(m, abs_mask), max_abs);
+    update8(p + i, g + i, next_codes + i, qmap, vscale, kv, m_next + i, max_abs);
   }
   return max_lane(max_abs);
 }

@@ -3,13 +3,13 @@
 // prefetch on the current stream. Nothing here synchronizes with the device, except that
 // cudaMallocManaged and cudaFree may (as cudaMalloc and cudaFree do): they run when state is
 // created or dies, not in a step.
+#include <ATen/EmptyTensor.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_strided.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/util/safe_numerics.h>
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
@@ -57,21 +57,16 @@ at::Tensor zeros_paged_like_cuda(const at::Tensor& like, std::optional<at::Scala
                     " has no managed memory (cudaDevAttrManagedMemory is 0); paged state is not "
                     "possible there");
 
-  int64_t bytes = 0;
-  if (like.numel() > 0) {
-    int64_t span = 1;  // elements from the first to one past the last
-    for (int64_t d = 0; d < like.dim(); ++d) span += (like.size(d) - 1) * strides[d];
-    TORCH_CHECK_VALUE(!c10::mul_overflows(span, static_cast<int64_t>(options.dtype().itemsize()),
-                                          &bytes),
-                      op, ": a tensor of ", span, " elements is too large");
-  }
+  // Throws on overflow; 0 for an empty tensor, which needs no memory.
+  const size_t bytes = at::detail::computeStorageNbytes(like.sizes(), strides,
+                                                        options.dtype().itemsize());
   if (bytes == 0) return at::empty_strided(like.sizes(), strides, options);
 
   void* data = nullptr;
-  C10_CUDA_CHECK(cudaMallocManaged(&data, static_cast<size_t>(bytes), cudaMemAttachGlobal));
+  C10_CUDA_CHECK(cudaMallocManaged(&data, bytes, cudaMemAttachGlobal));
   // Zeroed on the GPU, in stream order: the pages start out resident on the device.
   const cudaError_t zeroed =
-      cudaMemsetAsync(data, 0, static_cast<size_t>(bytes),
+      cudaMemsetAsync(data, 0, bytes,
                       c10::cuda::getCurrentCUDAStream(device.index()).stream());
   if (zeroed != cudaSuccess) {
     free_managed(data);
