@@ -93,7 +93,8 @@ LION_HOST_DEVICE float decode_momentum(const float* qmap, uint8_t code, float sc
 // binary search per element, a table indexed by the top 16 bits of x's order-preserving key
 // gives the number of midpoints below that bucket; the few midpoints inside the bucket
 // (at most one for the dynamic map) are then compared directly. The table depends on qmap
-// only, and is built once per call (encode_table_entry).
+// only (encode_table_entry). The kernels use the compact form of it below (the CPU's AVX2
+// loops a folded form built from it).
 constexpr int kEncodeTableSize = 1 << 16;
 
 LION_HOST_DEVICE uint32_t float_bits(float x) {
@@ -105,43 +106,87 @@ LION_HOST_DEVICE uint32_t float_bits(float x) {
 }
 
 // Unsigned keys that order like the floats (-0.0 just below +0.0).
-LION_HOST_DEVICE uint32_t order_key(float x) {
-  const uint32_t bits = float_bits(x);
+LION_HOST_DEVICE uint32_t order_key_of_bits(uint32_t bits) {
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
+
+LION_HOST_DEVICE uint32_t order_key(float x) { return order_key_of_bits(float_bits(x)); }
 
 LION_HOST_DEVICE float map_midpoint(const float* qmap, int j) {
   return (qmap[j] + qmap[j + 1]) * 0.5f;
 }
 
-// Table entry `bucket`: how many midpoints have keys below bucket << 16.
-LION_HOST_DEVICE uint8_t encode_table_entry(const float* qmap, uint32_t bucket) {
-  const uint32_t bucket_start = bucket << 16;
+// How many midpoints have keys below `key` (binary search: the map is sorted).
+LION_HOST_DEVICE uint8_t midpoints_below_key(const float* qmap, uint32_t key) {
   int lo = 0, hi = kQuantMapSize - 1;  // answer in [0, 255]
   while (lo < hi) {
     const int mid = (lo + hi) / 2;
-    if (order_key(map_midpoint(qmap, mid)) < bucket_start) lo = mid + 1; else hi = mid;
+    if (order_key(map_midpoint(qmap, mid)) < key) lo = mid + 1; else hi = mid;
   }
   return static_cast<uint8_t>(lo);
+}
+
+// Table entry `bucket`: how many midpoints have keys below bucket << 16.
+LION_HOST_DEVICE uint8_t encode_table_entry(const float* qmap, uint32_t bucket) {
+  return midpoints_below_key(qmap, bucket << 16);
 }
 
 // 1 / scale, or 0 for an all-zero block (whose momentum then encodes as 0.0).
 LION_HOST_DEVICE float inverse_scale(float scale) { return scale > 0.f ? 1.f / scale : 0.f; }
 
-// The code of x = m * inverse_scale(scale). kOneMidpointPerBucket: the caller checked that no
-// table bucket holds two midpoints (true of the dynamic map), so one comparison resolves it;
-// otherwise the comparisons go on while needed. Both give the same code.
-// Then a code whose entry has the wrong sign bit is moved one step toward x's sign, as
-// bitsandbytes' CUDA kernels do, so quantization never flips the momentum's sign.
-template <bool kOneMidpointPerBucket>
-LION_HOST_DEVICE uint8_t encode_normalized(const uint8_t* table, const float* qmap, float x) {
-  int code = static_cast<int>(table[order_key(x) >> 16]);
-  if (kOneMidpointPerBucket) {
-    const float midpoint = map_midpoint(qmap, code < kQuantMapSize - 1 ? code : kQuantMapSize - 2);
-    code += (code < kQuantMapSize - 1) & (midpoint <= x);
-  } else {
-    while (code < kQuantMapSize - 1 && map_midpoint(qmap, code) <= x) ++code;
+// ---- the compact encode table (the CUDA kernels, and the CPU's scalar loops) -------------------
+// The 16-bit table is 64 KiB: too large for a GPU block's shared memory, and lookups at random
+// into it in global memory bound the CUDA 8-bit kernel. A normalized momentum lies in [-1, 1],
+// and the dynamic map's midpoints have magnitudes in [2^-22, 1), so only buckets of magnitudes
+// in [2^-24, 2) need their own entry: per sign, one entry for all smaller magnitudes (+-0
+// included), 25 exponents x 128 mantissa buckets (the same buckets as the 16-bit table), and
+// one entry for magnitudes of 2 and more (inf and NaN included): 6404 bytes.
+// Each entry counts the midpoints whose keys are below every key of its bucket, and the encoder
+// then steps past the midpoints that are <= x, so the result is the 16-bit table's for any
+// sorted map: the count only starts the search lower when midpoints lie in the merged ranges.
+constexpr uint32_t kCompactLowestTop15 = 103u << 7;  // top 15 bits (after the sign) of 2^-24
+constexpr int kCompactMiddleBuckets = 25 * 128;      // [2^-24, 2)
+constexpr int kCompactBucketsPerSign = kCompactMiddleBuckets + 2;
+constexpr int kCompactTableSize = 2 * kCompactBucketsPerSign;
+constexpr int kCompactTableBytes = (kCompactTableSize + 15) / 16 * 16;  // whole 16-byte words
+
+LION_HOST_DEVICE int compact_bucket(float x) {
+  const uint32_t bits = float_bits(x);
+  const int top15 = static_cast<int>((bits >> 16) & 0x7fffu);
+  int in_sign = top15 - static_cast<int>(kCompactLowestTop15) + 1;
+  in_sign = in_sign < 0 ? 0 : (in_sign > kCompactBucketsPerSign - 1 ? kCompactBucketsPerSign - 1 : in_sign);
+  return static_cast<int>(bits >> 31) * kCompactBucketsPerSign + in_sign;
+}
+
+// The lowest order key of any float in compact bucket `bucket`.
+LION_HOST_DEVICE uint32_t compact_bucket_lowest_key(int bucket) {
+  const bool negative = bucket >= kCompactBucketsPerSign;
+  const int in_sign = negative ? bucket - kCompactBucketsPerSign : bucket;
+  if (!negative) {
+    if (in_sign == 0) return order_key_of_bits(0u);  // +0
+    // The smallest magnitude of the bucket; for the last one, 2.0.
+    return order_key_of_bits((kCompactLowestTop15 + static_cast<uint32_t>(in_sign - 1)) << 16);
   }
+  if (in_sign == kCompactBucketsPerSign - 1) return 0u;  // -NaN has the lowest keys
+  // The largest magnitude of the bucket: the magnitudes below 2^-24 for entry 0.
+  const uint32_t top15 = kCompactLowestTop15 + static_cast<uint32_t>(in_sign) - 1u;
+  return order_key_of_bits(0x80000000u | top15 << 16 | 0xffffu);
+}
+
+LION_HOST_DEVICE uint8_t compact_table_entry(const float* qmap, int bucket) {
+  return midpoints_below_key(qmap, compact_bucket_lowest_key(bucket));
+}
+
+// The code of x = m * inverse_scale(scale) through the compact table; midpoints[j] =
+// map_midpoint(qmap, j) for j < 255. A positive NaN steps to the top (its key is above every
+// midpoint's, as in the 16-bit table), a negative one stays at 0. Then a code whose entry has
+// the wrong sign bit is moved one step toward x's sign, as bitsandbytes' CUDA kernels do, so
+// quantization never flips the momentum's sign.
+LION_HOST_DEVICE uint8_t encode_compact(const uint8_t* table, const float* midpoints,
+                                        const float* qmap, float x) {
+  int code = static_cast<int>(table[compact_bucket(x)]);
+  const bool positive_nan = x != x && !sign_bit(x);
+  while (code < kQuantMapSize - 1 && (midpoints[code] <= x || positive_nan)) ++code;
   const int wrong_sign = sign_bit(qmap[code]) != sign_bit(x);
   code += wrong_sign * (x > 0.f ? 1 : -1);
   return static_cast<uint8_t>(code);

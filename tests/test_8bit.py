@@ -117,6 +117,48 @@ def test_quantization_never_flips_the_sign():
     assert values[4] == 0 and values[5] == 1.0
 
 
+
+def _other_sorted_maps():
+    """Sorted maps unlike the dynamic one: several midpoints per table bucket, a midpoint of
+    exactly 0.0, midpoints below 2^-24 and above 2 (where the compact encode table merges
+    buckets), so the encoders' general paths run."""
+    linear = torch.linspace(-1, 1, 256)
+    tiny = torch.logspace(-14, -7, 40, dtype=torch.float64).float()
+    clustered = torch.cat([torch.linspace(-1, 1, 175), tiny, -tiny, torch.zeros(1)]).sort().values
+    wide = torch.linspace(-3, 3, 256)
+    return {"linear": linear, "clustered": clustered, "wide": wide}
+
+
+@pytest.mark.parametrize("name", ["linear", "clustered", "wide"])
+def test_quantize_blockwise_other_sorted_maps(device, name):
+    qmap = _other_sorted_maps()[name]
+    assert qmap.numel() == 256 and (qmap[1:] >= qmap[:-1]).all()
+    torch.manual_seed(1)
+    x = torch.randn(40 * 256 + 3) * torch.logspace(-12, 0, 40 * 256 + 3)
+    x[::7] = 0.0
+    x[1::7] = -0.0
+    x[2::11] *= 1e-30
+    x[:256] = qmap[torch.randperm(256)]  # entries themselves, and their midpoints' neighbours
+    x[256:511] = ((qmap[1:] + qmap[:-1]) / 2)
+    x[300] = float("nan")
+    x[301] = -float("nan")
+    codes, absmax = lion_ops.ops.quantize_blockwise(x.to(device), qmap.to(device), 256)
+    codes, absmax = codes.cpu().long(), absmax.cpu()
+    per = absmax.double().repeat_interleave(256)[: x.numel()]
+    x64 = x.double()
+    normalized = torch.where(per > 0, x64 / per, torch.zeros_like(x64) * x64.sign())
+    expected = reference_encode(normalized, qmap)
+    nan = torch.isnan(x)
+    checked = ~nan & ~near_tie(normalized, qmap)
+    assert checked.sum() > 0.6 * x.numel()
+    differ = (codes != expected) & checked
+    assert not differ.any(), (x[differ][:5].tolist(), codes[differ][:5].tolist(),
+                              expected[differ][:5].tolist())
+    # NaN keeps the 16-bit table's order: a positive NaN sorts above every midpoint, a
+    # negative one below.
+    assert codes[300] == 255 and codes[301] == 0
+
+
 # ---- the 8-bit update operators ---------------------------------------------------------------
 
 def _state(sizes, dtype, device, blockwise):

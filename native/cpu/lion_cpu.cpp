@@ -147,11 +147,13 @@ void lion_update_32bit_cpu(at::TensorList params, at::TensorList grads, at::Tens
 
 // ---- 8-bit state ------------------------------------------------------------------------------
 
-// The encode table of a qmap (see lion_math.h), and whether one comparison per element
-// resolves it.
+// The encode tables of a qmap (see lion_math.h). The scalar loops use the compact table, as
+// the CUDA kernels do, so the CPU tests cover the GPU's encoder.
 struct EncodeTable {
-  std::vector<uint8_t> entries;  // kEncodeTableSize
-  bool one_midpoint_per_bucket;
+  std::array<uint8_t, kCompactTableBytes> compact;
+  std::array<float, kQuantMapSize> midpoints;  // midpoints[j] = map_midpoint(qmap, j), j < 255
+  std::vector<uint8_t> entries;  // the 16-bit table (kEncodeTableSize), to build `folded`
+  bool one_midpoint_per_bucket;  // of `entries`
   // The vectorized encoder's form of the same function, valid when `folded_ok`: per bucket,
   // the final code (sign rule applied) for keys below the one midpoint inside the bucket
   // (byte 0), the final code at or above it (byte 1), and the low 16 bits of that midpoint's
@@ -168,7 +170,7 @@ inline float float_of_key(uint32_t key) {
   return __builtin_bit_cast(float, bits);
 }
 
-// Fills the folded table from the scalar encoder itself, and checks that it is right: each
+// Fills the folded table from the scalar (compact) encoder itself, and checks that it is right: each
 // bucket splits into at most two key ranges (below the midpoint inside it, and from it on),
 // and the scalar encoder must give one code across each range. Within a range only the
 // table entry, the midpoint compare and x's sign bit decide the code, and they are constant
@@ -188,7 +190,8 @@ void build_folded_table(const float* qmap, EncodeTable& table) {
   if (!table.folded_ok) return;
   const uint8_t* entries = table.entries.data();
   const auto code_at = [&](uint32_t key) {
-    return static_cast<uint32_t>(encode_normalized<true>(entries, qmap, float_of_key(key)));
+    return static_cast<uint32_t>(
+        encode_compact(table.compact.data(), table.midpoints.data(), qmap, float_of_key(key)));
   };
   table.folded.resize(kEncodeTableSize);
   for (uint32_t bucket = 0; bucket < static_cast<uint32_t>(kEncodeTableSize); ++bucket) {
@@ -220,6 +223,12 @@ std::shared_ptr<const EncodeTable> encode_table_for(const float* qmap) {
   std::lock_guard<std::mutex> lock(mutex);
   if (cached && std::memcmp(cached_map.data(), qmap, sizeof(cached_map)) == 0) return cached;
   auto table = std::make_shared<EncodeTable>();
+  table->compact.fill(0);
+  for (int bucket = 0; bucket < kCompactTableSize; ++bucket) {
+    table->compact[bucket] = compact_table_entry(qmap, bucket);
+  }
+  table->midpoints.fill(0.f);
+  for (int j = 0; j + 1 < kQuantMapSize; ++j) table->midpoints[j] = map_midpoint(qmap, j);
   table->entries.assign(kEncodeTableSize, 0);
   for (uint32_t bucket = 0; bucket < static_cast<uint32_t>(kEncodeTableSize); ++bucket) {
     table->entries[bucket] = encode_table_entry(qmap, bucket);
@@ -380,7 +389,7 @@ LION_AVX2 float momentum_max_avx2(const scalar_t* g, const uint8_t* codes, const
   return max_lane(max_abs);
 }
 
-// encode_normalized<true> for 8 values, through the folded table: one lookup per element
+// encode_compact for 8 values, through the folded table: one lookup per element
 // instead of three (table entry, midpoint, entry for the sign).
 struct Encoder8 {
   const uint32_t* folded;
@@ -442,22 +451,16 @@ void encode_span(const float* __restrict__ m, const EncodeTable& table,
                                          const float* __restrict__ qmap, float scale, int64_t n,
                                          uint8_t* __restrict__ codes) {
   const float inverse = inverse_scale(scale);
-  const uint8_t* __restrict__ entries = table.entries.data();
+  int64_t i = 0;
 #if defined(LION_HAVE_AVX2_KERNELS)
   if (table.folded_ok && cpu_has_avx2()) {
-    const int64_t vectorized = n / 8 * 8;
-    encode_avx2(m, table, inverse, vectorized, codes);
-    for (int64_t i = vectorized; i < n; ++i) {
-      codes[i] = encode_normalized<true>(entries, qmap, m[i] * inverse);
-    }
-    return;
+    i = n / 8 * 8;
+    encode_avx2(m, table, inverse, i, codes);
   }
 #endif
-  if (table.one_midpoint_per_bucket) {
-    for (int64_t i = 0; i < n; ++i) codes[i] = encode_normalized<true>(entries, qmap, m[i] * inverse);
-  } else {
-    for (int64_t i = 0; i < n; ++i) codes[i] = encode_normalized<false>(entries, qmap, m[i] * inverse);
-  }
+  const uint8_t* __restrict__ compact = table.compact.data();
+  const float* __restrict__ midpoints = table.midpoints.data();
+  for (; i < n; ++i) codes[i] = encode_compact(compact, midpoints, qmap, m[i] * inverse);
 }
 
 // Decodes, updates and writes back params for n <= kQuantBlockSize elements; leaves the new

@@ -158,21 +158,20 @@ __device__ __forceinline__ void atomic_max_nonnegative(float* address, float val
 
 enum class Pass : int { kUpdate = 0, kReduceOnly = 1 };
 
-// One warp per 256-element quantization block. kUpdate decodes, updates p, and encodes the
-// new momentum against its new scale (blockwise: this block's max; static: new_scales[t],
-// computed by a kReduceOnly pass). kReduceOnly only computes the new momentum's max.
+// One warp per 256-element quantization block: warp w of virtual block `block` (a span of
+// kElements8bitPerBlock elements of one tensor) takes its tensor's quantization block
+// 8 * (block - first_block[t]) + w. kUpdate decodes, updates p, and encodes the new momentum
+// against its new scale (blockwise: this block's max; static: new_scales[t], computed by a
+// kReduceOnly pass). kReduceOnly only computes the new momentum's max.
 template <typename T, Scaling S, Pass P>
-__global__ void __launch_bounds__(kThreads)
-lion_8bit_kernel(const __grid_constant__ Lion8bitBatch batch) {
-  __shared__ float qmap[kQuantMapSize];
-  qmap[threadIdx.x] = batch.qmap[threadIdx.x];  // kThreads == kQuantMapSize
-  __syncthreads();
-
-  const int t = tensor_of_block(batch.first_block, batch.num_tensors, blockIdx.x);
+__device__ __forceinline__ void update_quant_block(const Lion8bitBatch& batch, int32_t block,
+                                                   LionCoefficients k, const float* qmap,
+                                                   const float* midpoints, const uint8_t* table) {
+  const int t = tensor_of_block(batch.first_block, batch.num_tensors, block);
   const int64_t n = batch.numels[t];
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int64_t quant_block =
-      static_cast<int64_t>(blockIdx.x - batch.first_block[t]) * kWarpsPer8bitBlock + warp;
+      static_cast<int64_t>(block - batch.first_block[t]) * kWarpsPer8bitBlock + warp;
   const int64_t begin = quant_block * kQuantBlockSize;
   if (begin >= n) return;  // whole warps only: the shuffles below need all 32 lanes
 
@@ -181,8 +180,6 @@ lion_8bit_kernel(const __grid_constant__ Lion8bitBatch batch) {
   uint8_t* __restrict__ codes = batch.codes[t];
   float* scale_slot = S == Scaling::kBlockwise ? batch.scales[t] + quant_block : batch.scales[t];
   const float scale = *scale_slot;
-  const float lr = batch.lr_on_device != nullptr ? *batch.lr_on_device : batch.lr;
-  auto k = make_lion_coefficients(lr, batch.beta1, batch.beta2, batch.weight_decay);
   if (batch.grad_scale[t] != nullptr) k.grad_scale = *batch.grad_scale[t];
 
   // A whole, aligned quantization block (all but a tensor's ragged tail, in practice): each
@@ -245,7 +242,7 @@ lion_8bit_kernel(const __grid_constant__ Lion8bitBatch batch) {
     uint2 word = make_uint2(0u, 0u);
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) {
-      const uint32_t code = encode_normalized<false>(batch.encode_table, qmap, m[j] * inverse);
+      const uint32_t code = encode_compact(table, midpoints, qmap, m[j] * inverse);
       if (j < 4) word.x |= code << (8 * j); else word.y |= code << (8 * (j - 4));
     }
     *reinterpret_cast<uint2*>(codes + begin + lane * kPerLane) = word;
@@ -253,8 +250,41 @@ lion_8bit_kernel(const __grid_constant__ Lion8bitBatch batch) {
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) {
       const int64_t e = begin + j * kWarpSize + lane;
-      if (e < n) codes[e] = encode_normalized<false>(batch.encode_table, qmap, m[j] * inverse);
+      if (e < n) codes[e] = encode_compact(table, midpoints, qmap, m[j] * inverse);
     }
+  }
+}
+
+// The map, its midpoints and the compact encode table go to shared memory once per block:
+// lookups at random into a table in global memory (one cache sector per lane) were what
+// bounded this kernel. The grid is only as large as fits on the device at once (see
+// launch_8bit_typed), and each block loops over virtual blocks, so that copy is paid a few
+// hundred times per launch rather than once per 2048 elements.
+template <typename T, Scaling S, Pass P>
+__global__ void __launch_bounds__(kThreads)
+lion_8bit_kernel(const __grid_constant__ Lion8bitBatch batch) {
+  constexpr bool kEncodes = P == Pass::kUpdate;
+  __shared__ float qmap[kQuantMapSize];
+  __shared__ float midpoints[kQuantMapSize];
+  __shared__ alignas(16) uint8_t table[kEncodes ? kCompactTableBytes : 16];
+  qmap[threadIdx.x] = batch.qmap[threadIdx.x];  // kThreads == kQuantMapSize
+  if (kEncodes) {
+    const uint4* source = reinterpret_cast<const uint4*>(batch.encode_table);
+    for (int i = threadIdx.x; i < kCompactTableBytes / 16; i += kThreads) {
+      reinterpret_cast<uint4*>(table)[i] = source[i];
+    }
+  }
+  __syncthreads();
+  if (kEncodes) {
+    midpoints[threadIdx.x] =
+        threadIdx.x + 1 < kQuantMapSize ? map_midpoint(qmap, threadIdx.x) : 0.f;
+    __syncthreads();
+  }
+  const float lr = batch.lr_on_device != nullptr ? *batch.lr_on_device : batch.lr;
+  const auto k = make_lion_coefficients(lr, batch.beta1, batch.beta2, batch.weight_decay);
+  const int32_t blocks = batch.first_block[batch.num_tensors];
+  for (int32_t block = blockIdx.x; block < blocks; block += gridDim.x) {
+    update_quant_block<T, S, P>(batch, block, k, qmap, midpoints, table);
   }
 }
 
@@ -267,18 +297,50 @@ __global__ void static_scales_kernel(const __grid_constant__ Lion8bitBatch batch
   else *batch.scales[t] = *batch.new_scales[t];
 }
 
+// Blocks of `kernel` resident per multiprocessor, or 0 if the runtime cannot say.
+template <typename Kernel>
+int blocks_per_multiprocessor(Kernel kernel) {
+  int count = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&count, kernel, kThreads, 0) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return count;
+}
+
+// The grid of a looping 8-bit kernel: as many blocks as are resident on the device at once
+// (or fewer, when there is less work).
+unsigned looping_grid(int blocks_per_sm, int32_t work_blocks) {
+  int device = 0, sms = 0;
+  if (blocks_per_sm <= 0 || cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return static_cast<unsigned>(work_blocks);  // one block per virtual block: also correct
+  }
+  return static_cast<unsigned>(std::min<int64_t>(work_blocks, int64_t{blocks_per_sm} * sms));
+}
+
+template <typename T, Scaling S, Pass P>
+void launch_8bit_pass(const Lion8bitBatch& batch, cudaStream_t stream) {
+  const auto kernel = lion_8bit_kernel<T, S, P>;
+  // Asked once per kernel: occupancy depends on the architecture only (a machine mixing GPU
+  // generations gets the first one's figure, which changes speed, not results).
+  static const int blocks_per_sm = blocks_per_multiprocessor(kernel);
+  const int32_t work = batch.first_block[batch.num_tensors];
+  kernel<<<looping_grid(blocks_per_sm, work), kThreads, 0, stream>>>(batch);
+}
+
 template <typename T>
 void launch_8bit_typed(const Lion8bitBatch& batch, Scaling scaling, cudaStream_t stream) {
-  const unsigned blocks = static_cast<unsigned>(batch.first_block[batch.num_tensors]);
-  if (blocks == 0) return;
+  if (batch.first_block[batch.num_tensors] == 0) return;
   if (scaling == Scaling::kBlockwise) {
-    lion_8bit_kernel<T, Scaling::kBlockwise, Pass::kUpdate><<<blocks, kThreads, 0, stream>>>(batch);
+    launch_8bit_pass<T, Scaling::kBlockwise, Pass::kUpdate>(batch, stream);
     return;
   }
   const unsigned scale_blocks = (batch.num_tensors + kThreads - 1) / kThreads;
   static_scales_kernel<<<scale_blocks, kThreads, 0, stream>>>(batch, ScaleOp::kZeroNew);
-  lion_8bit_kernel<T, Scaling::kStatic, Pass::kReduceOnly><<<blocks, kThreads, 0, stream>>>(batch);
-  lion_8bit_kernel<T, Scaling::kStatic, Pass::kUpdate><<<blocks, kThreads, 0, stream>>>(batch);
+  launch_8bit_pass<T, Scaling::kStatic, Pass::kReduceOnly>(batch, stream);
+  launch_8bit_pass<T, Scaling::kStatic, Pass::kUpdate>(batch, stream);
   static_scales_kernel<<<scale_blocks, kThreads, 0, stream>>>(batch, ScaleOp::kCommitNew);
 }
 
@@ -356,8 +418,10 @@ __global__ void build_encode_table_kernel(const float* __restrict__ qmap_global,
   __shared__ float qmap[kQuantMapSize];
   qmap[threadIdx.x] = qmap_global[threadIdx.x];
   __syncthreads();
-  const uint32_t bucket = blockIdx.x * kThreads + threadIdx.x;
-  table[bucket] = encode_table_entry(qmap, bucket);
+  const int bucket = blockIdx.x * kThreads + threadIdx.x;
+  if (bucket < kCompactTableBytes) {
+    table[bucket] = bucket < kCompactTableSize ? compact_table_entry(qmap, bucket) : 0;
+  }
 }
 
 __global__ void quantize_blockwise_kernel(const float* __restrict__ input,
@@ -366,6 +430,7 @@ __global__ void quantize_blockwise_kernel(const float* __restrict__ input,
                                           int64_t blocksize, uint8_t* __restrict__ codes,
                                           float* __restrict__ absmax) {
   __shared__ float qmap[kQuantMapSize];
+  __shared__ float midpoints[kQuantMapSize];
   __shared__ float warp_maxima[kThreads / kWarpSize];
   qmap[threadIdx.x] = qmap_global[threadIdx.x];
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * blocksize;
@@ -379,9 +444,11 @@ __global__ void quantize_blockwise_kernel(const float* __restrict__ input,
 #pragma unroll
   for (int w = 0; w < kThreads / kWarpSize; ++w) scale = fmaxf(scale, warp_maxima[w]);
   if (threadIdx.x == 0) absmax[blockIdx.x] = scale;
+  midpoints[threadIdx.x] = threadIdx.x + 1 < kQuantMapSize ? map_midpoint(qmap, threadIdx.x) : 0.f;
+  __syncthreads();
   const float inverse = inverse_scale(scale);
   for (int64_t e = begin + threadIdx.x; e < end; e += kThreads) {
-    codes[e] = encode_normalized<false>(table, qmap, input[e] * inverse);
+    codes[e] = encode_compact(table, midpoints, qmap, input[e] * inverse);
   }
 }
 
@@ -452,7 +519,8 @@ void launch_increment_steps(const StepCounters& counters, cudaStream_t stream) {
 }
 
 void launch_build_encode_table(const float* qmap, uint8_t* table, cudaStream_t stream) {
-  build_encode_table_kernel<<<kEncodeTableSize / kThreads, kThreads, 0, stream>>>(qmap, table);
+  build_encode_table_kernel<<<(kCompactTableBytes + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+      qmap, table);
 }
 
 void launch_quantize_blockwise(const float* input, const uint8_t* encode_table,
