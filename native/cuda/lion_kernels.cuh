@@ -34,9 +34,10 @@ struct Lion32bitBatch {
 
 void launch_lion_32bit(const Lion32bitBatch& batch, ParamType type, cudaStream_t stream);
 
-// Elements one thread block updates in the 8-bit kernels: 8 quantization blocks of 256,
-// one warp each.
-constexpr int64_t kElements8bitPerBlock = 2048;
+// Elements one thread block updates in the 8-bit kernels: 8 warps, each taking
+// kQuantBlocksPerWarp consecutive quantization blocks of 256.
+constexpr int kQuantBlocksPerWarp = 2;
+constexpr int64_t kElements8bitPerBlock = 8 * kQuantBlocksPerWarp * 256;
 
 enum class Scaling : int { kBlockwise = 0, kStatic = 1 };
 
