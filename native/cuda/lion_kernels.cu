@@ -158,90 +158,50 @@ __device__ __forceinline__ void atomic_max_nonnegative(float* address, float val
 
 enum class Pass : int { kUpdate = 0, kReduceOnly = 1 };
 
-// One 256-element quantization block, one warp. kUpdate decodes, updates p, and encodes the
-// new momentum against its new scale (blockwise: this block's max; static: new_scales[t],
-// computed by a kReduceOnly pass). kReduceOnly only computes the new momentum's max.
-// update_whole_quant_blocks below does the same for several whole, aligned blocks at once.
+// One 256-element quantization block that is a tensor's ragged tail or not aligned for
+// vector accesses, one warp: one element per lane per step, strided across the warp. Each
+// element gets the arithmetic of update_whole_quant_blocks below, and a block's max does not
+// depend on the order, so both give the same bits.
 template <typename T, Scaling S, Pass P>
-__device__ __forceinline__ void update_quant_block(const Lion8bitBatch& batch, int t, int64_t n,
-                                                   int64_t quant_block, const LionCoefficients& k,
-                                                   const float* qmap, const float* midpoints,
-                                                   const uint8_t* table) {
+__device__ __forceinline__ void update_partial_quant_block(const Lion8bitBatch& batch, int t,
+                                                           int64_t n, int64_t quant_block,
+                                                           const LionCoefficients& k,
+                                                           const float* qmap,
+                                                           const float* midpoints,
+                                                           const uint8_t* table) {
   const int lane = threadIdx.x % kWarpSize;
   const int64_t begin = quant_block * kQuantBlockSize;
-  if (begin >= n) return;  // whole warps only: the shuffles below need all 32 lanes
-
   T* __restrict__ p = static_cast<T*>(batch.params[t]);
   const T* __restrict__ g = static_cast<const T*>(batch.grads[t]);
   uint8_t* __restrict__ codes = batch.codes[t];
   float* scale_slot = S == Scaling::kBlockwise ? batch.scales[t] + quant_block : batch.scales[t];
   const float scale = *scale_slot;
-
-  // A whole, aligned quantization block (all but a tensor's ragged tail, in practice): each
-  // lane takes 8 consecutive elements with 16-byte (fp32) or 8-byte (16-bit) accesses and its
-  // 8 codes as one word. Otherwise one element per lane per step, strided across the warp.
-  // Either way each element gets the same arithmetic, and the block's max does not depend on
-  // the order, so both give the same bits. The condition is the same for the whole warp.
-  const bool whole_block =
-      begin + kQuantBlockSize <= n &&
-      (reinterpret_cast<uintptr_t>(p) | reinterpret_cast<uintptr_t>(g)) % sizeof(Pack<T>) == 0 &&
-      reinterpret_cast<uintptr_t>(codes) % sizeof(uint2) == 0;
   float m[kPerLane];
   float max_abs = 0.f;
-  if (whole_block) {
-    const int64_t base = begin + lane * kPerLane;
-    float pv[kPerLane], gv[kPerLane];
-    if (P == Pass::kUpdate) {
-      load_lane(p + base, pv);
-    } else {
 #pragma unroll
-      for (int j = 0; j < kPerLane; ++j) pv[j] = 0.f;
-    }
-    load_lane(g + base, gv);
-    const uint2 word = *reinterpret_cast<const uint2*>(codes + base);
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) {
-      m[j] = decode_momentum(qmap, code_byte(word, j), scale);
-      lion_update(pv[j], gv[j], m[j], k);
+  for (int j = 0; j < kPerLane; ++j) {
+    const int64_t e = begin + j * kWarpSize + lane;  // coalesced across the warp
+    m[j] = 0.f;
+    if (e < n) {
+      float pf = P == Pass::kUpdate ? to_float(p[e]) : 0.f;
+      m[j] = decode_momentum(qmap, codes[e], scale);
+      lion_update(pf, to_float(g[e]), m[j], k);
+      if (P == Pass::kUpdate) p[e] = from_float<T>(pf);
       max_abs = fmaxf(max_abs, fabsf(m[j]));
-    }
-    if (P == Pass::kUpdate) store_lane(p + base, pv);
-  } else {
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) {
-      const int64_t e = begin + j * kWarpSize + lane;  // coalesced across the warp
-      m[j] = 0.f;
-      if (e < n) {
-        float pf = P == Pass::kUpdate ? to_float(p[e]) : 0.f;
-        m[j] = decode_momentum(qmap, codes[e], scale);
-        lion_update(pf, to_float(g[e]), m[j], k);
-        if (P == Pass::kUpdate) p[e] = from_float<T>(pf);
-        max_abs = fmaxf(max_abs, fabsf(m[j]));
-      }
     }
   }
   max_abs = warp_max(max_abs);
-  if (P == Pass::kReduceOnly) {
+  if constexpr (P == Pass::kReduceOnly) {
     if (lane == 0) atomic_max_nonnegative(batch.new_scales[t], max_abs);
-    return;
-  }
-  float new_scale;
-  if (S == Scaling::kBlockwise) {
-    new_scale = max_abs;
-    if (lane == 0) *scale_slot = new_scale;  // every lane has read the old scale above
   } else {
-    new_scale = *batch.new_scales[t];
-  }
-  const float inverse = inverse_scale(new_scale);
-  if (whole_block) {
-    uint2 word = make_uint2(0u, 0u);
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) {
-      const uint32_t code = encode_compact(table, midpoints, qmap, m[j] * inverse);
-      if (j < 4) word.x |= code << (8 * j); else word.y |= code << (8 * (j - 4));
+    float new_scale;
+    if (S == Scaling::kBlockwise) {
+      new_scale = max_abs;
+      if (lane == 0) *scale_slot = new_scale;  // every lane has read the old scale above
+    } else {
+      new_scale = *batch.new_scales[t];
     }
-    *reinterpret_cast<uint2*>(codes + begin + lane * kPerLane) = word;
-  } else {
+    const float inverse = inverse_scale(new_scale);
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) {
       const int64_t e = begin + j * kWarpSize + lane;
@@ -317,7 +277,11 @@ __device__ __forceinline__ void update_whole_quant_blocks(const Lion8bitBatch& b
 }
 
 // Virtual block `block` (kWarpsPer8bitBlock * Q quantization blocks of one tensor): warp w
-// takes Q consecutive ones.
+// takes Q consecutive ones. kUpdate decodes, updates p, and encodes the new momentum against
+// its new scale (blockwise: the block's max; static: new_scales[t], computed by a kReduceOnly
+// pass); kReduceOnly only computes the new momentum's max. Whole, aligned blocks (all but a
+// tensor's ragged tail, in practice) take vector accesses; the condition is the same for the
+// whole warp, as the shuffles need.
 template <typename T, Scaling S, Pass P, int Q>
 __device__ __forceinline__ void update_virtual_block(const Lion8bitBatch& batch, int32_t block,
                                                      LionCoefficients k, const float* qmap,
@@ -329,16 +293,23 @@ __device__ __forceinline__ void update_virtual_block(const Lion8bitBatch& batch,
       (static_cast<int64_t>(block - batch.first_block[t]) * kWarpsPer8bitBlock + warp) * Q;
   if (first * kQuantBlockSize >= n) return;
   if (batch.grad_scale[t] != nullptr) k.grad_scale = *batch.grad_scale[t];
-  if (Q > 1 && (first + Q) * kQuantBlockSize <= n &&
+  const bool aligned =
       (reinterpret_cast<uintptr_t>(batch.params[t]) | reinterpret_cast<uintptr_t>(batch.grads[t])) %
               sizeof(Pack<T>) == 0 &&
-      reinterpret_cast<uintptr_t>(batch.codes[t]) % sizeof(uint2) == 0) {
+      reinterpret_cast<uintptr_t>(batch.codes[t]) % sizeof(uint2) == 0;
+  if (aligned && (first + Q) * kQuantBlockSize <= n) {
     update_whole_quant_blocks<T, S, P, Q>(batch, t, first, k, qmap, midpoints, table);
     return;
   }
 #pragma unroll
   for (int r = 0; r < Q; ++r) {
-    update_quant_block<T, S, P>(batch, t, n, first + r, k, qmap, midpoints, table);
+    const int64_t begin = (first + r) * kQuantBlockSize;
+    if (begin >= n) return;
+    if (aligned && begin + kQuantBlockSize <= n) {
+      update_whole_quant_blocks<T, S, P, 1>(batch, t, first + r, k, qmap, midpoints, table);
+    } else {
+      update_partial_quant_block<T, S, P>(batch, t, n, first + r, k, qmap, midpoints, table);
+    }
   }
 }
 
