@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """The workload tools/gpu_check.sh profiles with Nsight Compute: a few steps of lion_ops'
-Lion, Lion8bit (blockwise and block_wise=False) and PagedLion on the Llama-3.2-1B-like shapes
-(fp32 params), so that ncu records the achieved DRAM bandwidth of each of our kernels on
-the tensors the performance targets are set on.
+Lion, Lion8bit (blockwise and block_wise=False) and PagedLion on one of the benchmark's sets
+of shapes (fp32 params; the first argument, llama1b by default; gpu_check.sh passes gpt2,
+whose 500 MB of params are well past the L2 and profile in seconds), so that ncu records the
+achieved DRAM bandwidth of each of our kernels.
 
     ncu --kernel-name regex:lion_ --metrics ... python tools/ncu_workload.py
 
