@@ -316,8 +316,10 @@ __device__ __forceinline__ void update_virtual_block(const Lion8bitBatch& batch,
 // The map and its midpoints go to shared memory; the compact encode table (6.4 KB) is read
 // through the L1 cache. Measured on an H200 (bench_results/h200/3dd623a-8bit-variants.txt)
 // against the table copied to shared memory, a grid of resident blocks looping over the work,
-// and one or four quantization blocks per warp: this shape was the fastest in that run (by
-// 3-6% on the 1.24 G-parameter set, 1-2% on gpt2; it also did not lose on the static path).
+// and one or four quantization blocks per warp: on the blockwise path this shape was the
+// fastest in that run (by 3-6% on the 1.24 G-parameter set, 1-2% on gpt2); on the static path
+// it was the fastest on gpt2 and 8% behind the best (four blocks per warp, table in shared
+// memory) on the 1.24 G set. Blockwise is the default and what bitsandbytes 0.50 has.
 template <typename T, Scaling S, Pass P>
 __global__ void __launch_bounds__(kThreads)
 lion_8bit_kernel(const __grid_constant__ Lion8bitBatch batch) {
