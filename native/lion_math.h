@@ -153,8 +153,9 @@ constexpr int kCompactTableBytes = (kCompactTableSize + 15) / 16 * 16;  // whole
 LION_HOST_DEVICE int compact_bucket(float x) {
   const uint32_t bits = float_bits(x);
   const int top15 = static_cast<int>((bits >> 16) & 0x7fffu);
-  int in_sign = top15 - static_cast<int>(kCompactLowestTop15) + 1;
-  in_sign = in_sign < 0 ? 0 : (in_sign > kCompactBucketsPerSign - 1 ? kCompactBucketsPerSign - 1 : in_sign);
+  constexpr int kLast = kCompactBucketsPerSign - 1;
+  int in_sign = top15 - static_cast<int>(kCompactLowestTop15) + 1;  // clamped to [0, kLast]
+  in_sign = in_sign < 0 ? 0 : (in_sign > kLast ? kLast : in_sign);
   return static_cast<int>(bits >> 31) * kCompactBucketsPerSign + in_sign;
 }
 

@@ -117,7 +117,6 @@ def test_quantization_never_flips_the_sign():
     assert values[4] == 0 and values[5] == 1.0
 
 
-
 def _other_sorted_maps():
     """Sorted maps unlike the dynamic one: several midpoints per table bucket, a midpoint of
     exactly 0.0, midpoints below 2^-24 and above 2 (where the compact encode table merges

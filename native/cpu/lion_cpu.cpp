@@ -170,14 +170,14 @@ inline float float_of_key(uint32_t key) {
   return __builtin_bit_cast(float, bits);
 }
 
-// Fills the folded table from the scalar (compact) encoder itself, and checks that it is right: each
-// bucket splits into at most two key ranges (below the midpoint inside it, and from it on),
-// and the scalar encoder must give one code across each range. Within a range only the
-// table entry, the midpoint compare and x's sign bit decide the code, and they are constant
-// given one midpoint per bucket, no midpoint of +-0 (where the key order and the float order
-// of -0.0 and +0.0 differ) and no NaN in the map; x > 0, which picks the sign rule's
-// direction, changes only at range ends (+0, and +inf before the NaNs), so comparing the
-// two ends of each range proves it.
+// Fills the folded table from the scalar (compact) encoder itself, and checks that it is
+// right: each bucket splits into at most two key ranges (below the midpoint inside it, and
+// from it on), and the scalar encoder must give one code across each range. Within a range
+// the count of midpoints <= x, which only grows with x, cannot change (no midpoint lies inside
+// it), and neither can x's sign bit, given one midpoint per bucket, no midpoint of +-0 (where
+// the key order and the float order of -0.0 and +0.0 differ) and no NaN in the map; x > 0,
+// which picks the sign rule's direction, changes only at range ends (+0, and +inf before the
+// NaNs), so comparing the two ends of each range proves it.
 void build_folded_table(const float* qmap, EncodeTable& table) {
   table.folded_ok = table.one_midpoint_per_bucket;
   for (int j = 0; j < kQuantMapSize; ++j) {
