@@ -329,11 +329,20 @@ LION_AVX2 inline __m256 decode8(const uint8_t* codes, const float* qmap, __m256 
   return _mm256_mul_ps(_mm256_set_m128(high, low), scale);
 }
 
+// The indices leave the vector register as four 64-bit pairs rather than through a store and
+// eight reloads: 8-10% faster on the cache-resident pipeline (a store and narrower reloads of it
+// forward poorly), no slower out of cache.
 LION_AVX2 inline __m256i lookup8(const uint32_t* table, __m256i index) {
-  alignas(32) uint32_t i[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(i), index);
-  return _mm256_setr_epi32(table[i[0]], table[i[1]], table[i[2]], table[i[3]], table[i[4]],
-                           table[i[5]], table[i[6]], table[i[7]]);
+  const __m128i low = _mm256_castsi256_si128(index), high = _mm256_extracti128_si256(index, 1);
+  const uint64_t i01 = static_cast<uint64_t>(_mm_cvtsi128_si64(low));
+  const uint64_t i23 = static_cast<uint64_t>(_mm_extract_epi64(low, 1));
+  const uint64_t i45 = static_cast<uint64_t>(_mm_cvtsi128_si64(high));
+  const uint64_t i67 = static_cast<uint64_t>(_mm_extract_epi64(high, 1));
+  const auto at = [table](uint64_t pair, int half) {
+    return static_cast<int>(table[static_cast<uint32_t>(pair >> (32 * half))]);
+  };
+  return _mm256_setr_epi32(at(i01, 0), at(i01, 1), at(i23, 0), at(i23, 1), at(i45, 0),
+                           at(i45, 1), at(i67, 0), at(i67, 1));
 }
 
 // Largest lane of a vector of magnitudes (NaN-ignoring, as std::max from 0).
