@@ -340,3 +340,119 @@ def test_param_replaced_after_first_step_is_refused_and_nothing_changes():
     with pytest.raises(RuntimeError, match=r"index 1.*does not fit"):
         opt.step()
     _assert_unchanged(opt, params, snapshot)
+
+
+# ---- the step plan: eager steps reuse the last step's calls while nothing has changed -------------
+
+def _count_full_checks(monkeypatch, opt):
+    calls = []
+    full_check = opt._check_step_inputs
+    monkeypatch.setattr(opt, "_check_step_inputs", lambda: calls.append(1) or full_check())
+    return calls
+
+
+@pytest.mark.parametrize("config", ["32-bit", "8-bit blockwise", "8-bit static", "clipping",
+                                    "override"])
+def test_planned_steps_equal_fully_checked_steps(monkeypatch, config):
+    from lion_ops import Lion8bit
+    from lion_ops.optim import GlobalOptimManager
+    GlobalOptimManager.get_instance().initialize()
+    kwargs = {"32-bit": {}, "8-bit blockwise": {"min_8bit_size": 300},
+              "8-bit static": {"min_8bit_size": 300, "block_wise": False},
+              "clipping": {"percentile_clipping": 90}, "override": {"min_8bit_size": 300}}[config]
+    shapes = [(700,), (33, 17), (5,), (1000,)]
+    torch.manual_seed(11)
+    planned = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    full = [torch.nn.Parameter(p.detach().clone()) for p in planned]
+    if config == "override":
+        for ps in (planned, full):
+            GlobalOptimManager.get_instance().override_config(ps[1], "lr", 3e-3)
+    opts = []
+    for ps in (planned, full):
+        groups = [{"params": ps[:2]}, {"params": ps[2:], "weight_decay": 0.3}]
+        opts.append(Lion8bit(groups, lr=1e-2, **kwargs) if "8-bit" in config or
+                    config == "override" else Lion(groups, lr=1e-2, **kwargs))
+    opt, reference = opts
+    checks = _count_full_checks(monkeypatch, opt)
+    schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.7) for o in opts]
+    for step in range(6):
+        grads = [torch.randn(s) for s in shapes]
+        for ps in (planned, full):
+            for i, (p, g) in enumerate(zip(ps, grads)):
+                p.grad = None if step in (2, 3) and i == 3 else g.clone()
+        if step == 4:
+            for o in opts:
+                o.param_groups[0]["betas"] = (0.8, 0.95)
+                o.param_groups[1]["weight_decay"] = 0.05
+        reference._step_plan = None  # every step of the reference takes the full check
+        for o, scheduler in zip(opts, schedulers):
+            o.step()
+            scheduler.step()
+        for p, q in zip(planned, full):
+            assert torch.equal(p, q), step
+            for key, value in reference.state[q].items():
+                assert torch.equal(opt.state[p][key], value), (step, key)
+    # Full checks: the first step, and the two where the set of params with grads changed.
+    assert len(checks) == 3
+
+
+def test_planned_steps_follow_new_groups_overrides_and_loaded_state():
+    from lion_ops.optim import GlobalOptimManager
+    GlobalOptimManager.get_instance().initialize()
+    params = _params(torch.float32, "cpu", [(6,), (9,)], False)
+    opt = Lion(params, lr=0.1)
+    for _ in range(2):
+        _set_random_grads(params)
+        opt.step()
+    extra = torch.nn.Parameter(torch.randn(4))
+    opt.add_param_group({"params": [extra], "lr": 0.5})
+    GlobalOptimManager.get_instance().override_config(params[1], "lr", 0.0)
+    _set_random_grads(params + [extra])
+    before = [p.detach().clone() for p in params + [extra]]
+    opt.step()
+    assert not torch.equal(params[0], before[0])
+    assert torch.equal(params[1], before[1] * (1 - 0.0 * 0.0))  # lr 0: unchanged
+    assert not torch.equal(extra, before[2]) and int(opt.state[extra]["step"]) == 1
+    saved = opt.state_dict()
+    _set_random_grads(params + [extra])
+    opt.step()
+    opt.load_state_dict(saved)
+    assert int(opt.state[params[0]]["step"]) == 3
+    _set_random_grads(params + [extra])
+    opt.step()
+    assert int(opt.state[params[0]]["step"]) == 4 and int(opt.state[extra]["step"]) == 2
+
+
+@pytest.mark.parametrize("corrupt", ["sparse grad", "param dtype", "param shape",
+                                     "state dict replaced", "momentum replaced"])
+def test_bad_input_after_planned_steps_is_refused_and_nothing_changes(corrupt):
+    params = _params(torch.float32, "cpu", [(5,), (6,), (7,)], False)
+    opt = Lion([{"params": params[:1]}, {"params": params[1:]}], lr=0.1)
+    for _ in range(2):
+        _set_random_grads(params)
+        opt.step()
+    assert opt._step_plan is not None
+    _set_random_grads(params)
+    target = params[2]
+    if corrupt == "sparse grad":
+        target.grad = torch.randn(7).to_sparse()
+        message = r"index 1,.*sparse gradient"
+    elif corrupt == "param dtype":
+        target.data = torch.randn(7, dtype=torch.float64)
+        target.grad = torch.randn(7, dtype=torch.float64)
+        message = r"index 1,.*must be float32, bfloat16 or float16"
+    elif corrupt == "param shape":
+        target.data = torch.randn(8)
+        target.grad = torch.randn(8)
+        message = r"index 1,.*does not fit"
+    elif corrupt == "state dict replaced":
+        opt.state[target] = {"step": opt.state[target]["step"].clone(),
+                             "state1": torch.zeros(3)}
+        message = r"index 1,.*does not fit"
+    else:
+        opt.state[target]["state1"] = torch.zeros(2, 4)
+        message = r"index 1,.*does not fit"
+    snapshot = _snapshot(opt, params)
+    with pytest.raises((RuntimeError, TypeError), match=message):
+        opt.step()
+    _assert_unchanged(opt, params, snapshot)

@@ -273,14 +273,24 @@ class LionOptimizerBase(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        compiling = torch.compiler.is_compiling()
+        plan = None if compiling else getattr(self, "_step_plan", None)
+        if plan is not None and plan.run(self):
+            return loss
+        self._step_plan = None
         work = self._check_step_inputs()
+        plans = []
         for group_index, group, params in work:
-            if params:
-                self._update_group(group_index, group, params)
+            calls = self._group_calls(group_index, group, params) if params else []
+            self._run_group(group, calls, [[p.grad for p in call.params] for call in calls])
+            plans.append((group, params, calls))
+        if not compiling:
+            self._step_plan = _StepPlan(self, plans)
         return loss
 
-    def _update_group(self, group_index: int, group: dict, params: list[tuple]) -> None:
-        # One operator call per (device, dtype, state kind, override config).
+    def _group_calls(self, group_index: int, group: dict, params: list[tuple]) -> list[_Call]:
+        """The operator calls of a group's step, one per (device, dtype, state kind, override
+        config), initializing the state of params on their first step."""
         buckets: dict[tuple, list[tuple[int, Tensor, dict]]] = defaultdict(list)
         overrides = self._overrides
         for index, p, state, kind, device, dtype in params:
@@ -291,27 +301,30 @@ class LionOptimizerBase(torch.optim.Optimizer):
             entry = overrides.get((group_index, index)) if overrides else None
             config_id = entry[0] if entry is not None else -1
             buckets[(device, dtype, kind, config_id)].append((index, p, state))
+        return [_Call(self, kind, device, self._config(group_index, members[0][0]), members)
+                for (device, _, kind, _), members in buckets.items()]
+
+    def _run_group(self, group: dict, calls: list[_Call], grads: list[list[Tensor]]) -> None:
+        """Issues a group's calls (grads[i]: the grads of calls[i]'s params), reading the
+        hyperparameters that may change between steps (lr, betas, weight_decay,
+        percentile_clipping) now."""
         # Every step counter of the group's params, one call (one launch) per device.
         steps_by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
-        for (device, _, _, _), members in buckets.items():
-            steps_by_device[device].extend(state["step"] for _, _, state in members)
+        for call in calls:
+            steps_by_device[call.device].extend(call.steps)
         for steps in steps_by_device.values():
             ops.increment_steps(steps)
-        lrs: dict[tuple, Tensor] = {}  # one lr tensor per (device, lr) for all the buckets
-        for (device, _, kind, _), members in buckets.items():
-            config = self._config(group_index, members[0][0])
-            bucket = [p for _, p, _ in members]
+        lrs: dict[tuple, Tensor] = {}  # one lr tensor per (device, lr) for all the calls
+        for call, call_grads in zip(calls, grads):
+            config, device, states = call.config, call.device, call.states
             beta1, beta2 = config.get("betas", group["betas"])
             wd = config.get("weight_decay", group["weight_decay"])
             percentile = config.get("percentile_clipping", self.percentile_clipping)
-            states = [state for _, _, state in members]
-            grads = [p.grad for p in bucket]
             lr_value = config.get("lr", group["lr"])
             lr_key = (device, id(lr_value) if isinstance(lr_value, Tensor) else lr_value)
             lr = lrs.get(lr_key)
             if lr is None:
                 lr = lrs[lr_key] = self._lr_tensor(lr_value, device)
-            steps = [s["step"] for s in states]
             grad_scales = None
             if percentile < 100:
                 if any("gnorm_vec" not in s for s in states):
@@ -319,26 +332,20 @@ class LionOptimizerBase(torch.optim.Optimizer):
                         s.setdefault("gnorm_vec", torch.zeros(ops.GNORM_HISTORY,
                                                               dtype=torch.float32,
                                                               device=device))
-                grad_scales = ops.percentile_clipping(grads, [s["gnorm_vec"] for s in states],
-                                                      steps, percentile)
-            codes_or_momenta = [s["state1"] for s in states]
-            if self._paging.get(device) == ops.PAGING_WITH_PREFETCH:
-                paged = [m for p, m in zip(bucket, codes_or_momenta) if self._pages(p)]
-                if paged:  # back from host memory, if the driver paged any of it out
-                    ops.prefetch_paged(paged)
-            if kind == FP32:
-                ops.lion_update_32bit(bucket, grads, codes_or_momenta, lr, beta1, beta2, wd,
-                                      grad_scales)
-            elif kind == BLOCKWISE:
-                ops.lion_update_8bit_blockwise(bucket, grads, codes_or_momenta,
-                                               [s["absmax1"] for s in states],
-                                               self._qmap(device), lr, beta1, beta2, wd,
+                grad_scales = ops.percentile_clipping(
+                    call_grads, [s["gnorm_vec"] for s in states], call.steps, percentile)
+            if call.paged:  # back from host memory, if the driver paged any of it out
+                ops.prefetch_paged(call.paged)
+            if call.kind == FP32:
+                ops.lion_update_32bit(call.params, call_grads, call.momenta, lr, beta1, beta2,
+                                      wd, grad_scales)
+            elif call.kind == BLOCKWISE:
+                ops.lion_update_8bit_blockwise(call.params, call_grads, call.momenta,
+                                               call.scales, call.qmap, lr, beta1, beta2, wd,
                                                grad_scales)
             else:
-                ops.lion_update_8bit_static(bucket, grads, codes_or_momenta,
-                                            [s["max1"] for s in states],
-                                            [s["new_max1"] for s in states],
-                                            self._qmap(device), lr, beta1, beta2, wd,
+                ops.lion_update_8bit_static(call.params, call_grads, call.momenta, call.scales,
+                                            call.new_scales, call.qmap, lr, beta1, beta2, wd,
                                             grad_scales)
 
     @staticmethod
@@ -464,6 +471,112 @@ class LionOptimizerBase(torch.optim.Optimizer):
                                            memory_format=torch.contiguous_format,
                                            copy=True).reshape(-1)
         return state
+
+
+class _Call:
+    """One operator call of a step: the params of one (device, dtype, state kind, override
+    config) bucket of a param group, and their state tensors."""
+
+    __slots__ = ("kind", "device", "config", "params", "states", "steps", "momenta", "scales",
+                 "new_scales", "qmap", "paged")
+
+    def __init__(self, optimizer: LionOptimizerBase, kind: str, device: torch.device,
+                 config: dict, members: list[tuple[int, Tensor, dict]]):
+        self.kind, self.device, self.config = kind, device, config
+        self.params = [p for _, p, _ in members]
+        self.states = [state for _, _, state in members]
+        self.steps = [s["step"] for s in self.states]
+        self.momenta = [s["state1"] for s in self.states]
+        self.scales = self.new_scales = self.qmap = None
+        if kind == BLOCKWISE:
+            self.scales = [s["absmax1"] for s in self.states]
+        elif kind == STATIC:
+            self.scales = [s["max1"] for s in self.states]
+            self.new_scales = [s["new_max1"] for s in self.states]
+        if kind != FP32:
+            self.qmap = optimizer._qmap(device)
+        self.paged = None
+        if optimizer._paging.get(device) == ops.PAGING_WITH_PREFETCH:
+            self.paged = [m for p, m in zip(self.params, self.momenta) if optimizer._pages(p)]
+
+
+class _StepPlan:
+    """The calls of the last step, for the next one to reuse when nothing they depend on has
+    changed: the same params, with grads on the same params, every param and grad with the
+    dtype, shape and device the state was checked against, the same state tensors and the
+    same overrides. That is checked on every step, a few attribute reads per param, and
+    anything else sends the step to the full check (which raises the error naming the
+    param, if there is one). Eager mode only: a compiled step is traced from the full path.
+    """
+
+    __slots__ = ("state", "overrides", "groups")
+
+    def __init__(self, optimizer: LionOptimizerBase, plans: list[tuple]):
+        self.state, self.overrides = optimizer.state, optimizer._overrides
+        self.groups = []
+        for group, params, calls in plans:
+            checked = {id(p): (p.dtype, p.shape, p.device, state) for _, p, state, *_ in params}
+            # Per param of the group, in order: None if it had no grad, else what it is
+            # checked against and the position of its grad in its call's grad list.
+            expected: list[tuple | None] = [None] * len(group["params"])
+            positions = {}
+            for c, call in enumerate(calls):
+                for i, p in enumerate(call.params):
+                    positions[id(p)] = (c, i)
+            for index, p in enumerate(group["params"]):
+                if id(p) in checked:
+                    dtype, shape, device, _ = checked[id(p)]
+                    state = optimizer.state[p]
+                    held = tuple((k, state[k]) for k in _PLAN_STATE_KEYS if k in state)
+                    expected[index] = (dtype, shape, device, state, held, *positions[id(p)])
+            self.groups.append((group, list(group["params"]), expected, calls))
+
+    def run(self, optimizer: LionOptimizerBase) -> bool:
+        """Runs the step if the plan still holds; False (nothing done) if it does not."""
+        if optimizer.state is not self.state or optimizer._overrides is not self.overrides \
+                or len(optimizer.param_groups) != len(self.groups):
+            return False
+        state_of = optimizer.state.get
+        strided = torch.strided
+        all_grads = []
+        where = f"{type(optimizer).__name__}.step"
+        for group_index, ((group, params, expected, calls), current) in enumerate(
+                zip(self.groups, optimizer.param_groups)):
+            if current is not group:
+                return False
+            check_hyperparameters(group["lr"], group["betas"], group["weight_decay"],
+                                  f"{where} (param group {group_index})")
+            current_params = group["params"]
+            if len(current_params) != len(params):
+                return False
+            grads = [[None] * len(call.params) for call in calls]
+            for p, q, entry in zip(current_params, params, expected):
+                if p is not q:
+                    return False
+                g = p.grad
+                if entry is None:
+                    if g is not None:
+                        return False
+                    continue
+                dtype, shape, device, state, held, c, i = entry
+                if (g is None or g.layout is not strided or p.dtype is not dtype
+                        or g.dtype is not dtype or p.shape != shape or g.shape != shape
+                        or p.device != device or g.device != device
+                        or state_of(p) is not state):
+                    return False
+                for key, tensor in held:
+                    if state.get(key) is not tensor:
+                        return False
+                grads[c][i] = g
+            all_grads.append(grads)
+        for (group, _, _, calls), grads in zip(self.groups, all_grads):
+            optimizer._run_group(group, calls, grads)
+        return True
+
+
+# The state entries a plan's calls hold: replacing or removing any of them sends the step to
+# the full check.
+_PLAN_STATE_KEYS = ("step", "state1", "absmax1", "max1", "new_max1", "gnorm_vec")
 
 
 def _read_args(args, where: str) -> tuple:
