@@ -204,6 +204,53 @@ def test_tensor_lr_on_the_device():
     assert sizes == pytest.approx([0.25, 0.125], rel=1e-6)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("kwargs", [{}, {"optim_bits": 8, "min_8bit_size": 256},
+                                    {"optim_bits": 8, "min_8bit_size": 256, "block_wise": False},
+                                    {"percentile_clipping": 90}],
+                         ids=["32-bit", "8-bit blockwise", "8-bit static", "clipping"])
+def test_step_captured_in_a_cuda_graph_replays_as_eager_steps(kwargs):
+    """With lr a tensor on the device, a step has no host synchronization and reads nothing on
+    the host that changes between steps, so it can be captured once and replayed."""
+    shapes = [(300,), (33, 17), (5,)]
+    torch.manual_seed(5)
+    initial = [torch.randn(s, device="cuda") for s in shapes]
+    grads = [[torch.randn(s, device="cuda") for s in shapes] for _ in range(5)]
+
+    def make():
+        params = [torch.nn.Parameter(x.clone()) for x in initial]
+        lr = torch.tensor(1e-2, device="cuda")
+        return params, lr, Lion(params, lr=lr, weight_decay=0.1, **kwargs)
+
+    eager_params, eager_lr, eager = make()
+    graph_params, graph_lr, captured = make()
+    for params in (eager_params, graph_params):  # graph_params' grads become the graph's inputs
+        for p, g in zip(params, grads[0]):
+            p.grad = g.clone()
+    eager.step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # the first step (state initialization) outside the capture
+        captured.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured.step()
+    for i in range(1, 5):
+        for lr in (eager_lr, graph_lr):
+            lr.fill_(1e-2 * 0.5 ** i)
+        for p, q, g in zip(eager_params, graph_params, grads[i]):
+            p.grad = g.clone()
+            q.grad.copy_(g)
+        eager.step()
+        graph.replay()
+    torch.cuda.synchronize()
+    for p, q in zip(eager_params, graph_params):
+        assert torch.equal(p, q)
+        for key, value in eager.state[p].items():
+            assert torch.equal(captured.state[q][key], value), key
+
+
 # ---- checkpoints ------------------------------------------------------------------------------------
 
 def _make_model_and_opt(device, seed=3):
