@@ -515,7 +515,7 @@ class _StepPlan:
         self.state, self.overrides = optimizer.state, optimizer._overrides
         self.groups = []
         for group, params, calls in plans:
-            checked = {id(p): (p.dtype, p.shape, p.device, state) for _, p, state, *_ in params}
+            checked = {id(p): (p.dtype, p.shape, p.device) for _, p, *_ in params}
             # Per param of the group, in order: None if it had no grad, else what it is
             # checked against and the position of its grad in its call's grad list.
             expected: list[tuple | None] = [None] * len(group["params"])
@@ -525,7 +525,7 @@ class _StepPlan:
                     positions[id(p)] = (c, i)
             for index, p in enumerate(group["params"]):
                 if id(p) in checked:
-                    dtype, shape, device, _ = checked[id(p)]
+                    dtype, shape, device = checked[id(p)]
                     state = optimizer.state[p]
                     held = tuple((k, state[k]) for k in _PLAN_STATE_KEYS if k in state)
                     expected[index] = (dtype, shape, device, state, held, *positions[id(p)])
