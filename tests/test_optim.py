@@ -291,6 +291,44 @@ def test_stop_save_load_continue_equals_not_stopping(device):
     assert state["step"] == 20 and set(state) == {"step", "__bnb_optimizer_quant_state__"}
 
 
+@pytest.mark.parametrize("optim_bits", [32, 8])
+def test_load_state_dict_copies_each_state_tensor_once_and_leaves_the_dict_alone(
+        monkeypatch, optim_bits):
+    """Loading copies every state tensor into the optimizer's own (no aliasing of the caller's
+    tensors, which stay unmodified) without deep-copying the whole dict first, which would hold
+    a second copy of all the state at once."""
+    torch.manual_seed(4)
+    params = [torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(7))]
+    opt = Lion(params, lr=torch.tensor(1e-2), optim_bits=optim_bits, min_8bit_size=256)
+    for _ in range(2):
+        _set_random_grads(params)
+        opt.step()
+    saved = opt.state_dict()
+    before = {k: {name: value.clone() for name, value in
+                  saved["state"][k]["__bnb_optimizer_quant_state__"].items()}
+              for k in saved["state"]}
+    copies = []
+    original = torch.Tensor.__deepcopy__
+    monkeypatch.setattr(torch.Tensor, "__deepcopy__",
+                        lambda self, memo: copies.append(self.numel()) or original(self, memo))
+    other = Lion([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1.0,
+                 optim_bits=optim_bits, min_8bit_size=256)
+    other.load_state_dict(saved)
+    assert copies == [1]  # the tensor lr of the param group, nothing else
+    assert other.param_groups[0]["lr"] is not saved["param_groups"][0]["lr"]
+    for k, p in enumerate(other.param_groups[0]["params"]):
+        nested = saved["state"][k]["__bnb_optimizer_quant_state__"]
+        for name in ("state1", "absmax1"):
+            if name in nested:
+                assert other.state[p][name].data_ptr() != nested[name].data_ptr()
+                assert torch.equal(other.state[p][name], nested[name])
+    _set_random_grads(other.param_groups[0]["params"])
+    other.step()
+    for k, nested in before.items():
+        for name, value in nested.items():
+            assert torch.equal(saved["state"][k]["__bnb_optimizer_quant_state__"][name], value)
+
+
 def _corruptions():
     def wrong_shape(sd):
         sd["state"][0]["__bnb_optimizer_quant_state__"]["state1"] = torch.zeros(3)

@@ -384,10 +384,13 @@ class LionOptimizerBase(torch.optim.Optimizer):
             if result is not None:
                 state_dict = result
         where = f"{type(self).__name__}.load_state_dict"
-        state_dict = deepcopy(state_dict)
         if not isinstance(state_dict, dict) or "state" not in state_dict \
                 or "param_groups" not in state_dict:
             raise ValueError(f"{where}: expected a dict with 'state' and 'param_groups'")
+        # Not a deep copy of the whole dict: each state tensor is copied once, into the
+        # optimizer's own layout, as it is loaded (a deep copy first would hold a second copy
+        # of all the state at once). The caller's dict is never modified.
+        state_dict = dict(state_dict, param_groups=deepcopy(state_dict["param_groups"]))
         groups, saved_groups = self.param_groups, state_dict["param_groups"]
         if len(groups) != len(saved_groups):
             raise ValueError(f"{where}: the state dict has {len(saved_groups)} param groups, the "
@@ -450,7 +453,8 @@ class LionOptimizerBase(torch.optim.Optimizer):
         if not isinstance(step, (int, float)) or step < 0:
             raise ValueError(f"{what}: the saved 'step' must be a number >= 0, got {step!r}")
 
-        state = {k: v for k, v in saved.items() if k not in _STATE_TENSOR_KEYS and k != "step"}
+        state = {k: deepcopy(v) for k, v in saved.items()
+                 if k not in _STATE_TENSOR_KEYS and k != "step"}
         state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
         if config.get("percentile_clipping", self.percentile_clipping) < 100:
             # A checkpoint without history (clipping was off) starts a fresh one.
