@@ -3,6 +3,7 @@ steps, param groups, closures, schedulers, tensor lr, checkpoints, and bad input
 
 import inspect
 import io
+import warnings
 
 import pytest
 import torch
@@ -327,6 +328,25 @@ def test_load_state_dict_copies_each_state_tensor_once_and_leaves_the_dict_alone
     for k, nested in before.items():
         for name, value in nested.items():
             assert torch.equal(saved["state"][k]["__bnb_optimizer_quant_state__"][name], value)
+
+
+@pytest.mark.cuda
+def test_state_dict_reads_the_step_counters_with_one_synchronization():
+    params = [torch.nn.Parameter(torch.randn(5, device="cuda")) for _ in range(20)]
+    opt = Lion(params, lr=1e-2)
+    _set_random_grads(params)
+    opt.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            saved = opt.state_dict()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    assert [saved["state"][k]["step"] for k in range(20)] == [1] * 20
 
 
 def _corruptions():

@@ -363,12 +363,14 @@ class LionOptimizerBase(torch.optim.Optimizer):
         """The optimizer state in bitsandbytes' layout: per param an int `step`, with the
         momentum nested as `state1` under "__bnb_optimizer_quant_state__"."""
         state_dict = super().state_dict()
+        steps = _read_step_counters(param_state.get("step")
+                                    for param_state in state_dict["state"].values())
         packed = {}
-        for key, param_state in state_dict["state"].items():
+        for (key, param_state), step in zip(state_dict["state"].items(), steps):
             entry, nested = {}, {}
             for name, value in param_state.items():
-                if name == "step" and isinstance(value, Tensor):
-                    value = int(value.item())  # not in a step: a host read is fine here
+                if name == "step" and step is not None:
+                    value = step
                 (nested if name in QUANT_STATE_ENTRIES else entry)[name] = value
             if nested:
                 entry[QUANT_STATE_KEY] = nested
@@ -475,6 +477,23 @@ class LionOptimizerBase(torch.optim.Optimizer):
                                            memory_format=torch.contiguous_format,
                                            copy=True).reshape(-1)
         return state
+
+
+def _read_step_counters(counters) -> list[int | None]:
+    """The ints of the one-element step counters among `counters` (None for anything else),
+    read with one host synchronization per device rather than one per counter. Not in a
+    step: a host read is fine here."""
+    counters = list(counters)
+    values: list[int | None] = [None] * len(counters)
+    by_device: dict[torch.device, list[int]] = defaultdict(list)
+    for i, counter in enumerate(counters):
+        if isinstance(counter, Tensor) and counter.numel() == 1:
+            by_device[counter.device].append(i)
+    for indices in by_device.values():
+        read = torch.stack([counters[i].detach().reshape(()).float() for i in indices]).tolist()
+        for i, value in zip(indices, read):
+            values[i] = int(value)
+    return values
 
 
 class _Call:
