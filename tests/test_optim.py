@@ -1,8 +1,10 @@
 """The optimizer classes as torch users use them: parity with the fp64 reference over 100
 steps, param groups, closures, schedulers, tensor lr, checkpoints, and bad input."""
 
+import copy
 import inspect
 import io
+import pickle
 import warnings
 
 import pytest
@@ -347,6 +349,36 @@ def test_state_dict_reads_the_step_counters_with_one_synchronization():
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) == 1, [str(w.message) for w in syncs]
     assert [saved["state"][k]["step"] for k in range(20)] == [1] * 20
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("kwargs", [{}, {"optim_bits": 8, "min_8bit_size": 256},
+                                    {"optim_bits": 8, "min_8bit_size": 256, "block_wise": False},
+                                    {"percentile_clipping": 80}],
+                         ids=["32-bit", "8-bit blockwise", "8-bit static", "clipping"])
+def test_copied_optimizer_is_independent_and_steps_as_the_original(how, kwargs):
+    torch.manual_seed(8)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(300,), (7,), (20, 30)]]
+    opt = Lion(params, lr=1e-2, weight_decay=0.1, **kwargs)
+    for _ in range(2):
+        _set_random_grads(params)
+        opt.step()
+    if how == "deepcopy":
+        copied_params, copied = copy.deepcopy((params, opt))
+    else:
+        copied_params, copied = pickle.loads(pickle.dumps((params, opt)))
+    assert copied.param_groups[0]["params"][0] is copied_params[0]
+    for _ in range(3):
+        for p, q in zip(params, copied_params):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        copied.step()
+    for p, q in zip(params, copied_params):
+        assert torch.equal(p, q)
+        for key, value in opt.state[p].items():
+            assert torch.equal(copied.state[q][key], value), key
+            assert copied.state[q][key].data_ptr() != value.data_ptr(), key
 
 
 def _corruptions():

@@ -116,6 +116,25 @@ class LionOptimizerBase(torch.optim.Optimizer):
         self._manager.attach(self)
         self._resolve_overrides()
 
+    # Besides torch's (defaults, state, param_groups), what a copy needs to step as the
+    # original does; the overrides are resolved again from GlobalOptimManager.
+    _PICKLED_ATTRIBUTES = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise",
+                           "is_paged", "_paging", "_qmaps")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update((name, self.__dict__[name]) for name in self._PICKLED_ATTRIBUTES)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._step_plan = None
+        if "_manager" not in self.__dict__:  # a copy (pickled or deep-copied), not a load
+            self._overrides = {}
+            self._manager = GlobalOptimManager.get_instance()
+            self._manager.attach(self)
+            self._resolve_overrides()
+
     def _note_paging_devices(self, groups) -> None:
         """Records what paging the devices of `groups` support; warns, once per call, about
         devices where a paged optimizer has to keep ordinary state."""
