@@ -381,6 +381,45 @@ def test_copied_optimizer_is_independent_and_steps_as_the_original(how, kwargs):
             assert copied.state[q][key].data_ptr() != value.data_ptr(), key
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("kwargs", [{}, {"optim_bits": 8, "min_8bit_size": 64}],
+                         ids=["32-bit", "8-bit"])
+def test_distributed_checkpoint_save_load_continues_exactly(tmp_path, kwargs):
+    """torch.distributed.checkpoint (here in one process): get_optimizer_state_dict keys the
+    state by parameter name, dcp saves and loads it, set_optimizer_state_dict puts it back."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    def train(model, opt, steps, seed):
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            opt.zero_grad()
+            model(torch.randn(8, 16, generator=generator)).square().sum().backward()
+            opt.step()
+
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 1))
+    opt = Lion(model.parameters(), lr=1e-2, **kwargs)
+    train(model, opt, 3, seed=1)
+    saved = get_optimizer_state_dict(model, opt)
+    assert set(saved["state"]) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+    dcp.save({"optim": saved}, checkpoint_id=str(tmp_path))
+
+    resumed_model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 1))
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = Lion(resumed_model.parameters(), lr=1.0, **kwargs)
+    loaded = get_optimizer_state_dict(resumed_model, resumed)
+    dcp.load({"optim": loaded}, checkpoint_id=str(tmp_path))
+    set_optimizer_state_dict(resumed_model, resumed, loaded)
+    assert resumed.param_groups[0]["lr"] == 1e-2
+    train(model, opt, 2, seed=2)
+    train(resumed_model, resumed, 2, seed=2)
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+    assert int(resumed.state[resumed_model[0].weight]["step"]) == 5
+
+
 def _corruptions():
     def wrong_shape(sd):
         sd["state"][0]["__bnb_optimizer_quant_state__"]["state1"] = torch.zeros(3)
