@@ -196,6 +196,51 @@ def test_lr_scheduler(device, tensor_lr):
         assert opt.param_groups[0]["lr"] is lr  # updated in place by the scheduler
 
 
+def test_one_cycle_lr_cycles_beta1_and_the_step_uses_it():
+    params = _params(torch.float32, "cpu", [(50,)], False)
+    opt = Lion(params, lr=1e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10,
+                                                cycle_momentum=True)
+    seen = set()
+    for _ in range(6):
+        _set_random_grads(params)
+        lr, betas = opt.param_groups[0]["lr"], opt.param_groups[0]["betas"]
+        seen.add(betas[0])
+        p0, m0 = params[0].detach().clone(), opt.state[params[0]].get("state1")
+        m0 = torch.zeros_like(p0) if m0 is None else m0.clone()
+        opt.step()
+        p_ref, m_ref, _ = lion_reference_step(p0, params[0].grad, m0, lr, *betas, 0.0)
+        torch.testing.assert_close(params[0].detach().double(), p_ref)
+        torch.testing.assert_close(opt.state[params[0]]["state1"].double(), m_ref)
+        sched.step()
+    assert len(seen) == 6  # beta1 changed on every step
+
+
+@pytest.mark.parametrize("optim_bits", [32, 8])
+def test_grad_scaler_steps_with_the_unscaled_grads(optim_bits):
+    torch.manual_seed(6)
+    params = [torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(7))]
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = Lion(params, lr=1e-2, optim_bits=optim_bits, min_8bit_size=256)
+    ref_opt = Lion(reference, lr=1e-2, optim_bits=optim_bits, min_8bit_size=256)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    for step in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        if step == 1:
+            grads[1][3] = float("inf")  # this step is skipped and the scale backs off
+        scale = scaler.scale(torch.tensor(1.0))  # what a scaled loss's backward multiplies by
+        for p, q, g in zip(params, reference, grads):
+            p.grad = g * scale
+            q.grad = g.clone()
+        scaler.step(opt)
+        scaler.update()
+        if step != 1:
+            ref_opt.step()
+        for p, q in zip(params, reference):
+            assert torch.equal(p, q), step
+    assert scaler.get_scale() == 2.0 ** 9
+
+
 @pytest.mark.cuda
 def test_tensor_lr_on_the_device():
     params = _params(torch.float32, "cuda", [(64,)], False)
