@@ -70,6 +70,39 @@ def test_unsupported_param_dtypes_are_refused_at_construction(dtype):
         Lion([p])
 
 
+def test_a_refused_param_group_leaves_the_optimizer_as_it_was():
+    good = torch.nn.Parameter(torch.randn(4))
+    opt = Lion([good], lr=0.1)
+    bad = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"add_param_group: parameter \(group 1, index 1.*float64"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2)), bad]})
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == [good]
+    good.grad = torch.randn(4)
+    opt.step()  # still works, on the one group it has
+    assert int(opt.state[good]["step"]) == 1
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+def test_dtensor_params_are_refused_with_a_clear_error():
+    """FSDP2 and tensor parallelism give DTensor params; the operators would fail on them
+    (with no sharding strategy registered), after the step counters had moved."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
+        with pytest.raises(TypeError, match=r"group 0, index 1.*is a DTensor"):
+            Lion([torch.nn.Parameter(torch.randn(3)), sharded])
+        opt = Lion([torch.nn.Parameter(torch.randn(3))])
+        with pytest.raises(TypeError, match=r"group 1, index 0.*is a DTensor"):
+            opt.add_param_group({"params": [sharded]})
+        assert len(opt.param_groups) == 1
+    finally:
+        dist.destroy_process_group()
+
+
 # ---- numerics -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cls", [Lion, Lion32bit])

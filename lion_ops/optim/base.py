@@ -9,6 +9,7 @@ hyperparameter leaves params and state exactly as they were.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections import defaultdict
 from copy import deepcopy
@@ -39,6 +40,18 @@ def _describe(group: dict, group_index: int, param_index: int, param: Tensor) ->
     name = f"'{names[param_index]}' " if names is not None else ""
     return (f"parameter {name}(group {group_index}, index {param_index}, "
             f"shape {tuple(param.shape)}, {param.dtype} on {param.device})")
+
+
+def _unsupported_param(p: Tensor) -> str:
+    """Why lion_ops cannot optimize p, or "" if it can."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # imported by whoever made a DTensor
+    if dtensor is not None and isinstance(p, dtensor.DTensor):
+        return ("is a DTensor (FSDP2 or tensor parallelism), which lion_ops does not support "
+                "yet: its operators update the plain tensors of one device")
+    if p.dtype not in ops.PARAM_DTYPES:
+        return ("is not float32, bfloat16 or float16"
+                + (" (complex params are not supported)" if p.is_complex() else ""))
+    return ""
 
 
 def check_hyperparameters(lr: Any, betas: Any, weight_decay: Any, where: str) -> None:
@@ -190,15 +203,16 @@ class LionOptimizerBase(torch.optim.Optimizer):
                     _check_tensor_lr_value(value, where)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        for index, p in enumerate(group["params"]):
+            problem = _unsupported_param(p)
+            if problem:
+                self.param_groups.pop()  # refused as a whole: the optimizer stays as it was
+                raise TypeError(f"{where}: {_describe(group, len(self.param_groups), index, p)} "
+                                f"{problem}")
         group["betas"] = tuple(group["betas"])
         if hasattr(self, "_manager"):  # groups added after construction
             self._resolve_overrides()
             self._note_paging_devices([group])
-        for index, p in enumerate(group["params"]):
-            if p.dtype not in ops.PARAM_DTYPES:
-                raise TypeError(f"{where}: {_describe(group, len(self.param_groups) - 1, index, p)}"
-                                " is not float32, bfloat16 or float16"
-                                + (" (complex params are not supported)" if p.is_complex() else ""))
 
     # ---- step -------------------------------------------------------------------------------
     def _check_step_inputs(self) -> list[tuple[int, dict, list[tuple]]]:
