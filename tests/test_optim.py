@@ -4,6 +4,7 @@ steps, param groups, closures, schedulers, tensor lr, checkpoints, and bad input
 import copy
 import inspect
 import io
+import os
 import pickle
 import warnings
 
@@ -83,24 +84,63 @@ def test_a_refused_param_group_leaves_the_optimizer_as_it_was():
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
-def test_dtensor_params_are_refused_with_a_clear_error():
-    """FSDP2 and tensor parallelism give DTensor params; the operators would fail on them
-    (with no sharding strategy registered), after the step counters had moved."""
+@pytest.mark.parametrize("kwargs, message", [
+    ({"optim_bits": 8, "min_8bit_size": 16}, "would get 8-bit state"),
+    ({"percentile_clipping": 90}, "percentile_clipping"),
+])
+def test_dtensor_params_without_support_are_refused_and_nothing_changes(kwargs, message):
+    """DTensor params (FSDP2, tensor parallelism) get 32-bit state; 8-bit state (scales per
+    shard) and percentile clipping (a norm over all shards) are refused, naming the param,
+    before anything changes."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
+        plain = torch.nn.Parameter(torch.randn(3))
         sharded = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
-        with pytest.raises(TypeError, match=r"group 0, index 1.*is a DTensor"):
-            Lion([torch.nn.Parameter(torch.randn(3)), sharded])
-        opt = Lion([torch.nn.Parameter(torch.randn(3))])
-        with pytest.raises(TypeError, match=r"group 1, index 0.*is a DTensor"):
-            opt.add_param_group({"params": [sharded]})
-        assert len(opt.param_groups) == 1
+        opt = Lion([plain, sharded], lr=0.1, **kwargs)
+        plain.grad = torch.randn(3)
+        sharded.grad = distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)])
+        before = [plain.detach().clone(), sharded.detach().full_tensor().clone()]
+        with pytest.raises(NotImplementedError, match=rf"group 0, index 1.*{message}"):
+            opt.step()
+        assert torch.equal(plain, before[0]) and torch.equal(sharded.full_tensor(), before[1])
+        assert not opt.state[plain] and not opt.state[sharded]
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+def test_fsdp2_on_two_ranks_trains_and_resumes_exactly_as_unsharded(tmp_path):
+    """fully_shard over 2 processes (gloo, unevenly sharded params): 5 steps of Lion give the
+    unsharded run's params and momenta bit for bit, and so does a run resumed from a
+    torch.distributed.checkpoint of the sharded optimizer after 3 steps."""
+    import subprocess
+    import sys
+    worker = os.path.join(os.path.dirname(__file__), "fsdp2_worker.py")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", worker, str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = torch.load(tmp_path / "results.pt")
+    assert results["shards"] == [(8, 16), (8,), (2, 15), (2,)]  # rank 0's shard of each
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    try:
+        import fsdp2_worker
+    finally:
+        sys.path.pop(0)
+    model = fsdp2_worker.make_model()
+    opt = Lion(model.parameters(), lr=1e-2, weight_decay=0.1)
+    fsdp2_worker.train(model, opt, fsdp2_worker.batches(3, seed=1))
+    fsdp2_worker.train(model, opt, fsdp2_worker.batches(2, seed=2))
+    for run_name in ("continued", "resumed"):
+        params, momenta = results[run_name]
+        for p, sharded_p, sharded_m in zip(model.parameters(), params, momenta):
+            assert torch.equal(sharded_p, p.detach()), run_name
+            assert torch.equal(sharded_m, opt.state[p]["state1"]), run_name
 
 
 # ---- numerics -------------------------------------------------------------------------------------

@@ -42,12 +42,40 @@ def _describe(group: dict, group_index: int, param_index: int, param: Tensor) ->
             f"shape {tuple(param.shape)}, {param.dtype} on {param.device})")
 
 
+def _is_dtensor(t: Any) -> bool:
+    # torch.distributed.tensor is imported by whoever made a DTensor; not importing it here
+    # keeps `import lion_ops` light.
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (the operators update shards in place), else t. Read
+    from the private attribute, as FSDP2 itself does: DTensor.to_local() is an autograd
+    function, about 100x slower, and a step reads it for every param and grad."""
+    return t._local_tensor if _is_dtensor(t) else t
+
+
+def _dtensor_problem(p: Tensor, g: Tensor | None, kind: str | None, percentile: int) -> str:
+    """Why a step cannot update DTensor param p (with grad g, state kind `kind`), or ""."""
+    if g is not None and (not _is_dtensor(g) or g.device_mesh != p.device_mesh
+                          or g.placements != p.placements):
+        return ("is a DTensor whose gradient is not a DTensor with the same mesh and "
+                f"placements ({getattr(g, 'placements', 'a plain tensor')} vs {p.placements})")
+    if any(placement.is_partial() for placement in p.placements):
+        return f"is a DTensor with partial placements {p.placements}"
+    if kind not in (None, FP32):
+        return ("is a DTensor (FSDP2 or tensor parallelism) that would get 8-bit state, which "
+                "is not supported for DTensor params yet (its scales are per shard); give it "
+                "32-bit state (optim_bits=32, a larger min_8bit_size, or a per-param override)")
+    if percentile < 100:
+        return ("is a DTensor (FSDP2 or tensor parallelism) with percentile_clipping, which "
+                "needs the gradient norm over all shards and is not supported yet")
+    return ""
+
+
 def _unsupported_param(p: Tensor) -> str:
     """Why lion_ops cannot optimize p, or "" if it can."""
-    dtensor = sys.modules.get("torch.distributed.tensor")  # imported by whoever made a DTensor
-    if dtensor is not None and isinstance(p, dtensor.DTensor):
-        return ("is a DTensor (FSDP2 or tensor parallelism), which lion_ops does not support "
-                "yet: its operators update the plain tensors of one device")
     if p.dtype not in ops.PARAM_DTYPES:
         return ("is not float32, bfloat16 or float16"
                 + (" (complex params are not supported)" if p.is_complex() else ""))
@@ -254,6 +282,14 @@ class LionOptimizerBase(torch.optim.Optimizer):
                                 f"{type(self).__name__}: the state of "
                                 f"{_describe(group, group_index, index, p)} does not fit it "
                                 f"({problem}); was the param replaced after the first step?")
+                if _is_dtensor(p):
+                    config = self._config(group_index, index)
+                    problem = _dtensor_problem(
+                        p, g, kind or self._state_kind(p, config),
+                        config.get("percentile_clipping", self.percentile_clipping))
+                    if problem:
+                        raise NotImplementedError(
+                            f"{where}: {_describe(group, group_index, index, p)} {problem}")
                 with_grad.append((index, p, state, kind, device, dtype))
             work.append((group_index, group, with_grad))
         return work
@@ -295,9 +331,17 @@ class LionOptimizerBase(torch.optim.Optimizer):
         # order, as in bitsandbytes, whatever the param's layout.
         dtype, layout = (torch.float32, torch.preserve_format) if kind == FP32 \
             else (torch.uint8, torch.contiguous_format)
+        shard = _local(p)
         if self._pages(p):
-            return ops.zeros_paged_like(p, dtype=dtype, memory_format=layout)
-        return torch.zeros_like(p, dtype=dtype, memory_format=layout)
+            momentum = ops.zeros_paged_like(shard, dtype=dtype, memory_format=layout)
+        else:
+            momentum = torch.zeros_like(shard, dtype=dtype, memory_format=layout)
+        if shard is p:
+            return momentum
+        # A DTensor param gets a DTensor momentum, sharded as the param is, so that
+        # checkpoints (torch.distributed.checkpoint) save and reshard it as they do params.
+        return type(p).from_local(momentum, p.device_mesh, p.placements, run_check=False,
+                                  shape=p.shape, stride=p.stride())
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -350,6 +394,11 @@ class LionOptimizerBase(torch.optim.Optimizer):
         lrs: dict[tuple, Tensor] = {}  # one lr tensor per (device, lr) for all the calls
         for call, call_grads in zip(calls, grads):
             config, device, states = call.config, call.device, call.states
+            params, momenta, paged = call.params, call.momenta, call.paged
+            if call.sharded:
+                params, call_grads, momenta = ([_local(t) for t in tensors]
+                                               for tensors in (params, call_grads, momenta))
+                paged = [_local(t) for t in paged] if paged else paged
             beta1, beta2 = config.get("betas", group["betas"])
             wd = config.get("weight_decay", group["weight_decay"])
             percentile = config.get("percentile_clipping", self.percentile_clipping)
@@ -367,17 +416,16 @@ class LionOptimizerBase(torch.optim.Optimizer):
                                                               device=device))
                 grad_scales = ops.percentile_clipping(
                     call_grads, [s["gnorm_vec"] for s in states], call.steps, percentile)
-            if call.paged:  # back from host memory, if the driver paged any of it out
-                ops.prefetch_paged(call.paged)
+            if paged:  # back from host memory, if the driver paged any of it out
+                ops.prefetch_paged(paged)
             if call.kind == FP32:
-                ops.lion_update_32bit(call.params, call_grads, call.momenta, lr, beta1, beta2,
-                                      wd, grad_scales)
+                ops.lion_update_32bit(params, call_grads, momenta, lr, beta1, beta2, wd,
+                                      grad_scales)
             elif call.kind == BLOCKWISE:
-                ops.lion_update_8bit_blockwise(call.params, call_grads, call.momenta,
-                                               call.scales, call.qmap, lr, beta1, beta2, wd,
-                                               grad_scales)
+                ops.lion_update_8bit_blockwise(params, call_grads, momenta, call.scales,
+                                               call.qmap, lr, beta1, beta2, wd, grad_scales)
             else:
-                ops.lion_update_8bit_static(call.params, call_grads, call.momenta, call.scales,
+                ops.lion_update_8bit_static(params, call_grads, momenta, call.scales,
                                             call.new_scales, call.qmap, lr, beta1, beta2, wd,
                                             grad_scales)
 
@@ -500,7 +548,13 @@ class LionOptimizerBase(torch.optim.Optimizer):
                                            copy=True).reshape(-1))
         # Laid out (and paged) as a freshly initialized momentum would be.
         state["state1"] = self._new_momentum(p, found)
-        state["state1"].copy_(saved["state1"])
+        momentum = saved["state1"]
+        if _is_dtensor(p):  # from a full tensor (on every rank) or another sharding
+            from torch.distributed.tensor import distribute_tensor
+            momentum = (momentum.redistribute(p.device_mesh, p.placements)
+                        if _is_dtensor(momentum) else
+                        distribute_tensor(momentum.to(p.device), p.device_mesh, p.placements))
+        state["state1"].copy_(momentum)
         if found == FP32:
             return state
         state["qmap1"] = self._qmap(p.device)
@@ -534,7 +588,7 @@ class _Call:
     config) bucket of a param group, and their state tensors."""
 
     __slots__ = ("kind", "device", "config", "params", "states", "steps", "momenta", "scales",
-                 "new_scales", "qmap", "paged")
+                 "new_scales", "qmap", "paged", "sharded")
 
     def __init__(self, optimizer: LionOptimizerBase, kind: str, device: torch.device,
                  config: dict, members: list[tuple[int, Tensor, dict]]):
@@ -554,6 +608,9 @@ class _Call:
         self.paged = None
         if optimizer._paging.get(device) == ops.PAGING_WITH_PREFETCH:
             self.paged = [m for p, m in zip(self.params, self.momenta) if optimizer._pages(p)]
+        # DTensor params (FSDP2, tensor parallelism) and their 32-bit state: the operators
+        # update each rank's shards, read on every step.
+        self.sharded = any(_is_dtensor(p) for p in self.params)
 
 
 class _StepPlan:
@@ -584,6 +641,8 @@ class _StepPlan:
                     dtype, shape, device = checked[id(p)]
                     state = optimizer.state[p]
                     held = tuple((k, state[k]) for k in _PLAN_STATE_KEYS if k in state)
+                    if _is_dtensor(p):  # its grads must keep being sharded as it is
+                        held += (("grad sharding", (p.device_mesh, p.placements)),)
                     expected[index] = (dtype, shape, device, state, held, *positions[id(p)])
             self.groups.append((group, list(group["params"]), expected, calls))
 
@@ -621,7 +680,10 @@ class _StepPlan:
                         or state_of(p) is not state):
                     return False
                 for key, tensor in held:
-                    if state.get(key) is not tensor:
+                    if key == "grad sharding":
+                        if not _is_dtensor(g) or (g.device_mesh, g.placements) != tensor:
+                            return False
+                    elif state.get(key) is not tensor:
                         return False
                 grads[c][i] = g
             all_grads.append(grads)
