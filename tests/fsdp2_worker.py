@@ -1,7 +1,8 @@
-"""One rank of test_optim.py's FSDP2 test, launched by torch.distributed.run: trains a small
-model sharded with fully_shard with lion_ops.Lion, checkpoints the optimizer with
-torch.distributed.checkpoint, resumes it into a fresh sharded model, and writes (rank 0) the
-full params and momenta of both runs for the test to compare with an unsharded reference."""
+"""One rank of test_optim.py's FSDP2 test, launched by torch.distributed.run with the output
+folder and optim_bits (32 or 8): trains a small model sharded with fully_shard with
+lion_ops.Lion, checkpoints the optimizer with torch.distributed.checkpoint, resumes it into a
+fresh sharded model, and writes (rank 0) the full params and state of both runs for the test
+to compare with an unsharded reference."""
 
 import sys
 
@@ -18,12 +19,22 @@ import lion_ops
 
 def make_model():
     torch.manual_seed(0)  # the same initial weights on every rank and in the reference
-    return torch.nn.Sequential(torch.nn.Linear(16, 15), torch.nn.Tanh(), torch.nn.Linear(15, 3))
+    # Under 8-bit state, the first weight (15 rows of 256) gets 8-bit state, sharded 8/7 rows
+    # over 2 ranks; the second (256 rows of 15) is as large but its shards cannot hold whole
+    # 256-element blocks, so it keeps 32-bit state; the rest are below min_8bit_size.
+    return torch.nn.Sequential(torch.nn.Linear(256, 15), torch.nn.Tanh(),
+                               torch.nn.Linear(15, 256), torch.nn.Tanh(),
+                               torch.nn.Linear(256, 3))
+
+
+def make_optimizer(params, optim_bits, lr=1e-2):
+    return lion_ops.Lion(params, lr=lr, weight_decay=0.1, optim_bits=optim_bits,
+                         min_8bit_size=1024)
 
 
 def batches(count, seed):
     generator = torch.Generator().manual_seed(seed)  # the same batches on every rank
-    return [torch.randn(8, 16, generator=generator) for _ in range(count)]
+    return [torch.randn(8, 256, generator=generator) for _ in range(count)]
 
 
 def train(model, opt, data):
@@ -34,24 +45,26 @@ def train(model, opt, data):
 
 
 def full_state(model, opt):
+    """Full params and, per param, its full state tensors (momentum or codes, absmax)."""
     params = [p.full_tensor() for p in model.parameters()]
-    momenta = [opt.state[p]["state1"].full_tensor() for p in model.parameters()]
-    return params, momenta
+    states = [{key: value.full_tensor() for key, value in opt.state[p].items()
+               if key in ("state1", "absmax1")} for p in model.parameters()]
+    return params, states
 
 
-def main(out_dir):
+def main(out_dir, optim_bits):
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     model = make_model()
     fully_shard(model, mesh=mesh)
-    opt = lion_ops.Lion(model.parameters(), lr=1e-2, weight_decay=0.1)
+    opt = make_optimizer(model.parameters(), optim_bits)
     train(model, opt, batches(3, seed=1))
     dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=f"{out_dir}/ckpt")
 
     resumed_model = make_model()
     fully_shard(resumed_model, mesh=mesh)
     resumed_model.load_state_dict(model.state_dict())
-    resumed = lion_ops.Lion(resumed_model.parameters(), lr=1.0)
+    resumed = make_optimizer(resumed_model.parameters(), optim_bits, lr=1.0)
     loaded = {"optim": get_optimizer_state_dict(resumed_model, resumed)}
     dcp.load(loaded, checkpoint_id=f"{out_dir}/ckpt")
     set_optimizer_state_dict(resumed_model, resumed, loaded["optim"])
@@ -66,4 +79,4 @@ def main(out_dir):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]))

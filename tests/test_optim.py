@@ -84,48 +84,62 @@ def test_a_refused_param_group_leaves_the_optimizer_as_it_was():
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
-@pytest.mark.parametrize("kwargs, message", [
-    ({"optim_bits": 8, "min_8bit_size": 16}, "would get 8-bit state"),
-    ({"percentile_clipping": 90}, "percentile_clipping"),
-])
-def test_dtensor_params_without_support_are_refused_and_nothing_changes(kwargs, message):
-    """DTensor params (FSDP2, tensor parallelism) get 32-bit state; 8-bit state (scales per
-    shard) and percentile clipping (a norm over all shards) are refused, naming the param,
-    before anything changes."""
+def test_dtensor_params_state_kinds_and_refused_clipping():
+    """DTensor params get 8-bit state only where their shards hold whole 256-element blocks,
+    32-bit otherwise (same update, more memory); percentile clipping, which needs the grad
+    norm over all shards, is refused naming the param, before anything changes."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
-        plain = torch.nn.Parameter(torch.randn(3))
-        sharded = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
-        opt = Lion([plain, sharded], lr=0.1, **kwargs)
-        plain.grad = torch.randn(3)
-        sharded.grad = distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)])
-        before = [plain.detach().clone(), sharded.detach().full_tensor().clone()]
-        with pytest.raises(NotImplementedError, match=rf"group 0, index 1.*{message}"):
-            opt.step()
-        assert torch.equal(plain, before[0]) and torch.equal(sharded.full_tensor(), before[1])
-        assert not opt.state[plain] and not opt.state[sharded]
+
+        def param(shape, placement):
+            return torch.nn.Parameter(distribute_tensor(torch.randn(shape), mesh, [placement]))
+        rows = param((6, 512), Shard(0))        # whole blocks per row: 8-bit, absmax (6, 2)
+        replicated = param((4, 256), Replicate())  # 8-bit, absmax (4, 1)
+        narrow = param((300, 20), Shard(0))     # rows of 20: 32-bit
+        flat = param((5000,), Shard(0))         # one dim: 32-bit
+        by_columns = param((8, 512), Shard(1))  # sharded along dim 1: 32-bit
+        params = [rows, replicated, narrow, flat, by_columns]
+        opt = Lion(params, lr=0.1, optim_bits=8, min_8bit_size=1000)
+        for p in params:
+            p.grad = distribute_tensor(torch.randn(p.shape), mesh, p.placements)
+        opt.step()
+        kinds = [opt.state[p]["state1"].dtype for p in params]
+        assert kinds == [torch.uint8, torch.uint8, torch.float32, torch.float32, torch.float32]
+        assert opt.state[rows]["absmax1"].shape == (6, 2)
+        assert opt.state[replicated]["absmax1"].placements == (Replicate(),)
+
+        clipped = Lion([param((3, 4), Shard(0))], lr=0.1, percentile_clipping=90)
+        p = clipped.param_groups[0]["params"][0]
+        p.grad = distribute_tensor(torch.randn(3, 4), mesh, [Shard(0)])
+        before = p.full_tensor().clone()
+        with pytest.raises(NotImplementedError, match=r"group 0, index 0.*percentile_clipping"):
+            clipped.step()
+        assert torch.equal(p.full_tensor(), before) and not clipped.state[p]
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
-def test_fsdp2_on_two_ranks_trains_and_resumes_exactly_as_unsharded(tmp_path):
+@pytest.mark.parametrize("optim_bits", [32, 8])
+def test_fsdp2_on_two_ranks_trains_and_resumes_exactly_as_unsharded(tmp_path, optim_bits):
     """fully_shard over 2 processes (gloo, unevenly sharded params): 5 steps of Lion give the
-    unsharded run's params and momenta bit for bit, and so does a run resumed from a
-    torch.distributed.checkpoint of the sharded optimizer after 3 steps."""
+    unsharded run's params and state bit for bit, and so does a run resumed from a
+    torch.distributed.checkpoint of the sharded optimizer after 3 steps. With 8-bit state the
+    blocks are the whole tensor's, so the codes and scales are the unsharded run's too."""
     import subprocess
     import sys
+    from lion_ops.optim import GlobalOptimManager
     worker = os.path.join(os.path.dirname(__file__), "fsdp2_worker.py")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node", "2", worker, str(tmp_path)],
+                          "--nproc_per_node", "2", worker, str(tmp_path), str(optim_bits)],
                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = torch.load(tmp_path / "results.pt")
-    assert results["shards"] == [(8, 16), (8,), (2, 15), (2,)]  # rank 0's shard of each
+    assert results["shards"] == [(8, 256), (8,), (128, 15), (128,), (2, 256), (2,)]
 
     sys.path.insert(0, os.path.dirname(__file__))
     try:
@@ -133,14 +147,23 @@ def test_fsdp2_on_two_ranks_trains_and_resumes_exactly_as_unsharded(tmp_path):
     finally:
         sys.path.pop(0)
     model = fsdp2_worker.make_model()
-    opt = Lion(model.parameters(), lr=1e-2, weight_decay=0.1)
+    GlobalOptimManager.get_instance().initialize()
+    # Sharded, this weight's shards cannot hold whole blocks, so it keeps 32-bit state.
+    GlobalOptimManager.get_instance().override_config(model[2].weight, "optim_bits", 32)
+    opt = fsdp2_worker.make_optimizer(model.parameters(), optim_bits)
+    GlobalOptimManager.get_instance().initialize()
     fsdp2_worker.train(model, opt, fsdp2_worker.batches(3, seed=1))
     fsdp2_worker.train(model, opt, fsdp2_worker.batches(2, seed=2))
+    expected_kinds = [torch.uint8 if optim_bits == 8 and i == 0 else torch.float32
+                      for i in range(6)]
     for run_name in ("continued", "resumed"):
-        params, momenta = results[run_name]
-        for p, sharded_p, sharded_m in zip(model.parameters(), params, momenta):
+        params, states = results[run_name]
+        assert [s["state1"].dtype for s in states] == expected_kinds, run_name
+        for p, sharded_p, sharded_state in zip(model.parameters(), params, states):
             assert torch.equal(sharded_p, p.detach()), run_name
-            assert torch.equal(sharded_m, opt.state[p]["state1"]), run_name
+            for key, value in sharded_state.items():
+                expected = opt.state[p][key].reshape(-1)
+                assert torch.equal(value.reshape(-1), expected), (run_name, key)
 
 
 # ---- numerics -------------------------------------------------------------------------------------

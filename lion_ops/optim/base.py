@@ -56,22 +56,43 @@ def _local(t: Tensor) -> Tensor:
     return t._local_tensor if _is_dtensor(t) else t
 
 
-def _dtensor_problem(p: Tensor, g: Tensor | None, kind: str | None, percentile: int) -> str:
-    """Why a step cannot update DTensor param p (with grad g, state kind `kind`), or ""."""
+def _dtensor_problem(p: Tensor, g: Tensor | None, percentile: int) -> str:
+    """Why a step cannot update DTensor param p (with grad g), or ""."""
     if g is not None and (not _is_dtensor(g) or g.device_mesh != p.device_mesh
                           or g.placements != p.placements):
         return ("is a DTensor whose gradient is not a DTensor with the same mesh and "
                 f"placements ({getattr(g, 'placements', 'a plain tensor')} vs {p.placements})")
     if any(placement.is_partial() for placement in p.placements):
         return f"is a DTensor with partial placements {p.placements}"
-    if kind not in (None, FP32):
-        return ("is a DTensor (FSDP2 or tensor parallelism) that would get 8-bit state, which "
-                "is not supported for DTensor params yet (its scales are per shard); give it "
-                "32-bit state (optim_bits=32, a larger min_8bit_size, or a per-param override)")
     if percentile < 100:
         return ("is a DTensor (FSDP2 or tensor parallelism) with percentile_clipping, which "
                 "needs the gradient norm over all shards and is not supported yet")
     return ""
+
+
+def _blockwise_rows(p: Tensor) -> tuple[int, int] | None:
+    """For a DTensor param whose shards hold whole quantization blocks (sharded only along
+    dim 0, or replicated, with rows of a multiple of 256 elements): the shape (rows, blocks
+    per row) of its absmax, sharded as the param is. Its blocks are then those of the whole
+    tensor, so the state means the same whatever the sharding (and can be resharded)."""
+    if p.dim() < 2 or p.shape[0] == 0:
+        return None
+    row = p.numel() // p.shape[0]
+    if row % ops.QUANT_BLOCK_SIZE != 0 or not all(
+            placement.is_replicate() or placement.is_shard(0) for placement in p.placements):
+        return None
+    return p.shape[0], row // ops.QUANT_BLOCK_SIZE
+
+
+def _in_param_layout(value: Tensor, p: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """A loaded state tensor for DTensor param p, as a DTensor of `shape` sharded as p is:
+    from a full tensor (present on every rank) or from another sharding."""
+    from torch.distributed.tensor import distribute_tensor
+    if _is_dtensor(value):
+        if tuple(value.shape) == tuple(shape):
+            return value.redistribute(p.device_mesh, p.placements)
+        value = value.full_tensor()
+    return distribute_tensor(value.to(p.device).reshape(shape), p.device_mesh, p.placements)
 
 
 def _unsupported_param(p: Tensor) -> str:
@@ -283,10 +304,8 @@ class LionOptimizerBase(torch.optim.Optimizer):
                                 f"{_describe(group, group_index, index, p)} does not fit it "
                                 f"({problem}); was the param replaced after the first step?")
                 if _is_dtensor(p):
-                    config = self._config(group_index, index)
-                    problem = _dtensor_problem(
-                        p, g, kind or self._state_kind(p, config),
-                        config.get("percentile_clipping", self.percentile_clipping))
+                    problem = _dtensor_problem(p, g, self._config(group_index, index).get(
+                        "percentile_clipping", self.percentile_clipping))
                     if problem:
                         raise NotImplementedError(
                             f"{where}: {_describe(group, group_index, index, p)} {problem}")
@@ -295,10 +314,17 @@ class LionOptimizerBase(torch.optim.Optimizer):
         return work
 
     def _state_kind(self, p: Tensor, config: dict) -> str:
-        """Which state a param gets: 32-bit, or 8-bit blockwise/static for large enough ones."""
+        """Which state a param gets: 32-bit, or 8-bit blockwise/static for large enough ones.
+        A DTensor param gets 8-bit state only where its shards hold whole blocks (see
+        _blockwise_rows), so that the state means the same whatever the sharding; otherwise,
+        and for per-tensor (static) 8-bit state, whose scale is a max over all shards, it
+        keeps 32-bit state: the same update, more memory."""
         if config.get("optim_bits", self.optim_bits) == 8 \
                 and p.numel() >= config.get("min_8bit_size", self.min_8bit_size):
-            return BLOCKWISE if config.get("block_wise", self.block_wise) else STATIC
+            kind = BLOCKWISE if config.get("block_wise", self.block_wise) else STATIC
+            if _is_dtensor(p) and (kind == STATIC or _blockwise_rows(p) is None):
+                return FP32
+            return kind
         return FP32
 
     def _qmap(self, device: torch.device) -> Tensor:
@@ -318,7 +344,14 @@ class LionOptimizerBase(torch.optim.Optimizer):
         if kind == FP32:
             return
         state["qmap1"] = self._qmap(p.device)
-        if kind == BLOCKWISE:
+        if kind == BLOCKWISE and _is_dtensor(p):
+            shape = _blockwise_rows(p)
+            local = torch.zeros((_local(p).shape[0], shape[1]), dtype=torch.float32,
+                                device=p.device)
+            state["absmax1"] = type(p).from_local(local, p.device_mesh, p.placements,
+                                                  run_check=False, shape=shape,
+                                                  stride=(shape[1], 1))
+        elif kind == BLOCKWISE:
             state["absmax1"] = torch.zeros(ops.blockwise_absmax_count(p.numel()),
                                            dtype=torch.float32, device=p.device)
         else:
@@ -395,10 +428,13 @@ class LionOptimizerBase(torch.optim.Optimizer):
         for call, call_grads in zip(calls, grads):
             config, device, states = call.config, call.device, call.states
             params, momenta, paged = call.params, call.momenta, call.paged
+            scales = call.scales
             if call.sharded:
                 params, call_grads, momenta = ([_local(t) for t in tensors]
                                                for tensors in (params, call_grads, momenta))
                 paged = [_local(t) for t in paged] if paged else paged
+                if scales is not None:  # a DTensor param's absmax is (rows, blocks per row)
+                    scales = [_local(t).view(-1) for t in scales]
             beta1, beta2 = config.get("betas", group["betas"])
             wd = config.get("weight_decay", group["weight_decay"])
             percentile = config.get("percentile_clipping", self.percentile_clipping)
@@ -422,10 +458,10 @@ class LionOptimizerBase(torch.optim.Optimizer):
                 ops.lion_update_32bit(params, call_grads, momenta, lr, beta1, beta2, wd,
                                       grad_scales)
             elif call.kind == BLOCKWISE:
-                ops.lion_update_8bit_blockwise(params, call_grads, momenta, call.scales,
+                ops.lion_update_8bit_blockwise(params, call_grads, momenta, scales,
                                                call.qmap, lr, beta1, beta2, wd, grad_scales)
             else:
-                ops.lion_update_8bit_static(params, call_grads, momenta, call.scales,
+                ops.lion_update_8bit_static(params, call_grads, momenta, scales,
                                             call.new_scales, call.qmap, lr, beta1, beta2, wd,
                                             grad_scales)
 
@@ -550,19 +586,21 @@ class LionOptimizerBase(torch.optim.Optimizer):
         state["state1"] = self._new_momentum(p, found)
         momentum = saved["state1"]
         if _is_dtensor(p):  # from a full tensor (on every rank) or another sharding
-            from torch.distributed.tensor import distribute_tensor
-            momentum = (momentum.redistribute(p.device_mesh, p.placements)
-                        if _is_dtensor(momentum) else
-                        distribute_tensor(momentum.to(p.device), p.device_mesh, p.placements))
+            momentum = _in_param_layout(momentum, p, tuple(p.shape))
         state["state1"].copy_(momentum)
         if found == FP32:
             return state
         state["qmap1"] = self._qmap(p.device)
         for key in ("absmax1", "max1", "new_max1"):
             if key in saved:
-                state[key] = saved[key].to(device=p.device, dtype=torch.float32,
-                                           memory_format=torch.contiguous_format,
-                                           copy=True).reshape(-1)
+                value = saved[key]
+                if _is_dtensor(p) and key == "absmax1" and _blockwise_rows(p) is not None:
+                    # (a copy: redistributing to the same sharding may return the saved tensor)
+                    state[key] = _in_param_layout(value.float(), p, _blockwise_rows(p)).clone()
+                    continue
+                state[key] = value.to(device=p.device, dtype=torch.float32,
+                                      memory_format=torch.contiguous_format,
+                                      copy=True).reshape(-1)
         return state
 
 
