@@ -59,7 +59,8 @@ def main(out_dir, optim_bits):
     fully_shard(model, mesh=mesh)
     opt = make_optimizer(model.parameters(), optim_bits)
     train(model, opt, batches(3, seed=1))
-    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=f"{out_dir}/ckpt")
+    dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=f"{out_dir}/ckpt")
 
     resumed_model = make_model()
     fully_shard(resumed_model, mesh=mesh)

@@ -123,13 +123,38 @@ def test_dtensor_params_state_kinds_and_refused_clipping():
         dist.destroy_process_group()
 
 
+def _resume_on_one_rank(fsdp2_worker, checkpoint, optim_bits):
+    """The 2-rank checkpoint (model and optimizer after 3 steps) loaded into FSDP2 on one
+    rank, then 2 more steps: the full params and state."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = fsdp2_worker.make_model()
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        opt = fsdp2_worker.make_optimizer(model.parameters(), optim_bits, lr=1.0)
+        state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(state, checkpoint_id=str(checkpoint))
+        model.load_state_dict(state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"])
+        fsdp2_worker.train(model, opt, fsdp2_worker.batches(2, seed=2))
+        return fsdp2_worker.full_state(model, opt)
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 @pytest.mark.parametrize("optim_bits", [32, 8])
 def test_fsdp2_on_two_ranks_trains_and_resumes_exactly_as_unsharded(tmp_path, optim_bits):
     """fully_shard over 2 processes (gloo, unevenly sharded params): 5 steps of Lion give the
-    unsharded run's params and state bit for bit, and so does a run resumed from a
-    torch.distributed.checkpoint of the sharded optimizer after 3 steps. With 8-bit state the
-    blocks are the whole tensor's, so the codes and scales are the unsharded run's too."""
+    unsharded run's params and state bit for bit, and so do runs resumed from a
+    torch.distributed.checkpoint taken after 3 steps, on 2 ranks and resharded to one. With
+    8-bit state the blocks are the whole tensor's, so codes and scales are the unsharded
+    run's too."""
     import subprocess
     import sys
     from lion_ops.optim import GlobalOptimManager
@@ -156,7 +181,8 @@ def test_fsdp2_on_two_ranks_trains_and_resumes_exactly_as_unsharded(tmp_path, op
     fsdp2_worker.train(model, opt, fsdp2_worker.batches(2, seed=2))
     expected_kinds = [torch.uint8 if optim_bits == 8 and i == 0 else torch.float32
                       for i in range(6)]
-    for run_name in ("continued", "resumed"):
+    results["resharded"] = _resume_on_one_rank(fsdp2_worker, tmp_path / "ckpt", optim_bits)
+    for run_name in ("continued", "resumed", "resharded"):
         params, states = results[run_name]
         assert [s["state1"].dtype for s in states] == expected_kinds, run_name
         for p, sharded_p, sharded_state in zip(model.parameters(), params, states):
