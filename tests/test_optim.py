@@ -123,6 +123,38 @@ def test_dtensor_params_state_kinds_and_refused_clipping():
         dist.destroy_process_group()
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+def test_compiled_step_with_dtensor_params_equals_unsharded_steps():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        torch.manual_seed(12)
+        initial = [torch.randn(4, 256), torch.randn(30)]
+        sharded = [torch.nn.Parameter(distribute_tensor(x, mesh, [Shard(0)])) for x in initial]
+        plain = [torch.nn.Parameter(x.clone()) for x in initial]
+        opt = Lion(sharded, lr=1e-2, optim_bits=8, min_8bit_size=64)
+        reference = Lion(plain, lr=1e-2, optim_bits=8, min_8bit_size=64)
+        step = torch.compile(opt.step, fullgraph=True)
+        for _ in range(3):
+            for p, q in zip(sharded, plain):
+                q.grad = torch.randn(q.shape)
+                p.grad = distribute_tensor(q.grad.clone(), mesh, [Shard(0)])
+            step()
+            reference.step()
+        assert opt.state[sharded[0]]["state1"].dtype == torch.uint8
+        for p, q in zip(sharded, plain):
+            assert torch.equal(p.full_tensor(), q)
+            for key, value in reference.state[q].items():
+                mine = opt.state[p][key]
+                mine = mine.full_tensor() if hasattr(mine, "full_tensor") else mine
+                assert torch.equal(mine.reshape(-1), value.reshape(-1)), key
+    finally:
+        dist.destroy_process_group()
+
+
 def _resume_on_one_rank(fsdp2_worker, checkpoint, optim_bits):
     """The 2-rank checkpoint (model and optimizer after 3 steps) loaded into FSDP2 on one
     rank, then 2 more steps: the full params and state."""
