@@ -52,7 +52,7 @@ def _is_dtensor(t: Any) -> bool:
 def _local(t: Tensor) -> Tensor:
     """This rank's shard of a DTensor (the operators update shards in place), else t. Read
     from the private attribute, as FSDP2 itself does: DTensor.to_local() is an autograd
-    function, about 100x slower, and a step reads it for every param and grad."""
+    function (3 us against 60 ns here), and a step reads it for every param and grad."""
     return t._local_tensor if _is_dtensor(t) else t
 
 
