@@ -177,6 +177,26 @@ class LionOptimizerBase(torch.optim.Optimizer):
         self._manager = GlobalOptimManager.get_instance()
         self._manager.attach(self)
         self._resolve_overrides()
+        self._warn_about_32bit_dtensor_state()
+
+    def _warn_about_32bit_dtensor_state(self) -> None:
+        """Says, once, which DTensor params keep 32-bit state where 8-bit was asked for (see
+        _state_kind): the update is the same, the memory is not what the user expects."""
+        kept = []
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                config = self._config(gi, pi)
+                if _is_dtensor(p) and self._state_kind(p, config) == FP32 \
+                        and config.get("optim_bits", self.optim_bits) == 8 \
+                        and p.numel() >= config.get("min_8bit_size", self.min_8bit_size):
+                    kept.append(_describe(group, gi, pi, p))
+        if kept:
+            warnings.warn(
+                f"{type(self).__name__}: {len(kept)} DTensor param(s) keep 32-bit state, as 8-bit "
+                "state of DTensor params needs shards of whole 256-element blocks (sharded "
+                "along dim 0 or replicated, rows of a multiple of 256 elements) and "
+                f"block_wise=True: {'; '.join(kept[:3])}" + (" ..." if len(kept) > 3 else ""),
+                UserWarning, stacklevel=3)
 
     # Besides torch's (defaults, state, param_groups), what a copy needs to step as the
     # original does; the overrides are resolved again from GlobalOptimManager.
