@@ -84,6 +84,14 @@ def _blockwise_rows(p: Tensor) -> tuple[int, int] | None:
     return p.shape[0], row // ops.QUANT_BLOCK_SIZE
 
 
+def _sharded_as(p: Tensor, local: Tensor, shape, stride) -> Tensor:
+    """Per-rank state `local` as a DTensor of global `shape` and `stride`, sharded as DTensor
+    param p is, so that checkpoints (torch.distributed.checkpoint) save and reshard it as they
+    do params."""
+    return type(p).from_local(local, p.device_mesh, p.placements, run_check=False, shape=shape,
+                              stride=stride)
+
+
 def _in_param_layout(value: Tensor, p: Tensor, shape: tuple[int, ...]) -> Tensor:
     """A loaded state tensor for DTensor param p, as a DTensor of `shape` sharded as p is:
     from a full tensor (present on every rank) or from another sharding."""
@@ -186,9 +194,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
                 config = self._config(gi, pi)
-                if _is_dtensor(p) and self._state_kind(p, config) == FP32 \
-                        and config.get("optim_bits", self.optim_bits) == 8 \
-                        and p.numel() >= config.get("min_8bit_size", self.min_8bit_size):
+                if self._state_kind(p, config) != self._asked_state_kind(p, config):
                     kept.append(_describe(group, gi, pi, p))
         if kept:
             warnings.warn(
@@ -333,19 +339,23 @@ class LionOptimizerBase(torch.optim.Optimizer):
             work.append((group_index, group, with_grad))
         return work
 
-    def _state_kind(self, p: Tensor, config: dict) -> str:
-        """Which state a param gets: 32-bit, or 8-bit blockwise/static for large enough ones.
-        A DTensor param gets 8-bit state only where its shards hold whole blocks (see
-        _blockwise_rows), so that the state means the same whatever the sharding; otherwise,
-        and for per-tensor (static) 8-bit state, whose scale is a max over all shards, it
-        keeps 32-bit state: the same update, more memory."""
+    def _asked_state_kind(self, p: Tensor, config: dict) -> str:
+        """The state the options ask for: 8-bit blockwise/static for large enough params."""
         if config.get("optim_bits", self.optim_bits) == 8 \
                 and p.numel() >= config.get("min_8bit_size", self.min_8bit_size):
-            kind = BLOCKWISE if config.get("block_wise", self.block_wise) else STATIC
-            if _is_dtensor(p) and (kind == STATIC or _blockwise_rows(p) is None):
-                return FP32
-            return kind
+            return BLOCKWISE if config.get("block_wise", self.block_wise) else STATIC
         return FP32
+
+    def _state_kind(self, p: Tensor, config: dict) -> str:
+        """Which state a param gets: the one asked for, except that a DTensor param gets
+        8-bit state only where its shards hold whole blocks (see _blockwise_rows), so that the
+        state means the same whatever the sharding; otherwise, and for per-tensor (static)
+        8-bit state, whose scale is a max over all shards, it keeps 32-bit state: the same
+        update, more memory."""
+        kind = self._asked_state_kind(p, config)
+        if kind != FP32 and _is_dtensor(p) and (kind == STATIC or _blockwise_rows(p) is None):
+            return FP32
+        return kind
 
     def _qmap(self, device: torch.device) -> Tensor:
         qmap = self._qmaps.get(device)
@@ -368,9 +378,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
             shape = _blockwise_rows(p)
             local = torch.zeros((_local(p).shape[0], shape[1]), dtype=torch.float32,
                                 device=p.device)
-            state["absmax1"] = type(p).from_local(local, p.device_mesh, p.placements,
-                                                  run_check=False, shape=shape,
-                                                  stride=(shape[1], 1))
+            state["absmax1"] = _sharded_as(p, local, shape, (shape[1], 1))
         elif kind == BLOCKWISE:
             state["absmax1"] = torch.zeros(ops.blockwise_absmax_count(p.numel()),
                                            dtype=torch.float32, device=p.device)
@@ -389,12 +397,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
             momentum = ops.zeros_paged_like(shard, dtype=dtype, memory_format=layout)
         else:
             momentum = torch.zeros_like(shard, dtype=dtype, memory_format=layout)
-        if shard is p:
-            return momentum
-        # A DTensor param gets a DTensor momentum, sharded as the param is, so that
-        # checkpoints (torch.distributed.checkpoint) save and reshard it as they do params.
-        return type(p).from_local(momentum, p.device_mesh, p.placements, run_check=False,
-                                  shape=p.shape, stride=p.stride())
+        return momentum if shard is p else _sharded_as(p, momentum, p.shape, p.stride())
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -413,7 +416,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
         for group_index, group, params in work:
             calls = self._group_calls(group_index, group, params) if params else []
             self._run_group(group, calls, [[p.grad for p in call.params] for call in calls])
-            plans.append((group, params, calls))
+            plans.append((group, calls))
         if not compiling:
             self._step_plan = _StepPlan(self, plans)
         return loss
@@ -666,7 +669,7 @@ class _Call:
         self.paged = None
         if optimizer._paging.get(device) == ops.PAGING_WITH_PREFETCH:
             self.paged = [m for p, m in zip(self.params, self.momenta) if optimizer._pages(p)]
-        # DTensor params (FSDP2, tensor parallelism) and their 32-bit state: the operators
+        # DTensor params (FSDP2, tensor parallelism) and their DTensor state: the operators
         # update each rank's shards, read on every step.
         self.sharded = any(_is_dtensor(p) for p in self.params)
 
@@ -685,8 +688,7 @@ class _StepPlan:
     def __init__(self, optimizer: LionOptimizerBase, plans: list[tuple]):
         self.state, self.overrides = optimizer.state, optimizer._overrides
         self.groups = []
-        for group, params, calls in plans:
-            checked = {id(p): (p.dtype, p.shape, p.device) for _, p, *_ in params}
+        for group, calls in plans:
             # Per param of the group, in order: None if it had no grad, else what it is
             # checked against and the position of its grad in its call's grad list.
             expected: list[tuple | None] = [None] * len(group["params"])
@@ -695,8 +697,8 @@ class _StepPlan:
                 for i, p in enumerate(call.params):
                     positions[id(p)] = (c, i)
             for index, p in enumerate(group["params"]):
-                if id(p) in checked:
-                    dtype, shape, device = checked[id(p)]
+                if id(p) in positions:
+                    dtype, shape, device = p.dtype, p.shape, p.device
                     state = optimizer.state[p]
                     held = tuple((k, state[k]) for k in _PLAN_STATE_KEYS if k in state)
                     if _is_dtensor(p):  # its grads must keep being sharded as it is
