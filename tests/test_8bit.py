@@ -12,6 +12,7 @@ from torch.library import opcheck
 import lion_ops
 from lion_ops import Lion, Lion8bit
 from lion_ops.quantization import dynamic_map
+from scalar_loops import put_special_values, raw_bits, run_with_scalar_loops
 
 QMAP = dynamic_map()
 SIZES = [1, 255, 256, 257, 4097, 65 * 129, 100_003]
@@ -241,58 +242,29 @@ torch.save(inputs, sys.argv[1])
 """
 
 
-def _with_special_values(params, grads):
-    """Puts values where conversions and signs go wrong into the first 16 of each tensor:
-    NaN and infinite params and grads, zero grads, subnormals, float16's largest values, and
-    bfloat16 rounding ties."""
-    info = torch.finfo(params[0].dtype)
-    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, info.max,
-                             -info.max, info.tiny / 4, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, 3e-5,
-                             -7e4, 1e-3, -1e-3, 2.0, -2.0])
-    for p, g in zip(params, grads):
-        n = min(p.numel(), specials.numel())
-        p[:n] = specials[:n].to(p.dtype)
-        g[:n] = specials.flip(0)[:n].to(g.dtype)
-        g[n // 2:n] = 0
-
-
-def _bits(t):
-    """The raw bits of a tensor, so that NaNs compare equal to themselves."""
-    return t.view({torch.float32: torch.int32, torch.bfloat16: torch.int16,
-                   torch.float16: torch.int16}.get(t.dtype, t.dtype))
-
-
 def test_8bit_vectorized_cpu_path_equals_scalar_path(tmp_path, dtype):
     """The AVX2 loops (where the CPU has AVX2) and the scalar loops give identical bits, for
     every param dtype (the AVX2 loops convert bfloat16 and float16 themselves)."""
-    import os
-    import subprocess
-    import sys
     # The large tensor makes rounding ties of the 16-bit conversions (1 in 2^16 results) occur.
     sizes = SIZES + [(1 << 21) + 3]
     params, grads, codes, scales = _state(sizes, dtype, "cpu", True)
     sparams, sgrads, scodes, sscales = _state(sizes, dtype, "cpu", False)
-    _with_special_values(params, grads)
-    _with_special_values(sparams, sgrads)
+    put_special_values(params, grads)
+    put_special_values(sparams, sgrads)
     # A decay of 0.7 gives fp32 results with evenly spread low bits, so that the 16-bit
     # roundings meet ties (with a decay near 1 the low bits are nearly all ones).
     lr, b1, b2, wd = 0.3, 0.9, 0.99, 1.0
     inputs = {"blockwise": [params, grads, codes, scales],
               "static": [sparams, sgrads, scodes, sscales, [s.clone() for s in sscales]],
               "hyperparameters": (lr, b1, b2, wd)}
-    path = tmp_path / "inputs.pt"
-    torch.save(inputs, path)
-    env = dict(os.environ, LION_OPS_NO_AVX2="1")
-    subprocess.run([sys.executable, "-c", _SCALAR_PATH_SCRIPT, str(path)], check=True, env=env,
-                   cwd=tmp_path)
-    scalar = torch.load(path)
+    scalar = run_with_scalar_loops(tmp_path, _SCALAR_PATH_SCRIPT, inputs)
     lion_ops.ops.lion_update_8bit_blockwise(params, grads, codes, scales, QMAP,
                                             torch.tensor(lr), b1, b2, wd)
     lion_ops.ops.lion_update_8bit_static(*inputs["static"], QMAP, torch.tensor(lr), b1, b2, wd)
     for kind in ("blockwise", "static"):
         for ours, theirs in zip(inputs[kind], scalar[kind]):
             for a, b in zip(ours, theirs):
-                assert torch.equal(_bits(a), _bits(b)), kind
+                assert torch.equal(raw_bits(a), raw_bits(b)), kind
     assert any(torch.isnan(p).any() for p in params)  # the special values went through
 
 
@@ -332,15 +304,8 @@ def test_vectorized_encoder_equals_scalar_on_edge_cases(tmp_path):
     """The AVX2 encoder (one lookup in a folded table, the sign from the code) gives the scalar
     encoder's codes (lion_math.h, as on CUDA) on every bucket boundary, midpoint, tie and
     special value. (On a CPU without AVX2 both runs take the scalar path.)"""
-    import os
-    import subprocess
-    import sys
     x = _encoder_edge_cases()
-    path = tmp_path / "x.pt"
-    torch.save(x, path)
-    subprocess.run([sys.executable, "-c", _SCALAR_ENCODE_SCRIPT, str(path)], check=True,
-                   env=dict(os.environ, LION_OPS_NO_AVX2="1"), cwd=tmp_path)
-    scalar = torch.load(path)
+    scalar = run_with_scalar_loops(tmp_path, _SCALAR_ENCODE_SCRIPT, x)
     vectorized = lion_ops.ops.quantize_blockwise(x, QMAP, 256)[0]
     assert x.numel() > 190_000
     mismatch = (vectorized != scalar).nonzero().flatten()

@@ -1,6 +1,7 @@
-// CPU kernels of the lion operators: vectorized by the compiler and parallel over fixed-size
-// chunks of all tensors of a call at once, so that many small tensors still keep every
-// thread busy and every element is read and written exactly once.
+// CPU kernels of the lion operators: vectorized (by the compiler, or by hand with AVX2 where
+// it does poorly) and parallel over fixed-size chunks of all tensors of a call at once, so
+// that many small tensors still keep every thread busy and every element is read and written
+// exactly once.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -23,6 +24,7 @@
 #include <mutex>
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "lion_batch.h"
@@ -42,10 +44,11 @@ constexpr int64_t kCpuChunkElements = 1 << 15;
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
-// Each kernel is built for x86-64-v4 (AVX-512), x86-64-v3 (AVX2) and baseline x86-64, and
-// the loader picks the best the CPU supports. The loops are plain scalar code over
+// The 32-bit loops are built for x86-64-v4 (AVX-512), x86-64-v3 (AVX2) and baseline x86-64,
+// and the loader picks the best the CPU supports. They are plain scalar code over
 // lion_math.h that the compiler vectorizes (checked with -fopt-info-vec; it needs
-// -fno-trapping-math to turn the sign's comparisons into blends).
+// -fno-trapping-math to turn the sign's comparisons into blends); float16 params take a
+// hand-written AVX2 loop instead where the CPU has AVX2 (lion_32bit_update_span).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define LION_CPU_MULTIVERSIONED \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -123,6 +126,116 @@ LionCoefficients for_tensor(LionCoefficients k, const float* grad_scales, size_t
   return k;
 }
 
+// ---- AVX2 element code ------------------------------------------------------------------------
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define LION_HAVE_AVX2_KERNELS 1
+// Hand-vectorized AVX2 element code, for the loops compilers do not vectorize well: the 8-bit
+// loops (table lookups, 16-bit conversions) and the 32-bit loop of float16 params. Each
+// computes exactly what the scalar code over lion_math.h computes, lane by lane, with the
+// same IEEE operations in the same order (no FMA), so results are bit-identical; the tests
+// compare both bit for bit, and the CUDA kernels run the scalar functions.
+// LION_OPS_NO_AVX2=1 forces the scalar loops (the tests use it to compare both paths).
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+                          std::getenv("LION_OPS_NO_AVX2") == nullptr;
+  return has;
+}
+
+__attribute__((target("avx2,f16c"))) inline __m256 sign_of_avx2(__m256 c) {
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 s = _mm256_blendv_ps(c, _mm256_set1_ps(-1.f), _mm256_cmp_ps(c, zero, _CMP_LT_OQ));
+  return _mm256_blendv_ps(s, _mm256_set1_ps(1.f), _mm256_cmp_ps(c, zero, _CMP_GT_OQ));
+}
+
+// Eight params or grads as fp32, and back, rounding as c10's conversions do (to nearest
+// even; a NaN stays a NaN). bfloat16 is the top half of a float32; float16 uses F16C.
+#define LION_AVX2 __attribute__((target("avx2,f16c")))
+
+LION_AVX2 inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+LION_AVX2 inline __m256 load8(const c10::BFloat16* x) {
+  const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
+}
+LION_AVX2 inline __m256 load8(const c10::Half* x) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+}
+
+LION_AVX2 inline void store8(float* x, __m256 v) { _mm256_storeu_ps(x, v); }
+LION_AVX2 inline void store8(c10::BFloat16* x, __m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_srli_epi32(
+      _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), nan);
+  // Values are below 2^16, so the saturating pack is exact; it packs within 128-bit lanes.
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(x), _mm256_castsi256_si128(packed));
+}
+LION_AVX2 inline void store8(c10::Half* x, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(x),
+                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// The Lion step for eight elements, lane by lane as lion_update: m is the decoded momentum,
+// updated in place; returns the new params.
+struct LionVectors {
+  __m256 decay, beta1, one_minus_beta1, beta2, one_minus_beta2, lr, grad_scale;
+  LION_AVX2 explicit LionVectors(const LionCoefficients& k)
+      : decay(_mm256_set1_ps(k.decay)), beta1(_mm256_set1_ps(k.beta1)),
+        one_minus_beta1(_mm256_set1_ps(k.one_minus_beta1)), beta2(_mm256_set1_ps(k.beta2)),
+        one_minus_beta2(_mm256_set1_ps(k.one_minus_beta2)), lr(_mm256_set1_ps(k.lr)),
+        grad_scale(_mm256_set1_ps(k.grad_scale)) {}
+};
+
+LION_AVX2 inline __m256 lion_update8(__m256 p, __m256 g_raw, __m256& m, const LionVectors& k) {
+  const __m256 g = _mm256_mul_ps(g_raw, k.grad_scale);
+  p = _mm256_mul_ps(p, k.decay);
+  const __m256 c = _mm256_add_ps(_mm256_mul_ps(k.beta1, m), _mm256_mul_ps(k.one_minus_beta1, g));
+  p = _mm256_sub_ps(p, _mm256_mul_ps(k.lr, sign_of_avx2(c)));
+  m = _mm256_add_ps(_mm256_mul_ps(k.beta2, m), _mm256_mul_ps(k.one_minus_beta2, g));
+  return p;
+}
+
+// The 32-bit step for a whole number of 8-element groups.
+template <typename scalar_t>
+LION_AVX2 void lion_32bit_avx2(scalar_t* p, const scalar_t* g, float* m, int64_t n,
+                               const LionCoefficients& k) {
+  const LionVectors kv(k);
+  for (int64_t i = 0; i < n; i += 8) {
+    __m256 momentum = _mm256_loadu_ps(m + i);
+    store8(p + i, lion_update8(load8(p + i), load8(g + i), momentum, kv));
+    _mm256_storeu_ps(m + i, momentum);
+  }
+}
+
+#endif
+
+// ---- 32-bit state -----------------------------------------------------------------------------
+
+// The 32-bit step over n elements. float16 params take the AVX2 loop where the CPU has it:
+// the compiler's vectorization of c10's float16 conversions leaves their loop compute-bound
+// (cache-resident, 3x the float32 time per element; out of cache, 2 threads, 1.4x the time of
+// bfloat16, which moves the same bytes; with the AVX2 loop, 0.8x and 1.0x). bfloat16 and
+// float32 keep the compiler's loop, which is at memory bandwidth out of cache (for bfloat16 the
+// AVX2 loop was faster only in cache: 0.63 against 0.87 ns per element on one thread, and no
+// faster, within this machine's noise, out of cache).
+template <typename scalar_t>
+void lion_32bit_update_span(scalar_t* p, const scalar_t* g, float* m, int64_t n,
+                            const LionCoefficients& k) {
+  int64_t i = 0;
+#if defined(LION_HAVE_AVX2_KERNELS)
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    if (cpu_has_avx2()) {
+      i = n / 8 * 8;
+      lion_32bit_avx2(p, g, m, i, k);
+    }
+  }
+#endif
+  if (i < n) lion_32bit_span(p + i, g + i, m + i, n - i, k);
+}
+
 void lion_update_32bit_cpu(at::TensorList params, at::TensorList grads, at::TensorList momenta,
                            const at::Tensor& lr, double beta1, double beta2, double weight_decay,
                            const std::optional<at::Tensor>& grad_scales) {
@@ -138,8 +251,9 @@ void lion_update_32bit_cpu(at::TensorList params, at::TensorList grads, at::Tens
     const at::Tensor& p = flat.get(0, t);
     float* m = flat.get(2, t).data_ptr<float>() + begin;
     LION_DISPATCH_PARAM_TYPES(p.scalar_type(), op, [&] {
-      lion_32bit_span(p.data_ptr<scalar_t>() + begin, flat.get(1, t).data_ptr<scalar_t>() + begin,
-                      m, end - begin, for_tensor(k, scales, t));
+      lion_32bit_update_span(p.data_ptr<scalar_t>() + begin,
+                             flat.get(1, t).data_ptr<scalar_t>() + begin, m, end - begin,
+                             for_tensor(k, scales, t));
     });
   });
   flat.write_back();
@@ -246,76 +360,7 @@ std::shared_ptr<const EncodeTable> encode_table_for(const float* qmap) {
   return cached;
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define LION_HAVE_AVX2_KERNELS 1
-// Hand-vectorized AVX2 versions of the 8-bit element loops (compilers do not vectorize the
-// table lookups, nor the 16-bit conversions, of the scalar loops). Each computes exactly what the scalar
-// code over lion_math.h computes, lane by lane, with the same IEEE operations in the same
-// order (no FMA), so results are bit-identical; the tests compare both against the same
-// reference, and the CUDA kernels run the scalar functions.
-// LION_OPS_NO_AVX2=1 forces the scalar loops (the tests use it to compare both paths).
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
-                          std::getenv("LION_OPS_NO_AVX2") == nullptr;
-  return has;
-}
-
-__attribute__((target("avx2,f16c"))) inline __m256 sign_of_avx2(__m256 c) {
-  const __m256 zero = _mm256_setzero_ps();
-  __m256 s = _mm256_blendv_ps(c, _mm256_set1_ps(-1.f), _mm256_cmp_ps(c, zero, _CMP_LT_OQ));
-  return _mm256_blendv_ps(s, _mm256_set1_ps(1.f), _mm256_cmp_ps(c, zero, _CMP_GT_OQ));
-}
-
-// Eight params or grads as fp32, and back, rounding as c10's conversions do (to nearest
-// even; a NaN stays a NaN). bfloat16 is the top half of a float32; float16 uses F16C.
-#define LION_AVX2 __attribute__((target("avx2,f16c")))
-
-LION_AVX2 inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
-LION_AVX2 inline __m256 load8(const c10::BFloat16* x) {
-  const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
-}
-LION_AVX2 inline __m256 load8(const c10::Half* x) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
-}
-
-LION_AVX2 inline void store8(float* x, __m256 v) { _mm256_storeu_ps(x, v); }
-LION_AVX2 inline void store8(c10::BFloat16* x, __m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  __m256i rounded = _mm256_srli_epi32(
-      _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), nan);
-  // Values are below 2^16, so the saturating pack is exact; it packs within 128-bit lanes.
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0x08);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(x), _mm256_castsi256_si128(packed));
-}
-LION_AVX2 inline void store8(c10::Half* x, __m256 v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(x),
-                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
-// The Lion step for eight elements, lane by lane as lion_update: m is the decoded momentum,
-// updated in place; returns the new params.
-struct LionVectors {
-  __m256 decay, beta1, one_minus_beta1, beta2, one_minus_beta2, lr, grad_scale;
-  LION_AVX2 explicit LionVectors(const LionCoefficients& k)
-      : decay(_mm256_set1_ps(k.decay)), beta1(_mm256_set1_ps(k.beta1)),
-        one_minus_beta1(_mm256_set1_ps(k.one_minus_beta1)), beta2(_mm256_set1_ps(k.beta2)),
-        one_minus_beta2(_mm256_set1_ps(k.one_minus_beta2)), lr(_mm256_set1_ps(k.lr)),
-        grad_scale(_mm256_set1_ps(k.grad_scale)) {}
-};
-
-LION_AVX2 inline __m256 lion_update8(__m256 p, __m256 g_raw, __m256& m, const LionVectors& k) {
-  const __m256 g = _mm256_mul_ps(g_raw, k.grad_scale);
-  p = _mm256_mul_ps(p, k.decay);
-  const __m256 c = _mm256_add_ps(_mm256_mul_ps(k.beta1, m), _mm256_mul_ps(k.one_minus_beta1, g));
-  p = _mm256_sub_ps(p, _mm256_mul_ps(k.lr, sign_of_avx2(c)));
-  m = _mm256_add_ps(_mm256_mul_ps(k.beta2, m), _mm256_mul_ps(k.one_minus_beta2, g));
-  return p;
-}
-
+#if defined(LION_HAVE_AVX2_KERNELS)
 // Table lookups are eight scalar loads rather than a gather instruction: on the AMD Zen 3
 // this was tuned on, a gather of eight costs 1.7x as much (bench_results/cpu-profile.md), and
 // the lookups are most of the 8-bit step's work.
