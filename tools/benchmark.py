@@ -626,7 +626,7 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", help=f"comma-separated, of {', '.join(PARAM_SETS)} (default: "
                         "gpt2,single16m on the CPU; gpt2,llama1b,single16m on CUDA)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="param and grad dtype (momentum is fp32 where the optimizer says so)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--repeats", type=int,
