@@ -11,6 +11,7 @@ from torch.library import opcheck
 import lion_ops
 from lion_ops import Lion, Lion8bit
 from reference import lion_reference_step
+from scalar_loops import run_with_scalar_loops
 
 
 def reference_clip(grad, gnorm_vec, step, percentile):
@@ -29,7 +30,9 @@ def reference_clip(grad, gnorm_vec, step, percentile):
 @pytest.mark.parametrize("percentile", [0, 5, 50, 99])
 def test_operator_matches_reference(device, dtype, percentile):
     torch.manual_seed(percentile)
-    sizes = [1, 7, 4097, 30000, 0]
+    sizes = [1, 7, 4097, 30000, 0]  # (30000: several CUDA blocks)
+    if device.type == "cpu":
+        sizes.append(2 * 32768 + 5)  # several CPU chunks
     clipped = 0
     vecs = [torch.zeros(100, device=device) for _ in sizes]
     ref_vecs = [torch.zeros(100, dtype=torch.float64) for _ in sizes]
@@ -111,6 +114,61 @@ def test_clipping_checkpoint_resume_is_exact(cls, kwargs):
     run(c, opt_c, grads[4:])
     for x, y in zip(a, c):
         assert torch.equal(x, y)
+
+
+_SCALAR_CLIPPING_SCRIPT = """
+import sys, torch, lion_ops
+grads, vecs, steps = inputs = torch.load(sys.argv[1])
+lion_ops.ops.percentile_clipping(grads, vecs, steps, 5)
+torch.save(inputs, sys.argv[1])
+"""
+
+
+def _norm_order_grads(dtype):
+    """Gradients whose float32 squared norm depends on the order of the additions: squares
+    s^2, s^2 2^-24 (together a float32 rounding tie) and 256 of s^2 2^-60. Added one by one
+    to the running sum, the small ones vanish (the tie rounds to even: s^2); added among
+    themselves first (2^-52 s^2) they break the tie (s^2 (1 + 2^-23), the correctly rounded
+    sum). The first tensor has them in one CPU chunk, the small ones in lane 4 of the 8 lanes;
+    the second has the small ones two chunks after the others."""
+    s = 2.0**8 if dtype == torch.float16 else 1.0  # keeps s 2^-30 within float16's range
+    chunk = 32768
+    within, across = torch.zeros(chunk + 3), torch.zeros(4 * chunk + 3)
+    for g, first_small in ((within, 12), (across, 2 * chunk + 4)):
+        g[0], g[1] = s, s * 2.0**-12
+        g[first_small:first_small + 8 * 256:8] = s * 2.0**-30
+    expected = torch.tensor(s * s * (1 + 2.0**-23), dtype=torch.float32)
+    return [within.to(dtype), across.to(dtype)], expected
+
+
+def test_cpu_norms_are_added_in_one_order(tmp_path, dtype):
+    """The squared norms are added in one fixed order (lanes within chunks, then chunks in
+    order): the same bits with 1 or 2 threads and with the scalar loops (LION_OPS_NO_AVX2=1)
+    as with the AVX2 loop, on gradients where another order would round differently."""
+    grads, expected = _norm_order_grads(dtype)
+    decades = 3 if dtype == torch.float16 else 15  # and a wide spread of magnitudes
+    grads += [(torch.randn(n) * torch.logspace(-decades, decades, n)).to(dtype)
+              for n in (3, 1001, 5 * 32768 + 7)]
+    steps = [torch.full((), 7.0) for _ in grads]
+
+    def norms(num_threads):
+        vecs = [torch.ones(100) for _ in grads]
+        before = torch.get_num_threads()
+        torch.set_num_threads(num_threads)
+        try:
+            lion_ops.ops.percentile_clipping(grads, vecs, steps, 5)
+        finally:
+            torch.set_num_threads(before)
+        return torch.stack([v[7] for v in vecs])
+
+    one, two = norms(1), norms(2)
+    assert torch.equal(one, two)
+    assert torch.equal(one[:2], expected.expand(2))
+    vecs = [torch.ones(100) for _ in grads]
+    scalar_vecs = run_with_scalar_loops(tmp_path, _SCALAR_CLIPPING_SCRIPT, (grads, vecs, steps))[1]
+    assert torch.equal(torch.stack([v[7] for v in scalar_vecs]), one)
+    exact = torch.stack([g.double().pow(2).sum() for g in grads[2:]])
+    torch.testing.assert_close(one[2:].double(), exact, rtol=2e-7, atol=0)
 
 
 def test_grad_scales_scale_the_gradient_everywhere(device):

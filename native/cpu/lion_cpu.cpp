@@ -210,6 +210,21 @@ LION_AVX2 void lion_32bit_avx2(scalar_t* p, const scalar_t* g, float* m, int64_t
   }
 }
 
+// squared_sum_span's lanes for a whole number of 8-element groups, added into `lanes`.
+template <typename scalar_t>
+LION_AVX2 void squared_sum_avx2(const scalar_t* x, int64_t n, std::array<double, 8>& lanes) {
+  __m256d low = _mm256_loadu_pd(lanes.data()), high = _mm256_loadu_pd(lanes.data() + 4);
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 v = load8(x + i);
+    const __m256d v_low = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+    const __m256d v_high = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+    low = _mm256_add_pd(low, _mm256_mul_pd(v_low, v_low));
+    high = _mm256_add_pd(high, _mm256_mul_pd(v_high, v_high));
+  }
+  _mm256_storeu_pd(lanes.data(), low);
+  _mm256_storeu_pd(lanes.data() + 4, high);
+}
+
 #endif
 
 // ---- 32-bit state -----------------------------------------------------------------------------
@@ -699,28 +714,52 @@ void lion_update_8bit_static_cpu(at::TensorList params, at::TensorList grads,
   flat.write_back();
 }
 
+// The squared sum of n values in float64, in one fixed order whatever the CPU or thread
+// count: element i goes to lane i % 8, and the lanes are added pairwise at the end. Squares of
+// floats are exact in float64, so only the additions round.
+template <typename scalar_t>
+double squared_sum_span(const scalar_t* x, int64_t n) {
+  std::array<double, 8> lanes{};
+  int64_t i = 0;
+#if defined(LION_HAVE_AVX2_KERNELS)
+  if (cpu_has_avx2()) {
+    i = n / 8 * 8;
+    squared_sum_avx2(x, i, lanes);
+  }
+#endif
+  for (; i < n; ++i) {
+    const double v = static_cast<float>(x[i]);
+    lanes[i % 8] += v * v;
+  }
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+         ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
 at::Tensor percentile_clipping_cpu(at::TensorList grads, at::TensorList gnorm_vecs,
                                   at::TensorList steps, int64_t percentile) {
   check_percentile_clipping_args(grads, gnorm_vecs, steps, percentile);
   at::Tensor scales = at::empty({static_cast<int64_t>(grads.size())},
                                 at::TensorOptions().dtype(at::kFloat));
   float* out = scales.data_ptr<float>();
-  for (size_t t = 0; t < grads.size(); ++t) {
-    const at::Tensor g = grads[t].contiguous();
-    double sum = 0.0;  // the GPU sums fp32 partials in a fixed order; both round once at the end
-    LION_DISPATCH_PARAM_TYPES(g.scalar_type(), "percentile_clipping", [&] {
-      const scalar_t* gp = g.const_data_ptr<scalar_t>();
-      sum = at::parallel_reduce(
-          0, g.numel(), kCpuChunkElements, 0.0,
-          [&](int64_t i0, int64_t i1, double partial) {
-            for (int64_t i = i0; i < i1; ++i) {
-              const float x = static_cast<float>(gp[i]);
-              partial += static_cast<double>(x * x);
-            }
-            return partial;
-          },
-          std::plus<double>());
+  std::vector<at::Tensor> contiguous;
+  std::vector<int64_t> numels, first_chunk{0};
+  for (const at::Tensor& g : grads) {
+    contiguous.push_back(g.contiguous());
+    numels.push_back(g.numel());
+    first_chunk.push_back(first_chunk.back() + (g.numel() + kCpuChunkElements - 1) / kCpuChunkElements);
+  }
+  // One partial sum per chunk of each tensor, added in chunk order below, so that the result
+  // does not depend on how the chunks were spread over threads.
+  std::vector<double> partials(first_chunk.back(), 0.0);
+  parallel_over_chunks(numels, [&](size_t t, int64_t begin, int64_t end) {
+    LION_DISPATCH_PARAM_TYPES(contiguous[t].scalar_type(), "percentile_clipping", [&] {
+      partials[first_chunk[t] + begin / kCpuChunkElements] =
+          squared_sum_span(contiguous[t].const_data_ptr<scalar_t>() + begin, end - begin);
     });
+  });
+  for (size_t t = 0; t < grads.size(); ++t) {
+    double sum = 0.0;  // (the GPU adds fp32 partials; both round to fp32 once, at the end)
+    for (int64_t c = first_chunk[t]; c < first_chunk[t + 1]; ++c) sum += partials[c];
     const float squared = static_cast<float>(sum);
     float* history = gnorm_vecs[t].data_ptr<float>();
     const float step = *steps[t].const_data_ptr<float>();
