@@ -758,7 +758,7 @@ at::Tensor percentile_clipping_cpu(at::TensorList grads, at::TensorList gnorm_ve
     });
   });
   for (size_t t = 0; t < grads.size(); ++t) {
-    double sum = 0.0;  // (the GPU adds fp32 partials; both round to fp32 once, at the end)
+    double sum = 0.0;  // (CUDA adds in fp32, in its own fixed order: close, not bit-identical)
     for (int64_t c = first_chunk[t]; c < first_chunk[t + 1]; ++c) sum += partials[c];
     const float squared = static_cast<float>(sum);
     float* history = gnorm_vecs[t].data_ptr<float>();
