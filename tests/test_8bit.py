@@ -319,6 +319,52 @@ def test_vectorized_encoder_equals_scalar_on_edge_cases(tmp_path):
     assert torch.equal(vectorized[checked].long(), reference_encode(x64[checked], QMAP))
 
 
+def _free_memory_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as meminfo:
+        fields = dict(line.split(":", 1) for line in meminfo)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+@pytest.mark.parametrize("blockwise", [True, False], ids=["blockwise", "static"])
+def test_8bit_more_than_2_pow_31_elements(device, blockwise):
+    """Element counts past 2^31 (bitsandbytes passes them as 32-bit ints): from zero state, one
+    step with g = -1 except the last 5 elements (+1) gives p = 1.25 and code 0 (-0.99296875)
+    everywhere but there (p = 0.75, code 255 = 1.0), in the last, ragged block too."""
+    n = 2**31 + 300  # 2^31 / 256 whole blocks, one more, and a 44-element tail
+    needed = n * (2 + 2 + 1) + n // 256 * 4 + n  # bf16 p and g, codes, absmax, a bool check
+    if _free_memory_bytes(device) < needed + (2 << 30):
+        pytest.skip(f"needs about {needed / 2**30:.0f} GiB of free memory on {device}")
+    p = torch.ones(n, dtype=torch.bfloat16, device=device)
+    g = torch.full((n,), -1.0, dtype=torch.bfloat16, device=device)
+    g[-5:] = 1.0
+    codes = torch.full((n,), 127, dtype=torch.uint8, device=device)  # zero momentum
+    blocks = -(-n // 256)
+    qmap = QMAP.to(device)
+    lr = torch.tensor(0.25)
+    if blockwise:
+        absmax = torch.zeros(blocks, device=device)
+        lion_ops.ops.lion_update_8bit_blockwise([p], [g], [codes], [absmax], qmap, lr, 0.9, 0.99,
+                                                0.0)
+        scale = absmax
+    else:
+        max1, new_max1 = torch.zeros(1, device=device), torch.zeros(1, device=device)
+        lion_ops.ops.lion_update_8bit_static([p], [g], [codes], [max1], [new_max1], qmap, lr, 0.9,
+                                             0.99, 0.0)
+        scale = max1
+    m = 1 - torch.tensor(0.99)  # |m| after one step: 1 - beta2, rounded as the kernels do
+    assert torch.equal(scale.cpu(), m.expand(scale.numel()))
+    assert torch.equal(p[-5:].cpu(), torch.full((5,), 0.75, dtype=torch.bfloat16))
+    assert torch.equal(codes[-5:].cpu(), torch.full((5,), 255, dtype=torch.uint8))
+    assert torch.equal(p[-300:-5].cpu(), torch.full((295,), 1.25, dtype=torch.bfloat16))
+    assert torch.equal(codes[-300:-5].cpu(), torch.zeros(295, dtype=torch.uint8))
+    assert bool((p[:-5] == 1.25).all()) and bool((codes[:-5] == 0).all())
+    del p, g, codes, scale
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("blockwise", [True, False], ids=["blockwise", "static"])
 def test_8bit_cuda_matches_cpu_bit_for_bit(dtype, blockwise):
