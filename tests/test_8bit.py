@@ -12,6 +12,7 @@ from torch.library import opcheck
 import lion_ops
 from lion_ops import Lion, Lion8bit
 from lion_ops.quantization import dynamic_map
+from resources import free_memory_bytes
 from scalar_loops import put_special_values, raw_bits, run_with_scalar_loops
 
 QMAP = dynamic_map()
@@ -319,14 +320,6 @@ def test_vectorized_encoder_equals_scalar_on_edge_cases(tmp_path):
     assert torch.equal(vectorized[checked].long(), reference_encode(x64[checked], QMAP))
 
 
-def _free_memory_bytes(device):
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    with open("/proc/meminfo") as meminfo:
-        fields = dict(line.split(":", 1) for line in meminfo)
-    return int(fields["MemAvailable"].split()[0]) * 1024
-
-
 @pytest.mark.parametrize("blockwise", [True, False], ids=["blockwise", "static"])
 def test_8bit_more_than_2_pow_31_elements(device, blockwise):
     """Element counts past 2^31 (bitsandbytes passes them as 32-bit ints): from zero state, one
@@ -334,7 +327,7 @@ def test_8bit_more_than_2_pow_31_elements(device, blockwise):
     everywhere but there (p = 0.75, code 255 = 1.0), in the last, ragged block too."""
     n = 2**31 + 300  # 2^31 / 256 whole blocks, one more, and a 44-element tail
     needed = n * (2 + 2 + 1) + n // 256 * 4 + n  # bf16 p and g, codes, absmax, a bool check
-    if _free_memory_bytes(device) < needed + (2 << 30):
+    if free_memory_bytes(device) < needed + (2 << 30):
         pytest.skip(f"needs about {needed / 2**30:.0f} GiB of free memory on {device}")
     p = torch.ones(n, dtype=torch.bfloat16, device=device)
     g = torch.full((n,), -1.0, dtype=torch.bfloat16, device=device)

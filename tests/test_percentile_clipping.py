@@ -11,6 +11,7 @@ from torch.library import opcheck
 import lion_ops
 from lion_ops import Lion, Lion8bit
 from reference import lion_reference_step
+from resources import free_memory_bytes
 from scalar_loops import run_with_scalar_loops
 
 
@@ -169,6 +170,23 @@ def test_cpu_norms_are_added_in_one_order(tmp_path, dtype):
     assert torch.equal(torch.stack([v[7] for v in scalar_vecs]), one)
     exact = torch.stack([g.double().pow(2).sum() for g in grads[2:]])
     torch.testing.assert_close(one[2:].double(), exact, rtol=2e-7, atol=0)
+
+
+def test_norm_of_more_than_2_pow_31_elements(device):
+    """A gradient of 2^31 + 300 ones has the squared norm 2^31 + 300, as float32 2^31 + 256:
+    no element count wraps at 32 bits."""
+    n = 2**31 + 300
+    if free_memory_bytes(device) < 2 * n + (2 << 30):
+        pytest.skip(f"needs about {2 * n / 2**30:.0f} GiB of free memory on {device}")
+    grads = [torch.ones(n, dtype=torch.bfloat16, device=device)]
+    vecs = [torch.zeros(100, device=device)]
+    lion_ops.ops.percentile_clipping(grads, vecs, [torch.full((), 2.0, device=device)], 5)
+    # The CPU adds in float64 (exact here); CUDA adds float32 partials, which may round.
+    torch.testing.assert_close(vecs[0][2].cpu(), torch.tensor(float(n)),
+                               rtol=0 if device.type == "cpu" else 1e-6, atol=0)
+    del grads
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def test_grad_scales_scale_the_gradient_everywhere(device):
