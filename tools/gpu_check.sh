@@ -3,11 +3,12 @@
 #   bash tools/gpu_check.sh            # everything lands in $OUT (default ./gpu_results)
 # Stages: versions; wheels from ./.whl if present; build and install lion_ops with
 # LION_OPS_CUDA=ON; a CUDA smoke test of the installed package; the CUDA tests; the
-# benchmark (--quick); Nsight Compute; the rest of the test suite (in that order, so that what
-# only a GPU can tell comes first). Every stage runs even when an earlier one failed; the
-# script exits non-zero if any failed. All output is also in $OUT/gpu_check.log; the build's
-# in $OUT/build.log; test results in $OUT/junit-*.xml; the benchmark in $OUT/bench.{json,png};
-# Nsight Compute's kernel metrics (when ncu is installed) in $OUT/ncu.csv.
+# benchmark (--quick); Nsight Compute; the CPU benchmark on this machine's cores; the rest of
+# the test suite (in that order, so that what only a GPU can tell comes first). Every stage
+# runs even when an earlier one failed; the script exits non-zero if any failed. All output is
+# also in $OUT/gpu_check.log; the build's in $OUT/build.log; test results in
+# $OUT/junit-*.xml; the benchmarks in $OUT/bench.{json,png} and $OUT/bench-cpu.json; Nsight
+# Compute's kernel metrics (when ncu is installed) in $OUT/ncu.csv.
 # The whole run is kept within GPU_CHECK_BUDGET seconds (default 540, 9 minutes): each
 # stage's time limit is cut so that the later stages keep some time (the benchmark about 240 s).
 set -uo pipefail  # no -e: a failing stage is recorded and the next one runs
@@ -18,7 +19,8 @@ OUT=${OUT:-$ROOT/gpu_results}
 mkdir -p "$OUT" || exit 1
 OUT=$(cd "$OUT" && pwd)  # absolute: stages run in other directories
 # Results of an earlier run in the same folder must not pass for this run's.
-rm -f "$OUT"/junit-*.xml "$OUT"/bench.json "$OUT"/bench.png "$OUT"/build.log "$OUT"/ncu.csv
+rm -f "$OUT"/junit-*.xml "$OUT"/bench.json "$OUT"/bench.png "$OUT"/build.log "$OUT"/ncu.csv \
+  "$OUT"/bench-cpu.json
 LOG=$OUT/gpu_check.log
 BUDGET=${GPU_CHECK_BUDGET:-540}
 PY=${PYTHON:-$(command -v python || command -v python3)}
@@ -317,6 +319,13 @@ main() {
       "$PY" "$ROOT/tools/ncu_workload.py" gpt2
     tail -n 20 "$OUT/ncu.csv" | cut -c1-400
   fi
+
+  # The CPU step on this machine's many cores (the build machine has 2): whether the 8-bit step,
+  # compute-bound on 2 cores, keeps up with the 32-bit one where memory bandwidth is shared by
+  # more cores. Ours and the compiled foreach loop only, gpt2 shapes.
+  run_stage bench-cpu 150 90 "$ROOT" - \
+    "$PY" tools/benchmark.py --device cpu --sets gpt2 --peers compiled --repeats 8 \
+    --overhead-steps 0 --json "$OUT/bench-cpu.json"
 
   # Last: the CPU tests (CI runs them too; here they check this machine's build of the CPU paths).
   [ -n "$test_threads" ] && export OMP_NUM_THREADS=$test_threads
