@@ -3,7 +3,10 @@
 #include <c10/util/Exception.h>
 #include <c10/util/strides.h>
 
+#include <algorithm>
 #include <cmath>
+#include <functional>
+#include <vector>
 
 #include "lion_math.h"
 
@@ -105,6 +108,33 @@ void check_state_list(const char* op, const char* name, at::TensorList params,
   }
 }
 
+void check_distinct_outputs(const char* op,
+                            std::initializer_list<std::pair<const char*, at::TensorList>> lists) {
+  struct Entry {
+    const void* address;
+    const char* name;
+    size_t index;
+  };
+  std::vector<Entry> entries;
+  for (const auto& [name, list] : lists) {
+    for (size_t i = 0; i < list.size(); ++i) {
+      if (list[i].numel() > 0) entries.push_back({list[i].const_data_ptr(), name, i});
+    }
+  }
+  // Sorted by address (a stable sort, so a duplicate is reported after its first occurrence).
+  std::stable_sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
+    return std::less<const void*>()(a.address, b.address);
+  });
+  for (size_t k = 1; k < entries.size(); ++k) {
+    const Entry& first = entries[k - 1];
+    const Entry& second = entries[k];
+    TORCH_CHECK_VALUE(first.address != second.address, op, ": ", first.name, "[", first.index,
+                      "] and ", second.name, "[", second.index,
+                      "] are the same memory (one tensor passed twice?); every tensor the call "
+                      "updates must appear once");
+  }
+}
+
 void check_qmap(const char* op, const at::Tensor& qmap, at::Device device) {
   TORCH_CHECK_TYPE(qmap.scalar_type() == at::kFloat, op, ": qmap must be float32, got ",
                    dtype_name(qmap.scalar_type()));
@@ -139,6 +169,7 @@ const float* check_lion_update_32bit_args(at::TensorList params, at::TensorList 
   constexpr const char* op = "lion_update_32bit";
   check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
   check_state_list(op, "momenta", params, momenta, at::kFloat, StateShape::kLikeParam);
+  check_distinct_outputs(op, {{"params", params}, {"momenta", momenta}});
   return grad_scales_data(op, grad_scales, params);
 }
 
@@ -151,6 +182,7 @@ const float* check_lion_update_8bit_blockwise_args(
   check_state_list(op, "codes", params, codes, at::kByte, StateShape::kLikeParam);
   check_state_list(op, "absmaxes", params, absmaxes, at::kFloat, StateShape::kOnePerBlock);
   if (!params.empty()) check_qmap(op, qmap, params[0].device());
+  check_distinct_outputs(op, {{"params", params}, {"codes", codes}, {"absmaxes", absmaxes}});
   return grad_scales_data(op, grad_scales, params);
 }
 
@@ -164,6 +196,8 @@ const float* check_lion_update_8bit_static_args(
   check_state_list(op, "max1s", params, max1s, at::kFloat, StateShape::kOneElement);
   check_state_list(op, "new_max1s", params, new_max1s, at::kFloat, StateShape::kOneElement);
   if (!params.empty()) check_qmap(op, qmap, params[0].device());
+  check_distinct_outputs(op, {{"params", params}, {"codes", codes}, {"max1s", max1s},
+                              {"new_max1s", new_max1s}});
   return grad_scales_data(op, grad_scales, params);
 }
 
@@ -249,6 +283,7 @@ void check_percentile_clipping_args(at::TensorList grads, at::TensorList gnorm_v
     TORCH_CHECK_VALUE(s.scalar_type() == at::kFloat && s.numel() == 1 && s.device() == g.device(),
                       op, ": steps[", i, "] must be a one-element float32 tensor on ", g.device());
   }
+  check_distinct_outputs(op, {{"gnorm_vecs", gnorm_vecs}});
 }
 
 void check_step_counters(at::TensorList steps) {
@@ -262,6 +297,7 @@ void check_step_counters(at::TensorList steps) {
     TORCH_CHECK_VALUE(s.device() == steps[0].device(), "increment_steps: steps[", i, "] is on ",
                       s.device(), " but steps[0] is on ", steps[0].device());
   }
+  check_distinct_outputs("increment_steps", {{"steps", steps}});
 }
 
 float host_learning_rate(const char* op, const at::Tensor& lr) {

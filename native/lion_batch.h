@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <initializer_list>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -52,6 +53,13 @@ enum class StateShape {
 // Checks the state list `name`: one tensor per param, of `dtype`, on the params' device.
 void check_state_list(const char* op, const char* name, at::TensorList params,
                       at::TensorList states, at::ScalarType dtype, StateShape shape);
+
+// Refuses a call in which two of the tensors it writes (the entries of `lists`, each a
+// (name, list) pair) start at the same address, such as one param passed twice (a tied
+// weight listed twice): two threads, or two CUDA blocks, would read and write it at once.
+// Empty tensors are exempt.
+void check_distinct_outputs(const char* op,
+                            std::initializer_list<std::pair<const char*, at::TensorList>> lists);
 
 // Checks a quantization map: 256 sorted float32 values, contiguous, on `device`.
 void check_qmap(const char* op, const at::Tensor& qmap, at::Device device);

@@ -213,6 +213,64 @@ def test_bad_input_is_refused_and_nothing_changes(device, case):
                 assert torch.equal(t, c)
 
 
+def _calls_writing_one_tensor_twice(device):
+    """(operator, args, message, what the call writes): every writing operator, with one
+    tensor it writes passed twice."""
+    def f32(*shape):
+        return torch.randn(shape, device=device)
+
+    lr, qmap = torch.tensor(0.1), lion_ops.quantization.dynamic_map().to(device)
+    p, g = f32(600), f32(600)
+    m = f32(600)
+    yield (torch.ops.lion.lion_update_32bit.default, ([p, p], [g, g], [m, f32(600)], lr, 0.9,
+                                                       0.99, 0.0), r"params\[0\] and params\[1\]",
+           [p, m])
+    p, m = f32(600), f32(600)
+    yield (torch.ops.lion.lion_update_32bit.default, ([p], [g], [p], lr, 0.9, 0.99, 0.0),
+           r"params\[0\] and momenta\[0\]", [p])
+    p, q = f32(600), f32(600)
+    codes, absmax = torch.randint(0, 256, (600,), dtype=torch.uint8, device=device), f32(3).abs()
+    yield (torch.ops.lion.lion_update_8bit_blockwise.default,
+           ([p, q], [g, g], [codes, codes], [absmax, f32(3).abs()], qmap, lr, 0.9, 0.99, 0.0),
+           r"codes\[0\] and codes\[1\]", [p, q, codes, absmax])
+    p, q, max1 = f32(600), f32(600), f32(1).abs()
+    yield (torch.ops.lion.lion_update_8bit_static.default,
+           ([p, q], [g, g], [codes, codes.clone()], [max1, f32(1)], [f32(1), max1], qmap, lr, 0.9,
+            0.99, 0.0), r"max1s\[0\] and new_max1s\[1\]", [p, q, codes, max1])
+    vec = f32(100).abs()
+    yield (torch.ops.lion.percentile_clipping.default,
+           ([g, g], [vec, vec], [torch.ones((), device=device)] * 2, 5),
+           r"gnorm_vecs\[0\] and gnorm_vecs\[1\]", [vec])
+    step = torch.ones((), device=device)
+    yield (torch.ops.lion.increment_steps.default, ([step, torch.ones((), device=device), step],),
+           r"steps\[0\] and steps\[2\]", [step])
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_a_tensor_written_twice_in_one_call_is_refused_and_nothing_changes(device, case):
+    """Two entries that are one tensor would be read and written by two threads (or CUDA
+    blocks) at once: a race, so the call is refused before it writes anything."""
+    operator, args, message, written = list(_calls_writing_one_tensor_twice(device))[case]
+    snapshot = [t.clone() for t in written]
+    with pytest.raises(ValueError, match=message + r" are the same memory"):
+        operator(*args)
+    for t, s in zip(written, snapshot):
+        assert torch.equal(t, s)
+
+
+def test_distinct_views_of_one_buffer_are_updated(device):
+    """Params that are views of one flat buffer (as some frameworks lay them out) are distinct
+    memory: the call updates each once, as it would separate tensors."""
+    flat, flat_grads, flat_momenta = (torch.randn(1000, device=device) for _ in range(3))
+    views = [flat[:300], flat[300:301], flat[301:]]
+    grads = [flat_grads[:300], flat_grads[300:301], flat_grads[301:]]
+    momenta = [flat_momenta[:300], flat_momenta[300:301], flat_momenta[301:]]
+    expected = flat.clone(), flat_momenta.clone()
+    op([expected[0]], [flat_grads], [expected[1]], torch.tensor(0.1), 0.9, 0.99, 0.1)
+    op(views, grads, momenta, torch.tensor(0.1), 0.9, 0.99, 0.1)
+    assert torch.equal(flat, expected[0]) and torch.equal(flat_momenta, expected[1])
+
+
 @pytest.mark.cuda
 def test_tensors_on_two_devices_are_refused():
     p = [torch.randn(4, device="cuda"), torch.randn(4)]

@@ -83,6 +83,27 @@ def test_a_refused_param_group_leaves_the_optimizer_as_it_was():
     assert int(opt.state[good]["step"]) == 1
 
 
+@pytest.mark.parametrize("cls", [Lion, Lion32bit, lion_ops.Lion8bit])
+def test_a_param_listed_twice_in_a_group_is_refused(cls):
+    """torch only warns about it; a step would update the param twice (and, in one operator
+    call, from two threads at once)."""
+    tied, other = torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused with a clear error, not torch's warning
+        with pytest.raises(ValueError, match=r"\(group 0, index 2, .* is the param at index 0 "
+                                             r"of the same group again"):
+            cls([tied, other, tied])
+    opt = cls([other], lr=0.1)
+    with pytest.raises(ValueError, match=r"\(group 1, index 1, .* at index 0 of the same group"):
+        opt.add_param_group({"params": [tied, tied]})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [tied]})  # once is fine
+    tied.grad, other.grad = torch.randn(5000), torch.randn(3)
+    before = tied.detach().clone()
+    opt.step()
+    assert torch.equal((before - tied.detach()).abs() > 0.05, torch.ones(5000, dtype=torch.bool))
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 def test_dtensor_params_state_kinds_and_refused_clipping():
     """DTensor params get 8-bit state only where their shards hold whole 256-element blocks,

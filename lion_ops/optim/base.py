@@ -276,9 +276,21 @@ class LionOptimizerBase(torch.optim.Optimizer):
                     value if key == "weight_decay" else 0.0, where)
                 if key == "lr":
                     _check_tensor_lr_value(value, where)
-        super().add_param_group(param_group)
+        with warnings.catch_warnings():
+            # torch only warns about a param listed twice in a group; it is refused below.
+            warnings.filterwarnings("ignore", message=".*duplicate parameters")
+            super().add_param_group(param_group)
         group = self.param_groups[-1]
+        first_index: dict[int, int] = {}
         for index, p in enumerate(group["params"]):
+            first = first_index.setdefault(id(p), index)
+            if first != index:
+                self.param_groups.pop()
+                raise ValueError(
+                    f"{where}: {_describe(group, len(self.param_groups), index, p)} is the "
+                    f"param at index {first} of the same group again (a tied weight listed "
+                    "twice?); a step would update it twice. List each param once "
+                    "(module.parameters() does)")
             problem = _unsupported_param(p)
             if problem:
                 self.param_groups.pop()  # refused as a whole: the optimizer stays as it was
