@@ -30,7 +30,11 @@ on CUDA, triton). A peer that is not installed is reported "missing", one that f
 Figures, per implementation and set: the median step time over --repeats after --warmup
 steps (CUDA events around each step on a GPU, each step started on an idle device, so the
 host's work is included; also the pipelined time of back-to-back steps; perf_counter on the
-CPU), params/s, the bytes a Lion step must move at least (lion_step_bytes), the fraction of the
+CPU). On the CPU, when all implementations fit in memory at once, their steps are timed
+interleaved (--interleave): in rounds of one step each, in an order rotated every round, so a
+shared machine's drift during the run weighs on all of them alike and their ratios hold up;
+otherwise (and on CUDA, whose timings are steady) each implementation's steps run back to
+back, then the next one's. Also params/s, the bytes a Lion step must move at least (lion_step_bytes), the fraction of the
 bandwidth floor (those bytes over the step time, divided by the copy bandwidth measured in the
 same run with dst.copy_(src), counting read + write: the faster of a measurement before and
 one after the sets, each the fastest of several copies; on a CPU this can pass 100%, as a copy's
@@ -39,7 +43,8 @@ reported beside it), the optimizer state bytes per param (from the state tensors
 steps), the ratio of lion_ops.Lion's time to the implementation's (below 1: lion_ops is faster),
 and the largest difference of the params from lion_ops' after the first step (all start from the
 same params and grads). Separately, the host overhead: the
-time of a step over 148 tensors of 4 elements, back to back, in microseconds.
+time of a step over 148 tensors of 4 elements, back to back, in microseconds (the median over
+10 rounds, each implementation's steps of a round back to back, the order rotated every round).
 """
 
 from __future__ import annotations
@@ -398,74 +403,207 @@ def fresh_params(initial: list[torch.Tensor]) -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(torch.empty_like(t).copy_(t)) for t in initial]
 
 
-def run_impl(impl: Impl, module, initial, grads, dtype, device, warmup, repeats, reference,
-             keep_first: bool):
-    """Times impl on the set; returns its figures and, if keep_first, its params after the first
-    step (else compares them with `reference`, when given)."""
-    numels = [t.numel() for t in initial]
+@dataclasses.dataclass
+class Contestant:
+    """One implementation set up on one set: its params (the grads attached) and optimizer."""
+    impl: Impl
+    params: list
+    optimizer: object
+    result: dict
+
+
+def start_impl(impl: Impl, module, initial, grads, device, reference, keep_first: bool):
+    """Builds impl's optimizer on fresh params with the set's grads and takes the first step
+    (state allocation, compilation, autotuning), timed on its own. Returns the contestant and,
+    if keep_first, its params after that step (else compares them with `reference`)."""
     params = fresh_params(initial)
     for p, g in zip(params, grads):
         p.grad = g
     optimizer = impl.make(module, params, dict(HYPERPARAMS))
-    result: dict = {}
+    contestant = Contestant(impl, params, optimizer, {})
+    synchronize(device)
+    t0 = time.perf_counter()
+    optimizer.step()
+    synchronize(device)
+    contestant.result["first_step_s"] = time.perf_counter() - t0
+    after_first = None
+    if keep_first:
+        after_first = [p.detach().clone() for p in params]
+    elif reference is not None:
+        contestant.result["max_abs_diff_step1"] = max(
+            (p.detach().float() - r.float()).abs().max().item()
+            for p, r in zip(params, reference))
+    return contestant, after_first
+
+
+def finish_impl(contestant: Contestant, timing: dict, numels: list[int], dtype) -> dict:
+    """The contestant's figures from its step times and its state; then frees it."""
+    impl, optimizer, result = contestant.impl, contestant.optimizer, contestant.result
+    result.update(timing)
+    state = measured_state_bytes(optimizer)
+    total = sum(numels)
+    moved = lion_step_bytes(numels, dtype, impl.state)
+    expected_state = lion_state_bytes(numels, dtype, impl.state)
+    result.update(
+        status="ok",
+        params_per_s=total / timing["median_s"],
+        bytes_per_step=moved,
+        bytes_per_param=moved / total,
+        achieved_bytes_per_s=moved / timing["median_s"],
+        state_bytes=state,
+        state_bytes_per_param=state / total,
+        state_model=impl.state,
+    )
+    if abs(state - expected_state) > 0.01 * expected_state:
+        result["note"] = (f"state holds {state / total:.3f} B/param but lion_step_bytes "
+                          f"assumes {expected_state / total:.3f} (state '{impl.state}')")
+    close_impl(contestant)
+    return result
+
+
+def close_impl(contestant: Contestant) -> None:
+    for p in contestant.params:
+        p.grad = None
+    contestant.params, contestant.optimizer = [], None
+
+
+def run_impl(impl: Impl, module, initial, grads, dtype, device, warmup, repeats, reference,
+             keep_first: bool):
+    """Times impl on the set on its own (its steps back to back, then the next implementation's);
+    returns its figures and, if keep_first, its params after the first step."""
+    contestant, after_first = start_impl(impl, module, initial, grads, device, reference,
+                                         keep_first)
     try:
-        synchronize(device)
-        t0 = time.perf_counter()
-        optimizer.step()  # the first step: state allocation, compilation, autotuning
-        synchronize(device)
-        result["first_step_s"] = time.perf_counter() - t0
-        after_first = None
-        if keep_first:
-            after_first = [p.detach().clone() for p in params]
-        elif reference is not None:
-            result["max_abs_diff_step1"] = max(
-                (p.detach().float() - r.float()).abs().max().item()
-                for p, r in zip(params, reference))
-        timing = time_steps(optimizer.step, device, max(warmup - 1, 0), repeats)
-        result.update(timing)
-        state = measured_state_bytes(optimizer)
-        total = sum(numels)
-        moved = lion_step_bytes(numels, dtype, impl.state)
-        expected_state = lion_state_bytes(numels, dtype, impl.state)
-        result.update(
-            status="ok",
-            params_per_s=total / timing["median_s"],
-            bytes_per_step=moved,
-            bytes_per_param=moved / total,
-            achieved_bytes_per_s=moved / timing["median_s"],
-            state_bytes=state,
-            state_bytes_per_param=state / total,
-            state_model=impl.state,
-        )
-        if abs(state - expected_state) > 0.01 * expected_state:
-            result["note"] = (f"state holds {state / total:.3f} B/param but lion_step_bytes "
-                              f"assumes {expected_state / total:.3f} (state '{impl.state}')")
-        return result, after_first
+        timing = time_steps(contestant.optimizer.step, device, max(warmup - 1, 0), repeats)
+        return finish_impl(contestant, timing, [t.numel() for t in initial], dtype), after_first
     finally:
-        for p in params:
-            p.grad = None
-        del optimizer, params
+        close_impl(contestant)
 
 
-def run_overhead(impl: Impl, module, device, dtype, steps: int) -> dict:
-    """Microseconds per step over TINY_TENSORS tensors of TINY_NUMEL elements, back to back."""
+def time_one_step(step: Callable, device: torch.device) -> float:
+    """Seconds of one call of `step`: CUDA events around it, started on an idle device, on a
+    GPU; perf_counter on the CPU."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        step()
+        return time.perf_counter() - t0
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    start.record()
+    step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def run_set_interleaved(impls, initial, grads, dtype, device, warmup, repeats, log) -> dict:
+    """Times every implementation on the set in rounds: each round takes one step of each, in an
+    order rotated by one per round, so that a machine that speeds up or slows down during the
+    run (a shared CPU does) weighs on all of them alike. Needs every implementation's params and
+    state in memory at once. Returns {name: figures}."""
+    numels = [t.numel() for t in initial]
+    results, contestants, reference = {}, [], None
+    for impl, module in impls:
+        t0 = time.perf_counter()
+        try:
+            contestant, after_first = start_impl(impl, module, initial, grads, device, reference,
+                                                 impl.key == REFERENCE)
+            if impl.key == REFERENCE:
+                reference = after_first
+            for _ in range(max(warmup - 1, 0)):
+                contestant.optimizer.step()
+            synchronize(device)
+            contestant.result["wall_s"] = time.perf_counter() - t0
+            contestants.append(contestant)
+        except Exception as error:  # noqa: BLE001 -- report it, go on with the others
+            results[impl.name] = dict(status=f"failed: {short(error)}",
+                                      wall_s=time.perf_counter() - t0)
+            log(impl.name, results[impl.name])
+            free_memory(device)
+    del reference
+    times: dict[str, list[float]] = {c.impl.name: [] for c in contestants}
+    for r in range(repeats):
+        shift = r % max(len(contestants), 1)
+        for contestant in contestants[shift:] + contestants[:shift]:
+            if contestant.optimizer is None:
+                continue  # failed in an earlier round
+            try:
+                elapsed = time_one_step(contestant.optimizer.step, device)
+            except Exception as error:  # noqa: BLE001
+                results[contestant.impl.name] = dict(status=f"failed: {short(error)}")
+                close_impl(contestant)
+                continue
+            times[contestant.impl.name].append(elapsed)
+            contestant.result["wall_s"] += elapsed
+    for contestant in contestants:
+        name = contestant.impl.name
+        if contestant.optimizer is None:
+            continue
+        pipelined = None
+        if device.type == "cuda":  # back-to-back steps, as in training, where the host runs ahead
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeats):
+                contestant.optimizer.step()
+            end.record()
+            end.synchronize()
+            pipelined = start.elapsed_time(end) / 1e3 / repeats
+        timing = dict(median_s=statistics.median(times[name]), times_s=times[name],
+                      pipelined_s=pipelined, interleaved=True)
+        results[name] = finish_impl(contestant, timing, numels, dtype)
+        log(name, results[name])
+    free_memory(device)
+    return results
+
+
+def interleaved_bytes_estimate(numel: int, dtype: torch.dtype, implementations: int) -> int:
+    """Roughly the memory of run_set_interleaved: the shared initial params, grads and reference
+    params, and per implementation its params, fp32 momentum and an fp32 temporary."""
+    item = torch.empty((), dtype=dtype).element_size()
+    return numel * (3 * item + implementations * (item + 8))
+
+
+def run_overhead(impls, device, dtype, steps: int, rounds: int = 10) -> dict:
+    """Microseconds per step over TINY_TENSORS tensors of TINY_NUMEL elements, back to back: each
+    implementation takes steps / rounds steps per round, in an order rotated every round (as in
+    run_set_interleaved); the figure is the median over rounds. Returns {name: figures}."""
     shapes = tiny()
-    params = fresh_params(make_params(shapes, dtype, device, seed=1))
-    generator = torch.Generator(device=device).manual_seed(2)
-    for p in params:
-        p.grad = torch.empty_like(p).normal_(generator=generator)
-    optimizer = impl.make(module, params, dict(HYPERPARAMS))
-    try:
-        for _ in range(3):
-            optimizer.step()
-        synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            optimizer.step()
-        synchronize(device)
-        return dict(status="ok", us_per_step=(time.perf_counter() - t0) / steps * 1e6, steps=steps)
-    finally:
-        del optimizer, params
+    per_round = max(1, steps // rounds)
+    results, running = {}, []
+    for impl, module in impls:
+        try:
+            params = fresh_params(make_params(shapes, dtype, device, seed=1))
+            generator = torch.Generator(device=device).manual_seed(2)
+            for p in params:
+                p.grad = torch.empty_like(p).normal_(generator=generator)
+            optimizer = impl.make(module, params, dict(HYPERPARAMS))
+            for _ in range(3):
+                optimizer.step()
+            running.append((impl.name, optimizer))
+        except Exception as error:  # noqa: BLE001
+            results[impl.name] = dict(status=f"failed: {short(error)}")
+    per_step: dict[str, list[float]] = {name: [] for name, _ in running}
+    for r in range(rounds):
+        shift = r % max(len(running), 1)
+        for name, optimizer in running[shift:] + running[:shift]:
+            if name in results:
+                continue
+            try:
+                synchronize(device)
+                t0 = time.perf_counter()
+                for _ in range(per_round):
+                    optimizer.step()
+                synchronize(device)
+                per_step[name].append((time.perf_counter() - t0) / per_round * 1e6)
+            except Exception as error:  # noqa: BLE001
+                results[name] = dict(status=f"failed: {short(error)}")
+    for name, _ in running:
+        if name not in results:
+            results[name] = dict(status="ok", us_per_step=statistics.median(per_step[name]),
+                                 us_per_step_rounds=per_step[name], steps=per_round * rounds)
+    running.clear()
+    free_memory(device)
+    return results
 
 
 # ---- reporting ----------------------------------------------------------------------------------
@@ -511,7 +649,8 @@ def fmt(value, spec: str, missing: str = "-") -> str:
 def print_set_table(name: str, entry: dict) -> None:
     print(f"\n== {name}: {entry['tensors']} tensors, {entry['params'] / 1e6:.2f} M params, "
           f"{entry['dtype']}; bandwidth floor of a 32-bit-state Lion step: "
-          f"{entry['floor_s_fp32_state'] * 1e3:.2f} ms")
+          f"{entry['floor_s_fp32_state'] * 1e3:.2f} ms"
+          + ("; timed interleaved (rounds of one step each)" if entry.get("interleaved") else ""))
     if entry.get("skipped"):
         print(f"   skipped: {entry['skipped']}")
         return
@@ -643,6 +782,11 @@ def parse_args(argv=None):
                         "(default 256 CPU, 1024 CUDA; at least 256)")
     parser.add_argument("--allow-cpu-llama", action="store_true",
                         help="allow the llama1b set on the CPU (when enough memory is available)")
+    parser.add_argument("--interleave", choices=["auto", "on", "off"], default="auto",
+                        help="time a set's implementations in rounds, one step of each per round "
+                        "(on: always; off: each implementation's steps back to back; auto, the "
+                        "default: on the CPU when all of them fit in memory at once, where a "
+                        "shared machine's speed drifts during a run)")
     parser.add_argument("--json", metavar="PATH", help="write all figures as JSON")
     parser.add_argument("--png", metavar="PATH", help="write a bar chart (needs matplotlib)")
     return parser.parse_args(argv)
@@ -740,7 +884,18 @@ def main(argv=None) -> int:
                  for _, s in shapes]
         initial = make_params(shapes, dtype, device, seed=1)
         reference = None
-        for impl, module in impls:
+
+        def log(name, result, set_name=set_name):
+            print(f"   [{set_name}] {name}: {result['status']} ({result.get('wall_s', 0):.1f} s)",
+                  flush=True)
+
+        fits = free is None or interleaved_bytes_estimate(total, dtype, len(impls)) < 0.8 * free
+        interleave = args.interleave == "on" or (args.interleave == "auto" and not cuda and fits)
+        entry["interleaved"] = interleave
+        if interleave:
+            entry["results"].update(run_set_interleaved(impls, initial, grads, dtype, device,
+                                                        warmup, repeats, log))
+        for impl, module in ([] if interleave else impls):
             t0 = time.perf_counter()
             try:
                 result, after_first = run_impl(impl, module, initial, grads, dtype, device, warmup,
@@ -752,8 +907,7 @@ def main(argv=None) -> int:
             free_memory(device)
             result["wall_s"] = time.perf_counter() - t0
             entry["results"][impl.name] = result
-            print(f"   [{set_name}] {impl.name}: {result['status']} ({result['wall_s']:.1f} s)",
-                  flush=True)
+            log(impl.name, result)
         for name, status in unavailable.items():
             entry["results"][name] = dict(status=status)
         del grads, reference, initial
@@ -763,13 +917,7 @@ def main(argv=None) -> int:
             save_json(args.json, report)
 
     if overhead_steps > 0:
-        for impl, module in impls:
-            try:
-                report["overhead"][impl.name] = run_overhead(impl, module, device, dtype,
-                                                             overhead_steps)
-            except Exception as error:  # noqa: BLE001
-                report["overhead"][impl.name] = dict(status=f"failed: {short(error)}")
-            free_memory(device)
+        report["overhead"].update(run_overhead(impls, device, dtype, overhead_steps))
         for name, status in unavailable.items():
             report["overhead"][name] = dict(status=status)
 
