@@ -204,6 +204,69 @@ def _resume_on_one_rank(fsdp2_worker, checkpoint, optim_bits):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+@pytest.mark.parametrize("kwargs", [{}, {"optim_bits": 8, "min_8bit_size": 256},
+                                    {"optim_bits": 8, "min_8bit_size": 256, "block_wise": False}],
+                         ids=["32bit", "8bit_blockwise", "8bit_static"])
+def test_zero_redundancy_optimizer_saves_and_resumes_exactly(kwargs):
+    """torch's ZeroRedundancyOptimizer (ZeRO-1) wraps the class; its load_state_dict puts each
+    param's state_dict entry straight into the wrapped optimizer's `state` (nested layout, int
+    step) instead of calling its load_state_dict. The next step checks and adopts it, and the
+    resumed run equals the uninterrupted one bit for bit (bitsandbytes 0.50 fails here: its
+    step finds no 'state1')."""
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(64, 40), torch.nn.Tanh(), torch.nn.Linear(40, 5))
+
+    def train(model, opt, steps, seed):
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            opt.zero_grad()
+            model(torch.randn(8, 64, generator=generator)).square().mean().backward()
+            opt.step()
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        first = model()
+        opt = ZeroRedundancyOptimizer(first.parameters(), optimizer_class=Lion, lr=1e-2,
+                                      weight_decay=0.1, **kwargs)
+        train(first, opt, 3, seed=1)
+        opt.consolidate_state_dict(to=0)
+        saved = copy.deepcopy(opt.state_dict())
+        second = model()
+        second.load_state_dict(first.state_dict())
+        resumed = ZeroRedundancyOptimizer(second.parameters(), optimizer_class=Lion, lr=1e-2,
+                                          weight_decay=0.1, **kwargs)
+        resumed.load_state_dict(copy.deepcopy(saved))
+        train(first, opt, 2, seed=2)
+        train(second, resumed, 2, seed=2)
+        for p, q in zip(first.parameters(), second.parameters()):
+            assert torch.equal(p, q)
+            assert all(torch.equal(a, b) for a, b in zip(opt.optim.state[p].values(),
+                                                          resumed.optim.state[q].values()))
+            assert int(resumed.optim.state[q]["step"]) == 5
+
+        # A corrupt entry put there the same way is refused, naming the param, before anything
+        # changes.
+        third = model()
+        broken = ZeroRedundancyOptimizer(third.parameters(), optimizer_class=Lion, lr=1e-2,
+                                         **kwargs)
+        bad = copy.deepcopy(saved)
+        bad["state"][2]["__bnb_optimizer_quant_state__"]["state1"] = torch.zeros(3)
+        broken.load_state_dict(bad)
+        third(torch.randn(2, 64)).sum().backward()
+        before = [p.detach().clone() for p in third.parameters()]
+        with pytest.raises(ValueError, match=r"shape \(5, 40\).*state_dict layout: .* shape \(3,\)"):
+            broken.step()
+        assert all(torch.equal(p, b) for p, b in zip(third.parameters(), before))
+        assert all("__bnb_optimizer_quant_state__" in s for s in broken.optim.state.values())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 @pytest.mark.parametrize("optim_bits", [32, 8])
 def test_fsdp2_on_two_ranks_trains_and_resumes_exactly_as_unsharded(tmp_path, optim_bits):
     """fully_shard over 2 processes (gloo, unevenly sharded params): 5 steps of Lion give the

@@ -309,6 +309,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
         attribute once and builds descriptions only for errors."""
         where = f"{type(self).__name__}.step"
         work = []
+        adopted: dict[Tensor, dict] = {}  # states put in self.state in the saved layout
         strided, param_dtypes = torch.strided, ops.PARAM_DTYPES
         for group_index, group in enumerate(self.param_groups):
             check_hyperparameters(group["lr"], group["betas"], group["weight_decay"],
@@ -333,6 +334,18 @@ class LionOptimizerBase(torch.optim.Optimizer):
                 kind = None
                 if state:
                     kind = _quick_state_kind(p, shape, device, state)
+                    if kind is None and _in_saved_layout(state):
+                        # Put there directly, as a state_dict entry, by someone other than
+                        # load_state_dict (ZeroRedundancyOptimizer.load_state_dict does that):
+                        # checked and laid out as load_state_dict would, and kept once the
+                        # whole step has passed its checks.
+                        flat = dict(state)
+                        flat.update(flat.pop(QUANT_STATE_KEY, {}))
+                        state = adopted[p] = self._load_param_state(
+                            p, flat, f"{where}: {_describe(group, group_index, index, p)}: its "
+                            "state, set in optimizer.state in the state_dict layout",
+                            self._config(group_index, index))
+                        kind = _kind_of_state(state)
                     if kind is None:
                         kind = _kind_of_state(state)
                         problem = _state_problem(p, state, kind)
@@ -349,6 +362,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
                             f"{where}: {_describe(group, group_index, index, p)} {problem}")
                 with_grad.append((index, p, state, kind, device, dtype))
             work.append((group_index, group, with_grad))
+        self.state.update(adopted)
         return work
 
     def _asked_state_kind(self, p: Tensor, config: dict) -> str:
@@ -792,6 +806,12 @@ def _read_args(args, where: str) -> tuple:
 FP32, BLOCKWISE, STATIC = "32-bit", "8-bit blockwise", "8-bit static"
 _KIND_NAMES = {FP32: "32-bit", BLOCKWISE: "8-bit blockwise", STATIC: "8-bit static (block_wise=False)"}
 _STATE_TENSOR_KEYS = frozenset({"state1", "qmap1", "absmax1", "max1", "new_max1", "gnorm_vec"})
+
+
+def _in_saved_layout(state: dict) -> bool:
+    """Whether a param's state is a state_dict entry (momentum nested under QUANT_STATE_KEY, or
+    `step` a number) rather than the optimizer's live state."""
+    return QUANT_STATE_KEY in state or ("step" in state and not isinstance(state["step"], Tensor))
 
 
 def _kind_of_state(state: dict) -> str | None:
