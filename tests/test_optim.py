@@ -63,6 +63,34 @@ def test_out_of_range_hyperparameters_are_refused(kwargs, message):
         Lion([torch.nn.Parameter(torch.zeros(3))], **kwargs)
 
 
+def test_numpy_scalar_hyperparameters_work_as_python_numbers():
+    """torch's optimizers and bitsandbytes take NumPy scalars (a schedule computed with NumPy
+    gives np.float32); they step exactly as the same Python numbers."""
+    np = pytest.importorskip("numpy")
+    numpy_kwargs = dict(lr=np.float32(0.01), betas=(np.float32(0.9), np.float64(0.99)),
+                        weight_decay=np.float32(0.1), optim_bits=np.int64(8),
+                        min_8bit_size=np.int64(256), percentile_clipping=np.int32(90))
+    python_kwargs = {k: (tuple(float(b) for b in v) if k == "betas" else v.item())
+                     for k, v in numpy_kwargs.items()}
+    runs = []
+    for kwargs in (numpy_kwargs, python_kwargs):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(600)), torch.nn.Parameter(torch.randn(7))]
+        opt = Lion(params, **kwargs)
+        for step in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+            opt.param_groups[0]["lr"] = (np.float32 if kwargs is numpy_kwargs else float)(0.005)
+        runs.append((params, opt))
+    (params, opt), (expected, expected_opt) = runs
+    assert opt.state[params[0]]["state1"].dtype == torch.uint8
+    for p, q in zip(params, expected):
+        assert torch.equal(p, q)
+        assert all(torch.equal(a, b) for a, b in zip(opt.state[p].values(),
+                                                      expected_opt.state[q].values()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex64, torch.int32])
 def test_unsupported_param_dtypes_are_refused_at_construction(dtype):
     p = torch.nn.Parameter(torch.zeros(3, dtype=dtype), requires_grad=dtype.is_floating_point

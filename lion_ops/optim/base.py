@@ -9,6 +9,7 @@ hyperparameter leaves params and state exactly as they were.
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 import warnings
 from collections import defaultdict
@@ -112,20 +113,21 @@ def _unsupported_param(p: Tensor) -> str:
 
 
 def check_hyperparameters(lr: Any, betas: Any, weight_decay: Any, where: str) -> None:
-    """Refuses out-of-range hyperparameters with an error naming them."""
+    """Refuses out-of-range hyperparameters with an error naming them. Any real number will do
+    (NumPy scalars too, as torch's optimizers and bitsandbytes take them)."""
     if isinstance(lr, Tensor):
         if lr.numel() != 1 or not lr.is_floating_point():
             raise ValueError(f"{where}: a tensor lr must be a 1-element floating-point tensor, "
                              f"got shape {tuple(lr.shape)} and dtype {lr.dtype}")
-    elif not isinstance(lr, (int, float)) or not (0.0 <= lr < math.inf):
+    elif not isinstance(lr, numbers.Real) or not (0.0 <= lr < math.inf):
         raise ValueError(f"{where}: invalid learning rate lr={lr!r}: must be a finite number >= 0")
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
     for i, beta in enumerate(betas):
-        if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+        if not isinstance(beta, numbers.Real) or not 0.0 <= beta < 1.0:
             raise ValueError(f"{where}: invalid beta parameter at index {i}: {beta!r}: "
                              "must be in [0, 1)")
-    if not isinstance(weight_decay, (int, float)) or not (0.0 <= weight_decay < math.inf):
+    if not isinstance(weight_decay, numbers.Real) or not (0.0 <= weight_decay < math.inf):
         raise ValueError(f"{where}: invalid weight_decay value: {weight_decay!r}: "
                          "must be a finite number >= 0")
 
@@ -150,13 +152,14 @@ class LionOptimizerBase(torch.optim.Optimizer):
             optim_bits, min_8bit_size, percentile_clipping, block_wise = _read_args(args, where)
         if optim_bits not in (8, 32):
             raise ValueError(f"{where}: optim_bits must be 8 or 32, got {optim_bits!r}")
-        if isinstance(percentile_clipping, bool) or not isinstance(percentile_clipping, int) \
+        if isinstance(percentile_clipping, bool) \
+                or not isinstance(percentile_clipping, numbers.Integral) \
                 or not 1 <= percentile_clipping <= 100:
             raise ValueError(f"{where}: percentile_clipping must be an int in 1..100, got "
                              f"{percentile_clipping!r}")
         if not isinstance(is_paged, (bool, int)) or is_paged not in (0, 1):
             raise ValueError(f"{where}: is_paged must be a bool, got {is_paged!r}")
-        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) \
+        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, numbers.Integral) \
                 or min_8bit_size < 0:
             raise ValueError(f"{where}: min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
         if not isinstance(block_wise, bool):
@@ -166,9 +169,9 @@ class LionOptimizerBase(torch.optim.Optimizer):
         # kept for checkpoints that load into bitsandbytes.
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=0.0)
         super().__init__(params, defaults)
-        self.optim_bits = optim_bits
-        self.min_8bit_size = min_8bit_size
-        self.percentile_clipping = percentile_clipping
+        self.optim_bits = int(optim_bits)
+        self.min_8bit_size = int(min_8bit_size)
+        self.percentile_clipping = int(percentile_clipping)
         self.block_wise = block_wise
         self.is_paged = bool(is_paged)
         # What paging each params' device supports (ops.PAGING_*), asked once per device here,

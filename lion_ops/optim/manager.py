@@ -14,6 +14,7 @@ step, so compiled steps never trace the lookups).
 from __future__ import annotations
 
 import math
+import numbers
 import weakref
 from typing import Any
 
@@ -42,14 +43,15 @@ def check_override(config: dict, where: str) -> dict:
         raise ValueError(f"{where}: invalid learning rate lr={float(lr)!r}")
     if "optim_bits" in config and config["optim_bits"] not in (8, 32):
         raise ValueError(f"{where}: optim_bits must be 8 or 32, got {config['optim_bits']!r}")
-    if "min_8bit_size" in config and (not isinstance(config["min_8bit_size"], int)
+    if "min_8bit_size" in config and (not isinstance(config["min_8bit_size"], numbers.Integral)
                                       or isinstance(config["min_8bit_size"], bool)
                                       or config["min_8bit_size"] < 0):
         raise ValueError(f"{where}: min_8bit_size must be an int >= 0, got "
                          f"{config['min_8bit_size']!r}")
     if "percentile_clipping" in config:
         value = config["percentile_clipping"]
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+                or not 1 <= value <= 100:
             raise ValueError(f"{where}: percentile_clipping must be an int in 1..100, got "
                              f"{value!r}")
     if "block_wise" in config and not isinstance(config["block_wise"], bool):
@@ -57,6 +59,9 @@ def check_override(config: dict, where: str) -> dict:
     out = dict(config)
     if "betas" in out:
         out["betas"] = tuple(out["betas"])
+    for key in ("optim_bits", "min_8bit_size", "percentile_clipping"):
+        if key in out:
+            out[key] = int(out[key])
     return out
 
 
