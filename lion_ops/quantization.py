@@ -27,6 +27,6 @@ def dynamic_map(device: torch.device | str | None = None) -> Tensor:
 def dequantize_state(codes: Tensor, scale: Tensor, qmap: Tensor) -> Tensor:
     """The float32 momentum held by 8-bit state: blockwise (scale = absmax, one per 256
     elements) or static (scale = max1, one element)."""
-    if scale.numel() == 1 and codes.numel() > ops.QUANT_BLOCK_SIZE:
+    if scale.numel() == 1 and ops.blockwise_absmax_count(codes.numel()) != 1:
         return qmap[codes.long()] * scale.reshape(())
     return ops.dequantize_blockwise(codes, scale, qmap)

@@ -455,6 +455,28 @@ def test_state_kinds_and_layout(block_wise):
                            else {"state1", "qmap1", "max1", "new_max1"})
 
 
+@pytest.mark.parametrize("block_wise", [True, False])
+def test_dequantize_state_reads_the_optimizers_momentum(block_wise):
+    """lion_ops.quantization.dequantize_state, the inspection helper, against decoding in fp64
+    by hand, for params of no, one partial, one whole and several blocks."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in ((0,), (100,), (256,), (3, 300))]
+    opt = Lion8bit(params, lr=1e-3, min_8bit_size=0, block_wise=block_wise)
+    _train(opt, params, 3)
+    for p in params:
+        state = opt.state[p]
+        scale = state["absmax1"] if block_wise else state["max1"]
+        got = lion_ops.quantization.dequantize_state(state["state1"], scale, state["qmap1"])
+        codes = state["state1"].reshape(-1).long()
+        per_element = (scale.double().repeat_interleave(256)[: codes.numel()] if block_wise
+                       else scale.double().expand(codes.numel()))
+        expected = QMAP.double()[codes] * per_element
+        assert got.shape == p.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got.double().reshape(-1), expected, rtol=1e-7, atol=0)
+        if p.numel():
+            assert got.abs().max() > 0  # three steps of random grads: not all zero
+
+
 def test_lion_optim_bits_8_is_lion8bit():
     a, b = _big_params("cpu"), _big_params("cpu")
     _train(Lion(a, lr=1e-3, optim_bits=8, weight_decay=0.1), a, 5)
