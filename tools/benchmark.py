@@ -283,35 +283,42 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_steps(step: Callable, device: torch.device, warmup: int, repeats: int) -> dict:
-    """Median time of one call of `step` after `warmup` calls: CUDA events on a GPU (the device
-    idle before each call), perf_counter on the CPU; on a GPU also the pipelined time per call
-    of `repeats` calls back to back."""
+    """Median time of one call of `step` after `warmup` calls (time_one_step); on a GPU also the
+    pipelined time per call of `repeats` calls back to back."""
     for _ in range(warmup):
         step()
     synchronize(device)
-    times, pipelined = [], None
-    if device.type == "cuda":
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            step()
-        end.record()
-        end.synchronize()
-        pipelined = start.elapsed_time(end) / 1e3 / repeats
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
+    times = [time_one_step(step, device) for _ in range(repeats)]
+    pipelined = pipelined_time(step, repeats) if device.type == "cuda" else None
     return dict(median_s=statistics.median(times), times_s=times, pipelined_s=pipelined)
+
+
+def time_one_step(step: Callable, device: torch.device) -> float:
+    """Seconds of one call of `step`: CUDA events around it, started on an idle device, on a
+    GPU; perf_counter on the CPU."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        step()
+        return time.perf_counter() - t0
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    start.record()
+    step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def pipelined_time(step: Callable, repeats: int) -> float:
+    """Seconds per call of `repeats` calls back to back on the GPU, as in training, where the
+    host runs ahead of the device."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / repeats
 
 
 def copy_bandwidth(device: torch.device, megabytes: int, repeats: int) -> dict:
@@ -480,22 +487,6 @@ def run_impl(impl: Impl, module, initial, grads, dtype, device, warmup, repeats,
         close_impl(contestant)
 
 
-def time_one_step(step: Callable, device: torch.device) -> float:
-    """Seconds of one call of `step`: CUDA events around it, started on an idle device, on a
-    GPU; perf_counter on the CPU."""
-    if device.type != "cuda":
-        t0 = time.perf_counter()
-        step()
-        return time.perf_counter() - t0
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize(device)
-    start.record()
-    step()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3
-
-
 def run_set_interleaved(impls, initial, grads, dtype, device, warmup, repeats, log) -> dict:
     """Times every implementation on the set in rounds: each round takes one step of each, in an
     order rotated by one per round, so that a machine that speeds up or slows down during the
@@ -539,15 +530,8 @@ def run_set_interleaved(impls, initial, grads, dtype, device, warmup, repeats, l
         name = contestant.impl.name
         if contestant.optimizer is None:
             continue
-        pipelined = None
-        if device.type == "cuda":  # back-to-back steps, as in training, where the host runs ahead
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(repeats):
-                contestant.optimizer.step()
-            end.record()
-            end.synchronize()
-            pipelined = start.elapsed_time(end) / 1e3 / repeats
+        pipelined = (pipelined_time(contestant.optimizer.step, repeats)
+                     if device.type == "cuda" else None)
         timing = dict(median_s=statistics.median(times[name]), times_s=times[name],
                       pipelined_s=pipelined, interleaved=True)
         results[name] = finish_impl(contestant, timing, numels, dtype)
