@@ -1,5 +1,6 @@
 #include "lion_batch.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 #include <c10/util/strides.h>
 
@@ -118,7 +119,13 @@ void check_distinct_outputs(const char* op,
   std::vector<Entry> entries;
   for (const auto& [name, list] : lists) {
     for (size_t i = 0; i < list.size(); ++i) {
-      if (list[i].numel() > 0) entries.push_back({list[i].const_data_ptr(), name, i});
+      if (list[i].numel() == 0) continue;
+      // An expanded view writes one element from several places: the update would race, or
+      // fail only after writing (copying back the contiguous copy the kernels update).
+      TORCH_CHECK_VALUE(at::has_internal_overlap(list[i]) != at::MemOverlap::Yes, op, ": ", name,
+                        "[", i, "] has elements that share memory (an expanded view?); a tensor "
+                        "the call updates must not");
+      entries.push_back({list[i].const_data_ptr(), name, i});
     }
   }
   // Sorted by address (a stable sort, so a duplicate is reported after its first occurrence).

@@ -56,8 +56,9 @@ void check_state_list(const char* op, const char* name, at::TensorList params,
 
 // Refuses a call in which two of the tensors it writes (the entries of `lists`, each a
 // (name, list) pair) start at the same address, such as one param passed twice (a tied
-// weight listed twice): two threads, or two CUDA blocks, would read and write it at once.
-// Empty tensors are exempt.
+// weight listed twice): two threads, or two CUDA blocks, would read and write it at once;
+// and one in which a tensor it writes overlaps itself (an expanded view). Empty tensors are
+// exempt.
 void check_distinct_outputs(const char* op,
                             std::initializer_list<std::pair<const char*, at::TensorList>> lists);
 

@@ -59,6 +59,14 @@ LION_HOST_DEVICE int gnorm_slot(float step) {
   return static_cast<int>(static_cast<int64_t>(step) % kGnormHistory);
 }
 
+// The order the history is ranked in: ascending with NaN last, as torch.sort (which
+// bitsandbytes used) sorts. A NaN gradient puts a NaN in the history for 100 steps; this order
+// keeps the ranks a permutation then (plain < is false both ways for NaN). A NaN clip (the
+// percentile falls among NaNs) or a NaN current norm gives a scale of 1, as in bitsandbytes.
+LION_HOST_DEVICE bool gnorm_sorts_before(float a, float b) {
+  return a < b || (a == a && b != b);
+}
+
 LION_HOST_DEVICE float gnorm_scale(float current_squared, float clip_squared) {
 #if defined(__CUDA_ARCH__)
   const float current = sqrtf(current_squared), clip = sqrtf(clip_squared);

@@ -370,6 +370,20 @@ def test_8bit_cuda_matches_cpu_bit_for_bit(dtype, blockwise):
             assert torch.equal(a, b.cpu())
 
 
+def test_static_scales_of_an_empty_param_are_zeroed(device):
+    """The new scale of an empty param is the max over no elements, 0, on every device (the
+    CUDA launches skip empty tensors, so the host zeroes them)."""
+    params = [torch.randn(0, device=device), torch.randn(300, device=device)]
+    grads = [torch.randn_like(p) for p in params]
+    codes = [torch.full(p.shape, 140, dtype=torch.uint8, device=device) for p in params]
+    max1s = [torch.full((1,), 5.0, device=device) for _ in params]
+    new_max1s = [torch.full((1,), 7.0, device=device) for _ in params]
+    lion_ops.ops.lion_update_8bit_static(params, grads, codes, max1s, new_max1s,
+                                         QMAP.to(device), torch.tensor(1e-3), 0.9, 0.99, 0.0)
+    assert float(max1s[0]) == 0.0 and float(new_max1s[0]) == 0.0
+    assert float(max1s[1]) > 0 and float(max1s[1]) == float(new_max1s[1])
+
+
 def _opcheck_samples(dtype, device):
     qmap = QMAP.to(device)
     params, grads, codes, scales = _state([300, 5], dtype, device, True)

@@ -53,6 +53,36 @@ def test_operator_matches_reference(device, dtype, percentile):
     assert percentile == 99 or clipped > 100, clipped
 
 
+@pytest.mark.parametrize("percentile", [0, 1, 50, 97, 98, 99])
+def test_nan_norms_in_the_history_rank_last(device, percentile):
+    """A NaN gradient leaves a NaN in the norm history for 100 steps (in every slot, at step
+    1). The history is ranked as torch.sort sorts (NaN last), so exactly one value is the
+    percentile (with plain < every NaN ranked 0 and higher ranks went unwritten, leaving the
+    scale uninitialized on CUDA); a NaN clip or current norm gives a scale of 1."""
+    sizes = [5, 300, 40]
+    vecs = [torch.zeros(100, device=device) for _ in sizes]
+    ref_vecs = [torch.zeros(100, dtype=torch.float64) for _ in sizes]
+    steps = [torch.zeros((), device=device) for _ in sizes]
+    generator = torch.Generator().manual_seed(percentile)
+    for step in range(1, 8):
+        grads = [torch.randn(n, generator=generator) * (1 + step % 3) for n in sizes]
+        if step == 1:
+            grads[0][2] = float("nan")  # every slot of tensor 0's history becomes NaN
+        if step in (2, 3):
+            grads[1][7] = float("nan")  # two NaN slots in tensor 1's
+        lion_ops.ops.increment_steps(steps)
+        scales = lion_ops.ops.percentile_clipping([g.to(device) for g in grads], vecs, steps,
+                                                  percentile)
+        expected = [reference_clip(g, v, step, percentile) for g, v in zip(grads, ref_vecs)]
+        torch.testing.assert_close(scales.cpu().double(), torch.tensor(expected, dtype=torch.float64),
+                                   rtol=2e-6, atol=0)
+        for v, r in zip(vecs, ref_vecs):
+            torch.testing.assert_close(v.cpu().double(), r, rtol=2e-6, atol=0, equal_nan=True)
+    # Tensor 0's history holds 6 finite norms (steps 2 to 7) and 94 NaNs: from the 7th rank
+    # on, the clip is NaN.
+    assert (expected[0] == 1.0) == (percentile >= 6) and torch.isnan(ref_vecs[1]).sum() == 2
+
+
 def _reference_lion_with_clipping(params, grads_per_step, lr, betas, wd, percentile):
     params = [p.detach().double().clone() for p in params]
     momenta = [torch.zeros_like(p) for p in params]

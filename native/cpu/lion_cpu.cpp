@@ -770,7 +770,8 @@ at::Tensor percentile_clipping_cpu(at::TensorList grads, at::TensorList gnorm_ve
     }
     std::array<float, kGnormHistory> sorted;
     std::copy(history, history + kGnormHistory, sorted.begin());
-    std::nth_element(sorted.begin(), sorted.begin() + percentile, sorted.end());
+    std::nth_element(sorted.begin(), sorted.begin() + percentile, sorted.end(),
+                     gnorm_sorts_before);
     out[t] = gnorm_scale(squared, sorted[percentile]);
   }
   return scales;

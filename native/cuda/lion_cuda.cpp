@@ -181,6 +181,14 @@ void lion_update_8bit_static_cuda(at::TensorList params, at::TensorList grads,
   const float* scales = check_lion_update_8bit_static_args(
       params, grads, codes, max1s, new_max1s, qmap, lr, beta1, beta2, weight_decay, grad_scales);
   if (params.empty()) return;
+  // The launches skip empty tensors; their new scale is the max over no elements, 0, as on
+  // the CPU.
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (params[i].numel() == 0) {
+      max1s[i].zero_();
+      new_max1s[i].zero_();
+    }
+  }
   lion_update_8bit_cuda(op, cuda::Scaling::kStatic, params, grads, codes, max1s, new_max1s, qmap,
                         lr, beta1, beta2, weight_decay, scales);
 }
@@ -261,6 +269,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& inp
   c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous().to(at::kFloat);
   const int64_t n = x.numel();
+  TORCH_CHECK_VALUE((n + blocksize - 1) / blocksize <= std::numeric_limits<int32_t>::max(),
+                    "quantize_blockwise: ", n, " elements in blocks of ", blocksize,
+                    " make more blocks than one launch takes; use a larger blocksize");
   at::Tensor codes = at::empty(input.sizes(), input.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({(n + blocksize - 1) / blocksize}, input.options().dtype(at::kFloat));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();

@@ -415,12 +415,14 @@ percentile_scales_kernel(const __grid_constant__ GradNormBatch batch) {
   }
   __syncthreads();
   if (threadIdx.x < kGnormHistory) {
-    // The value whose rank (ties broken by position) is the percentile: sorted[percentile].
+    // The value whose rank (in gnorm_sorts_before's order, ties broken by position) is the
+    // percentile: sorted[percentile]. The ranks are a permutation, so one thread writes.
     const float mine = history[threadIdx.x];
     int rank = 0;
     for (int j = 0; j < kGnormHistory; ++j) {
       const float other = history[j];
-      rank += other < mine || (other == mine && j < static_cast<int>(threadIdx.x));
+      rank += gnorm_sorts_before(other, mine) ||
+              (!gnorm_sorts_before(mine, other) && j < static_cast<int>(threadIdx.x));
     }
     if (rank == batch.percentile) *batch.scale_of[t] = gnorm_scale(squared, mine);
   }
