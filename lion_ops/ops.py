@@ -214,8 +214,9 @@ def percentile_clipping(grads: Sequence[Tensor], gnorm_vecs: Sequence[Tensor],
     """bitsandbytes 0.49's percentile clipping, for a list of grads, on their device.
 
     For each grad: ||g||^2 is recorded in its 100-entry gnorm_vec at slot step % 100 (in every
-    slot at step 1; steps are the counters after this step's increment); with
-    current = ||g|| and clip = sqrt(sorted(gnorm_vec)[percentile]), its scale is
+    slot at step 1, or when gnorm_vec[0] < 0, which marks a history that has recorded nothing;
+    steps are the counters after this step's increment); with current = ||g|| and
+    clip = sqrt(sorted(gnorm_vec)[percentile]) (NaN sorted last), its scale is
     clip / current if current > clip, else 1. Returns the scales (float32, one per grad), to
     pass as grad_scales to the update operators. No host synchronization.
     """

@@ -55,6 +55,17 @@ LION_HOST_DEVICE void lion_update(float& p, float g_raw, float& m, const LionCoe
 
 constexpr int kGnormHistory = 100;
 
+// A history that has recorded nothing yet holds -1 in its first slot (squared norms are never
+// negative): the optimizer makes it so when clipping starts on a param that already has
+// state (a checkpoint saved without clipping, an override). Like the history of step 1, it
+// records its first norm in every slot; a history of zeros would clip every gradient to 0
+// until 100 steps had passed.
+constexpr float kFreshGnormHistory = -1.f;
+
+LION_HOST_DEVICE bool records_in_every_slot(float step, float first_slot) {
+  return static_cast<int64_t>(step) == 1 || first_slot < 0.f;
+}
+
 LION_HOST_DEVICE int gnorm_slot(float step) {
   return static_cast<int>(static_cast<int64_t>(step) % kGnormHistory);
 }
@@ -92,8 +103,12 @@ LION_HOST_DEVICE bool sign_bit(float x) {
 #endif
 }
 
+// A zero entry decodes to 0 whatever the scale: a block whose max is infinite (an infinite
+// gradient) keeps its other elements' momentum finite (0) rather than 0 * inf = NaN, which
+// would make all of their params NaN on the next step. For finite scales this is the product.
 LION_HOST_DEVICE float decode_momentum(const float* qmap, uint8_t code, float scale) {
-  return qmap[code] * scale;
+  const float q = qmap[code];
+  return q == 0.f ? q : q * scale;
 }
 
 // Encoding maps x = m / scale to the nearest map entry: the number of midpoints
@@ -141,6 +156,32 @@ LION_HOST_DEVICE uint8_t encode_table_entry(const float* qmap, uint32_t bucket) 
 
 // 1 / scale, or 0 for an all-zero block (whose momentum then encodes as 0.0).
 LION_HOST_DEVICE float inverse_scale(float scale) { return scale > 0.f ? 1.f / scale : 0.f; }
+
+// The value encoded for momentum m against inverse_scale(scale): m * inverse, except that an
+// infinite m in a block whose max is infinite (inverse 0; the product is NaN, negative on x86
+// and positive on a GPU) gives its own sign's 1.0: the top or bottom code, which decodes to
+// +-inf again, so the momentum keeps its sign as 32-bit state does. Only blocks of infinite
+// scale can take that branch, so vector loops leave such blocks to the scalar code.
+LION_HOST_DEVICE float scaled_for_encoding(float m, float inverse) {
+  const float x = m * inverse;
+  if (x != x && m == m) return m > 0.f ? 1.f : -1.f;
+  return x;
+}
+
+LION_HOST_DEVICE bool is_finite_scale(float scale) { return scale - scale == 0.f; }
+
+// What a block's (or tensor's) scale is the max of: |m| for finite m, 0 for +-inf and NaN. An
+// infinite momentum (from an infinite gradient) then does not make the scale infinite, which
+// would turn every other momentum of the block into 0 or +-inf; it encodes as the top or
+// bottom code instead (saturating at +-scale), keeping its sign.
+LION_HOST_DEVICE float finite_magnitude(float m) {
+#if defined(__CUDA_ARCH__)
+  const float magnitude = fabsf(m);
+#else
+  const float magnitude = std::fabs(m);
+#endif
+  return is_finite_scale(m) ? magnitude : 0.f;
+}
 
 // ---- the compact encode table (the CUDA kernels, and the CPU's scalar loops) -------------------
 // The 16-bit table is 64 KiB: too large for a GPU block's shared memory, and lookups at random

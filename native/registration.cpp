@@ -25,7 +25,7 @@ TORCH_LIBRARY(lion, m) {
       "float beta2, float weight_decay, Tensor? grad_scales=None) -> ()");
 
   // Percentile clipping (bitsandbytes 0.49): records ||g||^2 in each gnorm_vec at slot step % 100
-  // (every slot at step 1) and returns the per-tensor gradient scales, on the device.
+  // (every slot at step 1 or while gnorm_vec[0] < 0) and returns the gradient scales, on the device.
   m.def(
       "percentile_clipping(Tensor[] grads, Tensor(a!)[] gnorm_vecs, Tensor[] steps, "
       "int percentile) -> Tensor");

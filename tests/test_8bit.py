@@ -491,6 +491,49 @@ def test_dequantize_state_reads_the_optimizers_momentum(block_wise):
             assert got.abs().max() > 0  # three steps of random grads: not all zero
 
 
+@pytest.mark.parametrize("block_wise", [True, False])
+def test_an_infinite_gradient_saturates_its_momentum_and_spares_the_rest(device, block_wise):
+    """An infinite gradient makes that momentum infinite. The scale is the max over finite
+    momenta, so the infinite one encodes as the top or bottom code (its sign kept, saturating
+    at the scale), and the rest of its block (or tensor) quantizes as before. (With the scale
+    itself infinite, the others decoded to 0 * inf = NaN, or to -inf through the sign rule, and
+    their params became NaN.) Params follow 32-bit Lion's for three steps, all but a few.""" 
+    torch.manual_seed(0)
+    p8 = torch.nn.Parameter(torch.randn(1024, device=device))
+    p32 = torch.nn.Parameter(p8.detach().clone())
+    opt8 = Lion8bit([p8], lr=0.1, min_8bit_size=256, block_wise=block_wise)
+    opt32 = Lion([p32], lr=0.1)
+    for step in range(3):
+        g = torch.randn(1024, device=device)
+        if step == 0:
+            g[3], g[700] = float("inf"), -float("inf")
+        p8.grad, p32.grad = g.clone(), g.clone()
+        opt8.step()
+        opt32.step()
+        state = opt8.state[p8]
+        scale = state["absmax1"] if block_wise else state["max1"]
+        m = lion_ops.quantization.dequantize_state(state["state1"], scale, state["qmap1"])
+        assert torch.isfinite(p8).all() and torch.isfinite(m).all() and torch.isfinite(scale).all()
+        if step == 0:  # from zero momentum both take the same first step
+            assert torch.equal(p8, p32)
+            assert int(state["state1"][3]) == 255 and int(state["state1"][700]) == 0
+            block = (lambda i: scale[i // 256]) if block_wise else (lambda i: scale[0])
+            assert m[3] == block(3) and m[700] == -0.99296875 * block(700)
+    # The sign of c decides each update; 8-bit rounding may flip it only where c is near 0.
+    assert (p8 != p32).float().mean() < 0.05
+
+
+def test_quantize_blockwise_of_infinite_values(device):
+    x = torch.zeros(259, device=device)
+    x[:5] = torch.tensor([float("inf"), 1.0, -2.0, -float("inf"), 0.5])
+    x[256:] = float("inf")  # a block of nothing but infinities: scale 0, the top code
+    codes, absmax = lion_ops.ops.quantize_blockwise(x, QMAP.to(device))
+    assert absmax.tolist() == [2.0, 0.0]
+    assert codes[[0, 2, 3, 256, 258]].tolist() == [255, 0, 0, 255, 255]
+    values = lion_ops.ops.dequantize_blockwise(codes, absmax, QMAP.to(device))
+    assert values[0] == 2.0 and values[3] == values[2] < 0 and (values[256:] == 0).all()
+
+
 def test_lion_optim_bits_8_is_lion8bit():
     a, b = _big_params("cpu"), _big_params("cpu")
     _train(Lion(a, lr=1e-3, optim_bits=8, weight_decay=0.1), a, 5)

@@ -46,6 +46,7 @@ def test_constructors_match_bitsandbytes():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(lr=-1.0), "invalid learning rate"),
     (dict(lr=float("nan")), "invalid learning rate"),
+    (dict(lr=1e39), "finite in float32"),  # the kernels take lr in float32
     (dict(lr=torch.tensor(-0.5)), "invalid learning rate"),
     (dict(lr=torch.zeros(2)), "1-element"),
     (dict(betas=(1.0, 0.99)), "beta parameter at index 0"),
@@ -97,6 +98,22 @@ def test_unsupported_param_dtypes_are_refused_at_construction(dtype):
                            or dtype.is_complex)
     with pytest.raises(TypeError, match="group 0, index 0"):
         Lion([p])
+
+
+def test_a_bad_tensor_lr_is_refused_before_any_group_steps():
+    """A CPU tensor lr is checked at every step, naming its group, before anything changes (it
+    was left to the operator, after earlier groups had stepped and every counter was bumped)."""
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = Lion([{"params": [a]}, {"params": [b], "lr": torch.tensor(0.1)}], lr=0.1)
+    a.grad, b.grad = torch.ones(3), torch.ones(3)
+    opt.step()
+    for bad in (float("nan"), -1.0, float("inf")):
+        opt.param_groups[1]["lr"].fill_(bad)
+        before = [a.detach().clone(), b.detach().clone()]
+        with pytest.raises(ValueError, match=r"param group 1\).*invalid learning rate"):
+            opt.step()
+        assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+        assert [int(opt.state[p]["step"]) for p in (a, b)] == [1, 1]
 
 
 def test_a_refused_param_group_leaves_the_optimizer_as_it_was():
@@ -323,9 +340,11 @@ def test_fsdp2_on_two_ranks_trains_and_resumes_exactly_as_unsharded(tmp_path, op
     # Sharded, this weight's shards cannot hold whole blocks, so it keeps 32-bit state.
     GlobalOptimManager.get_instance().override_config(model[2].weight, "optim_bits", 32)
     opt = fsdp2_worker.make_optimizer(model.parameters(), optim_bits)
-    GlobalOptimManager.get_instance().initialize()
-    fsdp2_worker.train(model, opt, fsdp2_worker.batches(3, seed=1))
-    fsdp2_worker.train(model, opt, fsdp2_worker.batches(2, seed=2))
+    try:
+        fsdp2_worker.train(model, opt, fsdp2_worker.batches(3, seed=1))
+        fsdp2_worker.train(model, opt, fsdp2_worker.batches(2, seed=2))
+    finally:
+        GlobalOptimManager.get_instance().initialize()  # (opt then drops the override)
     expected_kinds = [torch.uint8 if optim_bits == 8 and i == 0 else torch.float32
                       for i in range(6)]
     results["resharded"] = _resume_on_one_rank(fsdp2_worker, tmp_path / "ckpt", optim_bits)

@@ -185,3 +185,75 @@ def test_overrides_compile_without_recompiles():
     assert counter.frame_count == 2
     assert opt.state[model.embed.weight]["state1"].dtype == torch.float32
     torch._dynamo.reset()
+
+
+def test_initialize_keeps_optimizers_attached():
+    """initialize() forgets the overrides; optimizers made before it drop theirs and see the
+    ones registered after it (as in bitsandbytes, whose optimizers look overrides up)."""
+    mng = GlobalOptimManager.get_instance()
+    emb = torch.nn.Embedding(100, 64)
+    mng.override_config(emb.weight, "lr", 0.0)
+    opt = Lion8bit(emb.parameters(), lr=1e-3)
+    try:
+        mng.initialize()
+        mng.override_config(emb.weight, "optim_bits", 32)
+        emb(torch.tensor([1, 2])).sum().backward()
+        before = emb.weight.detach().clone()
+        opt.step()
+        assert opt.state[emb.weight]["state1"].dtype == torch.float32
+        assert not torch.equal(before, emb.weight)  # the lr=0 override is gone
+    finally:
+        mng.initialize()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_keep_the_overrides_of_their_params(how):
+    """A copy's params are new objects, which the manager's overrides do not name: the copy
+    carries them, steps as the original does, and reloads its own state_dict."""
+    import copy
+    import io
+    mng = GlobalOptimManager.get_instance()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(100, 64), torch.nn.Linear(64, 64))
+    opt = Lion8bit(model.parameters(), lr=1e-2, min_8bit_size=16)
+    try:
+        mng.register_module_override(model[0], "weight", {"optim_bits": 32})
+        mng.override_config(model[1].weight, "lr", 0.0)
+        x = torch.randint(0, 100, (8,))
+        model(x).sum().backward()
+        opt.step()
+        if how == "deepcopy":
+            model2, opt2 = copy.deepcopy((model, opt))
+        else:
+            buffer = io.BytesIO()
+            torch.save((model, opt), buffer)
+            buffer.seek(0)
+            model2, opt2 = torch.load(buffer, weights_only=False)
+        for m, o in ((model, opt), (model2, opt2)):
+            m.zero_grad()
+            m(x).sum().backward()
+            frozen = m[1].weight.detach().clone()
+            o.step()
+            assert torch.equal(frozen, m[1].weight)  # lr 0 there, in the copy too
+            assert o.state[m[0].weight]["state1"].dtype == torch.float32
+        for p, q in zip(model.parameters(), model2.parameters()):
+            assert torch.equal(p, q)
+        opt2.load_state_dict(opt2.state_dict())
+    finally:
+        mng.initialize()
+
+
+def test_refused_state_kind_names_the_overridden_options():
+    mng = GlobalOptimManager.get_instance()
+    lin = torch.nn.Linear(64, 64)
+    opt = Lion8bit(lin.parameters(), lr=1e-3, min_8bit_size=16)
+    try:
+        lin(torch.randn(2, 64)).sum().backward()
+        opt.step()
+        mng.override_config(lin.weight, "optim_bits", 32)
+        with pytest.raises(ValueError, match=r"keeps 32-bit state for this param \(optim_bits=32, "
+                                             r"min_8bit_size=16, block_wise=True, after "
+                                             r"GlobalOptimManager overrides\)"):
+            opt.load_state_dict(opt.state_dict())
+    finally:
+        mng.initialize()

@@ -19,7 +19,7 @@ def reference_clip(grad, gnorm_vec, step, percentile):
     """bitsandbytes 0.49: record ||g||^2 (every slot at step 1, else slot step % 100), then
     scale = clip / current if current > clip, with clip = sqrt(sorted(history)[percentile])."""
     squared = grad.double().pow(2).sum()
-    if step == 1:
+    if step == 1 or gnorm_vec[0] < 0:  # (a fresh history, -1: see the test below)
         gnorm_vec[:] = squared
     else:
         gnorm_vec[step % 100] = squared
@@ -81,6 +81,44 @@ def test_nan_norms_in_the_history_rank_last(device, percentile):
     # Tensor 0's history holds 6 finite norms (steps 2 to 7) and 94 NaNs: from the 7th rank
     # on, the clip is NaN.
     assert (expected[0] == 1.0) == (percentile >= 6) and torch.isnan(ref_vecs[1]).sum() == 2
+
+
+@pytest.mark.parametrize("how", ["checkpoint without history", "override"])
+def test_clipping_started_on_existing_state_fills_a_fresh_history(how):
+    """Clipping that starts on a param that already has state (a checkpoint saved with
+    clipping off, as bitsandbytes 0.50 saves them, or an override) gets a fresh history, whose
+    first record fills every slot as at step 1. (It got a history of zeros, so the clip was 0
+    and every gradient was scaled to 0 for the next 94 steps.)"""
+    from lion_ops.optim import GlobalOptimManager
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(1000))
+    opt = Lion([p], lr=1e-3)
+    for _ in range(10):
+        p.grad = torch.randn(1000)
+        opt.step()
+    if how == "override":
+        GlobalOptimManager.get_instance().override_config(p, "percentile_clipping", 5)
+        clipped = opt
+    else:
+        clipped = Lion([p], lr=1e-3, percentile_clipping=5)
+        clipped.load_state_dict(opt.state_dict())
+    try:
+        history = None
+        for step in range(12):
+            momentum = clipped.state[p]["state1"].clone()
+            g = torch.randn(1000) * (3 if step == 5 else 1)
+            p.grad = g.clone()
+            clipped.step()
+            history = clipped.state[p]["gnorm_vec"]
+            scale = ((clipped.state[p]["state1"] - 0.99 * momentum) / (0.01 * g)).median()
+            if step == 0:
+                assert torch.all(history == g.double().pow(2).sum().float())  # every slot
+                assert scale == pytest.approx(1.0, rel=1e-3)  # not clipped to 0
+            if step == 5:  # a gradient 3x the others': clipped to the 5th percentile's norm
+                assert 0.2 < scale < 0.5
+        assert (history > 0).all()
+    finally:
+        GlobalOptimManager.get_instance().initialize()
 
 
 def _reference_lion_with_clipping(params, grads_per_step, lr, betas, wd, percentile):

@@ -119,8 +119,13 @@ def check_hyperparameters(lr: Any, betas: Any, weight_decay: Any, where: str) ->
         if lr.numel() != 1 or not lr.is_floating_point():
             raise ValueError(f"{where}: a tensor lr must be a 1-element floating-point tensor, "
                              f"got shape {tuple(lr.shape)} and dtype {lr.dtype}")
-    elif not isinstance(lr, numbers.Real) or not (0.0 <= lr < math.inf):
-        raise ValueError(f"{where}: invalid learning rate lr={lr!r}: must be a finite number >= 0")
+        if lr.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Read on the host (no device synchronization): checked here, before a step
+            # changes anything, rather than by the operator after earlier groups have stepped.
+            _check_tensor_lr_value(lr, where)
+    elif not isinstance(lr, numbers.Real) or not (0.0 <= lr <= _FLOAT32_MAX):
+        raise ValueError(f"{where}: invalid learning rate lr={lr!r}: must be a number >= 0, "
+                         "finite in float32")
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
     for i, beta in enumerate(betas):
@@ -132,10 +137,15 @@ def check_hyperparameters(lr: Any, betas: Any, weight_decay: Any, where: str) ->
                          "must be a finite number >= 0")
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # the kernels take lr in float32
+
+
 def _check_tensor_lr_value(lr: Any, where: str) -> None:
-    # Only where a host read is acceptable (construction, add_param_group), never in step().
-    if isinstance(lr, Tensor) and not (0.0 <= float(lr) < math.inf):
-        raise ValueError(f"{where}: invalid learning rate lr={float(lr)!r}: must be finite and >= 0")
+    # A host read: at construction and add_param_group, and in step() for CPU tensors only
+    # (an lr on a GPU is read by the kernel; reading it here would synchronize the device).
+    if isinstance(lr, Tensor) and not (0.0 <= float(lr) <= _FLOAT32_MAX):
+        raise ValueError(f"{where}: invalid learning rate lr={float(lr)!r}: must be >= 0 and "
+                         "finite in float32")
 
 
 class LionOptimizerBase(torch.optim.Optimizer):
@@ -215,15 +225,25 @@ class LionOptimizerBase(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.update((name, self.__dict__[name]) for name in self._PICKLED_ATTRIBUTES)
+        # A copy's params are new objects, which the manager's per-param and per-module
+        # overrides do not name: the copy takes its overrides along, by position.
+        state["_copied_overrides"] = {position: config
+                                      for position, (_, config) in self._overrides.items()}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        copied_overrides = state.pop("_copied_overrides", None)
         super().__setstate__(state)
         self._step_plan = None
         if "_manager" not in self.__dict__:  # a copy (pickled or deep-copied), not a load
             self._overrides = {}
             self._manager = GlobalOptimManager.get_instance()
             self._manager.attach(self)
+            for (gi, pi), config in (copied_overrides or {}).items():
+                # (registered for the copy's own params, so they hold whatever the manager
+                # does later, as the original's do)
+                self._manager.override_config(self.param_groups[gi]["params"][pi],
+                                              key_value_dict=config)
             self._resolve_overrides()
 
     def _note_paging_devices(self, groups) -> None:
@@ -396,8 +416,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
         state = self.state[p]
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         if config.get("percentile_clipping", self.percentile_clipping) < 100:
-            state["gnorm_vec"] = torch.zeros(ops.GNORM_HISTORY, dtype=torch.float32,
-                                             device=p.device)
+            state["gnorm_vec"] = _fresh_gnorm_history(p.device)
         kind = self._state_kind(p, config)
         state["state1"] = self._new_momentum(p, kind)
         if kind == FP32:
@@ -499,9 +518,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
             if percentile < 100:
                 if any("gnorm_vec" not in s for s in states):
                     for s in states:  # clipping turned on by an override after state was made
-                        s.setdefault("gnorm_vec", torch.zeros(ops.GNORM_HISTORY,
-                                                              dtype=torch.float32,
-                                                              device=device))
+                        s.setdefault("gnorm_vec", _fresh_gnorm_history(device))
                 grad_scales = ops.percentile_clipping(
                     call_grads, [s["gnorm_vec"] for s in states], call.steps, percentile)
             if paged:  # back from host memory, if the driver paged any of it out
@@ -609,10 +626,12 @@ class LionOptimizerBase(torch.optim.Optimizer):
         if found is None:
             raise ValueError(f"{what}: the saved state has no momentum tensor 'state1'")
         if found != expected:
+            options = ", ".join(f"{name}={config.get(name, getattr(self, name))}"
+                                for name in ("optim_bits", "min_8bit_size", "block_wise"))
             raise ValueError(
                 f"{what}: the saved state is {_KIND_NAMES[found]}, but this optimizer keeps "
-                f"{_KIND_NAMES[expected]} state for this param (optim_bits={self.optim_bits}, "
-                f"min_8bit_size={self.min_8bit_size}, block_wise={self.block_wise})")
+                f"{_KIND_NAMES[expected]} state for this param ({options}"
+                + (", after GlobalOptimManager overrides)" if config else ")"))
         problem = _state_problem(p, saved, found, loading=True)
         if problem:
             raise ValueError(f"{what}: {problem}")
@@ -630,8 +649,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
         if config.get("percentile_clipping", self.percentile_clipping) < 100:
             # A checkpoint without history (clipping was off) starts a fresh one.
             gnorm = saved.get("gnorm_vec")
-            state["gnorm_vec"] = (torch.zeros(ops.GNORM_HISTORY, dtype=torch.float32,
-                                              device=p.device) if gnorm is None else
+            state["gnorm_vec"] = (_fresh_gnorm_history(p.device) if gnorm is None else
                                   gnorm.to(device=p.device, dtype=torch.float32,
                                            copy=True).reshape(-1))
         # Laid out (and paged) as a freshly initialized momentum would be.
@@ -654,6 +672,12 @@ class LionOptimizerBase(torch.optim.Optimizer):
                                       memory_format=torch.contiguous_format,
                                       copy=True).reshape(-1)
         return state
+
+
+def _fresh_gnorm_history(device: torch.device) -> Tensor:
+    """A percentile-clipping history that has recorded nothing: its first record fills every
+    slot (lion_math.h, kFreshGnormHistory), as at step 1, whatever the step counter says."""
+    return torch.full((ops.GNORM_HISTORY,), -1.0, dtype=torch.float32, device=device)
 
 
 def _read_step_counters(counters) -> list[int | None]:

@@ -82,11 +82,14 @@ class GlobalOptimManager:
         return cls._instance
 
     def initialize(self) -> None:
-        """Forgets every override (bitsandbytes' name for a reset)."""
+        """Forgets every override (bitsandbytes' name for a reset). Optimizers already made
+        stay attached: they drop their overrides now and see the ones registered later."""
         self.pid2config = WeakIdKeyDictionary()  # param -> config; does not keep params alive
         self.index2config: dict[tuple[int, int], dict] = {}
         self.module_overrides: list[tuple[weakref.ref, str, dict]] = []
-        self._optimizers: weakref.WeakSet = weakref.WeakSet()
+        if not hasattr(self, "_optimizers"):
+            self._optimizers: weakref.WeakSet = weakref.WeakSet()
+        self._notify()
 
     # ---- bitsandbytes' API ----------------------------------------------------------------------
     def register_parameters(self, params) -> None:

@@ -522,14 +522,16 @@ void encode_span(const float* __restrict__ m, const EncodeTable& table,
   const float inverse = inverse_scale(scale);
   int64_t i = 0;
 #if defined(LION_HAVE_AVX2_KERNELS)
-  if (table.folded_ok && cpu_has_avx2()) {
+  if (table.folded_ok && cpu_has_avx2() && is_finite_scale(scale)) {
     i = n / 8 * 8;
     encode_avx2(m, table, inverse, i, codes);
   }
 #endif
   const uint8_t* __restrict__ compact = table.compact.data();
   const float* __restrict__ midpoints = table.midpoints.data();
-  for (; i < n; ++i) codes[i] = encode_compact(compact, midpoints, qmap, m[i] * inverse);
+  for (; i < n; ++i) {
+    codes[i] = encode_compact(compact, midpoints, qmap, scaled_for_encoding(m[i], inverse));
+  }
 }
 
 // Decodes, updates and writes back params for n <= kQuantBlockSize elements; leaves the new
@@ -541,7 +543,7 @@ float lion_8bit_update_block(scalar_t* p, const scalar_t* g, const uint8_t* code
   float max_abs = 0.f;
   int64_t i = 0;
 #if defined(LION_HAVE_AVX2_KERNELS)
-  if (cpu_has_avx2()) {
+  if (cpu_has_avx2() && is_finite_scale(scale)) {  // (decode8 has no zero-entry case)
     i = n / 8 * 8;
     max_abs = update_block_avx2(p, g, codes, qmap, scale, i, k, m_out);
   }
@@ -552,9 +554,19 @@ float lion_8bit_update_block(scalar_t* p, const scalar_t* g, const uint8_t* code
     lion_update(pf, static_cast<float>(g[i]), mf, k);
     p[i] = static_cast<scalar_t>(pf);
     m_out[i] = mf;
-    max_abs = std::max(max_abs, std::fabs(mf));
+    max_abs = std::max(max_abs, finite_magnitude(mf));
   }
   return max_abs;
+}
+
+// A block's scale from the max magnitude its vector loop found (over all of m, infinite ones
+// included): that max when finite, else the max over m's finite values (finite_magnitude),
+// found again in scalar code. Only blocks with an infinite momentum take that path.
+inline float block_scale(float max_abs, const float* m, int64_t n) {
+  if (is_finite_scale(max_abs)) return max_abs;
+  float finite_max = 0.f;
+  for (int64_t i = 0; i < n; ++i) finite_max = std::max(finite_max, finite_magnitude(m[i]));
+  return finite_max;
 }
 
 // The 8-bit step over elements [begin, end) of one tensor, block by block: block b is
@@ -574,8 +586,9 @@ void lion_8bit_update_span(scalar_t* p, const scalar_t* g, uint8_t* codes, int64
   int64_t current_begin = begin;
   int64_t current_n = std::min<int64_t>(kQuantBlockSize, end - begin);
   float current_scale = encode_scale(
-      begin, lion_8bit_update_block(p + begin, g + begin, codes + begin, qmap,
-                                    decode_scale(begin), current_n, k, current));
+      begin, block_scale(lion_8bit_update_block(p + begin, g + begin, codes + begin, qmap,
+                                                decode_scale(begin), current_n, k, current),
+                         current, current_n));
 #if defined(LION_HAVE_AVX2_KERNELS)
   const bool pipelined = table.folded_ok && cpu_has_avx2();
 #else
@@ -584,22 +597,23 @@ void lion_8bit_update_span(scalar_t* p, const scalar_t* g, uint8_t* codes, int64
   for (int64_t b = begin + kQuantBlockSize; b < end; b += kQuantBlockSize) {
     const int64_t n = std::min<int64_t>(kQuantBlockSize, end - b);
     float next_max;
-    if (pipelined && n == kQuantBlockSize && current_n == kQuantBlockSize) {
+    const float scale_b = decode_scale(b);
+    if (pipelined && n == kQuantBlockSize && current_n == kQuantBlockSize &&
+        is_finite_scale(scale_b) && is_finite_scale(current_scale)) {
 #if defined(LION_HAVE_AVX2_KERNELS)
-      next_max = update_and_encode_blocks_avx2(p + b, g + b, codes + b, qmap, decode_scale(b), k,
+      next_max = update_and_encode_blocks_avx2(p + b, g + b, codes + b, qmap, scale_b, k,
                                                next, current, table,
                                                inverse_scale(current_scale),
                                                codes + current_begin);
 #endif
     } else {
-      next_max = lion_8bit_update_block(p + b, g + b, codes + b, qmap, decode_scale(b), n, k,
-                                        next);
+      next_max = lion_8bit_update_block(p + b, g + b, codes + b, qmap, scale_b, n, k, next);
       encode_span(current, table, qmap, current_scale, current_n, codes + current_begin);
     }
     std::swap(current, next);
     current_begin = b;
     current_n = n;
-    current_scale = encode_scale(b, next_max);
+    current_scale = encode_scale(b, block_scale(next_max, current, n));
   }
   encode_span(current, table, qmap, current_scale, current_n, codes + current_begin);
 }
@@ -674,17 +688,21 @@ void lion_update_8bit_static_cpu(at::TensorList params, at::TensorList grads,
       const scalar_t* gp = flat.get(1, t).const_data_ptr<scalar_t>();
       int64_t i = begin;
 #if defined(LION_HAVE_AVX2_KERNELS)
-      if (cpu_has_avx2()) {
+      if (cpu_has_avx2() && is_finite_scale(scale)) {
         const int64_t vectorized = (end - begin) / 8 * 8;
         max_abs = momentum_max_avx2(gp + begin, code + begin, map, scale, vectorized, kt);
         i += vectorized;
       }
 #endif
+      if (!is_finite_scale(max_abs)) {  // an infinite momentum: the finite max, in scalar code
+        i = begin;
+        max_abs = 0.f;
+      }
       for (; i < end; ++i) {
         float unused_p = 0.f;
         float mf = decode_momentum(map, code[i], scale);
         lion_update(unused_p, static_cast<float>(gp[i]), mf, kt);
-        max_abs = std::max(max_abs, std::fabs(mf));
+        max_abs = std::max(max_abs, finite_magnitude(mf));
       }
     });
     chunk_max[first_chunk[t] + begin / kCpuChunkElements] = max_abs;
@@ -763,7 +781,7 @@ at::Tensor percentile_clipping_cpu(at::TensorList grads, at::TensorList gnorm_ve
     const float squared = static_cast<float>(sum);
     float* history = gnorm_vecs[t].data_ptr<float>();
     const float step = *steps[t].const_data_ptr<float>();
-    if (static_cast<int64_t>(step) == 1) {
+    if (records_in_every_slot(step, history[0])) {
       std::fill(history, history + kGnormHistory, squared);
     } else {
       history[gnorm_slot(step)] = squared;
@@ -803,7 +821,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& inpu
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t begin = b * blocksize, end = std::min(n, begin + blocksize);
       float scale = 0.f;
-      for (int64_t i = begin; i < end; ++i) scale = std::max(scale, std::fabs(xp[i]));
+      for (int64_t i = begin; i < end; ++i) scale = std::max(scale, finite_magnitude(xp[i]));
       ap[b] = scale;
       encode_span(xp + begin, table, map, scale, end - begin, cp + begin);
     }

@@ -187,7 +187,7 @@ __device__ __forceinline__ void update_partial_quant_block(const Lion8bitBatch& 
       m[j] = decode_momentum(qmap, codes[e], scale);
       lion_update(pf, to_float(g[e]), m[j], k);
       if (P == Pass::kUpdate) p[e] = from_float<T>(pf);
-      max_abs = fmaxf(max_abs, fabsf(m[j]));
+      max_abs = fmaxf(max_abs, finite_magnitude(m[j]));
     }
   }
   max_abs = warp_max(max_abs);
@@ -205,7 +205,9 @@ __device__ __forceinline__ void update_partial_quant_block(const Lion8bitBatch& 
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) {
       const int64_t e = begin + j * kWarpSize + lane;
-      if (e < n) codes[e] = encode_compact(table, midpoints, qmap, m[j] * inverse);
+      if (e < n) {
+        codes[e] = encode_compact(table, midpoints, qmap, scaled_for_encoding(m[j], inverse));
+      }
     }
   }
 }
@@ -244,7 +246,7 @@ __device__ __forceinline__ void update_whole_quant_blocks(const Lion8bitBatch& b
     for (int j = 0; j < kPerLane; ++j) {
       m[r][j] = decode_momentum(qmap, code_byte(words[r], j), scale[r]);
       lion_update(pv[r][j], gv[r][j], m[r][j], k);
-      max_abs[r] = fmaxf(max_abs[r], fabsf(m[r][j]));
+      max_abs[r] = fmaxf(max_abs[r], finite_magnitude(m[r][j]));
     }
     if (P == Pass::kUpdate) store_lane(p + (first + r) * kQuantBlockSize + lane * kPerLane, pv[r]);
   }
@@ -268,7 +270,8 @@ __device__ __forceinline__ void update_whole_quant_blocks(const Lion8bitBatch& b
       uint2 word = make_uint2(0u, 0u);
 #pragma unroll
       for (int j = 0; j < kPerLane; ++j) {
-        const uint32_t code = encode_compact(table, midpoints, qmap, m[r][j] * inverse);
+        const uint32_t code =
+            encode_compact(table, midpoints, qmap, scaled_for_encoding(m[r][j], inverse));
         if (j < 4) word.x |= code << (8 * j); else word.y |= code << (8 * (j - 4));
       }
       *reinterpret_cast<uint2*>(codes + (first + r) * kQuantBlockSize + lane * kPerLane) = word;
@@ -405,11 +408,13 @@ percentile_scales_kernel(const __grid_constant__ GradNormBatch batch) {
   for (int b = batch.first_block[t] + threadIdx.x; b < batch.first_block[t + 1]; b += kThreads) {
     sum += batch.partial_sums[b];
   }
-  const float squared = block_sum(sum, scratch);
   float* gnorm = batch.gnorm_vecs[t];
   const float step = *batch.steps[t];
+  // Read by every thread before any writes below (block_sum ends with a barrier).
+  const bool every_slot = records_in_every_slot(step, gnorm[0]);
+  const float squared = block_sum(sum, scratch);
   if (threadIdx.x < kGnormHistory) {
-    const bool write = static_cast<int64_t>(step) == 1 || threadIdx.x == gnorm_slot(step);
+    const bool write = every_slot || threadIdx.x == gnorm_slot(step);
     if (write) gnorm[threadIdx.x] = squared;
     history[threadIdx.x] = write ? squared : gnorm[threadIdx.x];
   }
@@ -456,7 +461,9 @@ __global__ void quantize_blockwise_kernel(const float* __restrict__ input,
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * blocksize;
   const int64_t end = min(n, begin + blocksize);
   float max_abs = 0.f;
-  for (int64_t e = begin + threadIdx.x; e < end; e += kThreads) max_abs = fmaxf(max_abs, fabsf(input[e]));
+  for (int64_t e = begin + threadIdx.x; e < end; e += kThreads) {
+    max_abs = fmaxf(max_abs, finite_magnitude(input[e]));
+  }
   max_abs = warp_max(max_abs);
   if (threadIdx.x % kWarpSize == 0) warp_maxima[threadIdx.x / kWarpSize] = max_abs;
   __syncthreads();
@@ -468,7 +475,7 @@ __global__ void quantize_blockwise_kernel(const float* __restrict__ input,
   __syncthreads();
   const float inverse = inverse_scale(scale);
   for (int64_t e = begin + threadIdx.x; e < end; e += kThreads) {
-    codes[e] = encode_compact(table, midpoints, qmap, input[e] * inverse);
+    codes[e] = encode_compact(table, midpoints, qmap, scaled_for_encoding(input[e], inverse));
   }
 }
 
