@@ -1,7 +1,13 @@
 // Every schema of the `lion` operator library, one line of comment each. Kernels are
 // registered per backend in cpu/ and cuda/; fake (meta) implementations are in
 // lion_ops/ops.py, which set_python_module names so torch can point users to it.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
+
+#include <vector>
 
 TORCH_LIBRARY(lion, m) {
   m.set_python_module("lion_ops.ops");
@@ -55,4 +61,54 @@ TORCH_LIBRARY(lion, m) {
   // What paging `device` supports: 0 none (CPU, or no managed memory), 1 managed memory without
   // prefetch (no concurrent managed access), 2 managed memory with prefetch.
   m.def("paging_support(Device device) -> int");
+}
+
+// The in-place operators bump the version counter of every tensor they write, as torch's own
+// in-place ops do, so that autograd refuses a backward through a param that a step changed
+// after the forward used it (rather than computing its gradient from the new values). They
+// have no derivative: with grad mode on, writing a tensor that requires grad is refused, as
+// torch refuses an in-place op on a leaf that requires grad.
+namespace {
+
+constexpr const char* kInPlaceOperators[] = {"lion_update_32bit", "lion_update_8bit_blockwise",
+                                             "lion_update_8bit_static", "percentile_clipping",
+                                             "increment_steps", "prefetch_paged"};
+
+// The Autograd kernel of the in-place operators (torch's fallback for custom operators skips
+// the version counters of ops that return no alias of what they write).
+void in_place_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                       torch::jit::Stack* stack) {
+  const auto& arguments = op.schema().arguments();
+  const size_t first = stack->size() - arguments.size();
+  std::vector<at::Tensor> written;  // of the arguments marked Tensor(a!) or Tensor(a!)[]
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    const auto* alias = arguments[i].alias_info();
+    if (alias == nullptr || !alias->isWrite()) continue;
+    const c10::IValue& value = (*stack)[first + i];
+    if (value.isTensor()) {
+      written.push_back(value.toTensor());
+    } else if (value.isTensorList()) {
+      for (const at::Tensor& t : value.toTensorList()) written.push_back(t);
+    }
+  }
+  if (at::GradMode::is_enabled()) {
+    for (const at::Tensor& t : written) {
+      TORCH_CHECK(!t.requires_grad(), op.schema().name(), ": writes a tensor that requires "
+                  "grad, and has no derivative; call it under torch.no_grad(), as an "
+                  "optimizer step does");
+    }
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const at::Tensor& t : written) torch::autograd::impl::bump_version(t);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lion, Autograd, m) {
+  for (const char* name : kInPlaceOperators) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&in_place_autograd>());
+  }
 }

@@ -265,6 +265,34 @@ def test_a_tensor_written_twice_in_one_call_is_refused_and_nothing_changes(devic
         assert torch.equal(t, s)
 
 
+def test_operators_bump_the_version_of_what_they_write(device):
+    """As torch's in-place ops: autograd then refuses a backward through a param that a step
+    changed after the forward used it (it computed the gradient from the new values), and a
+    tensor that requires grad is not written with grad mode on."""
+    for cls, kwargs in ((lion_ops.Lion, {}), (lion_ops.Lion8bit, {"min_8bit_size": 256}),
+                        (lion_ops.Lion, {"percentile_clipping": 50})):
+        w = torch.nn.Parameter(torch.randn(64, 64, device=device))
+        opt = cls([w], lr=0.1, **kwargs)
+        x = torch.randn(4, 64, device=device, requires_grad=True)  # (so w is saved for x.grad)
+        y = (x @ w).sum()
+        w.grad = torch.randn_like(w)
+        opt.step()
+        state = opt.state[w]
+        written = [w, state["step"], state["state1"]] + [state[k] for k in ("absmax1", "gnorm_vec")
+                                                         if k in state]
+        assert all(t._version > 0 for t in written)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward()
+    p, g, m = _lists([(5,)], torch.float32, device)
+    leaf = torch.nn.Parameter(p[0])
+    with pytest.raises(RuntimeError, match="writes a tensor that requires grad"):
+        op([leaf], g, m, torch.tensor(0.1), 0.9, 0.99, 0.0)
+    assert torch.equal(leaf, p[0]) and m[0]._version == 0
+    with torch.no_grad():
+        op([leaf], g, m, torch.tensor(0.1), 0.9, 0.99, 0.0)
+    assert leaf._version == 1 and m[0]._version == 1
+
+
 def test_distinct_views_of_one_buffer_are_updated(device):
     """Params that are views of one flat buffer (as some frameworks lay them out) are distinct
     memory: the call updates each once, as it would separate tensors."""
