@@ -100,6 +100,30 @@ def test_unsupported_param_dtypes_are_refused_at_construction(dtype):
         Lion([p])
 
 
+def test_state_dict_hooks_see_the_saved_layout():
+    """Post-hooks see the bitsandbytes layout that state_dict returns (the nesting is done
+    after torch's own state_dict); load pre-hooks get a copy of the caller's dict, as in
+    torch, and may change it."""
+    p = torch.nn.Parameter(torch.randn(5000))
+    opt = lion_ops.Lion8bit([p])
+    p.grad = torch.randn(5000)
+    opt.step()
+    seen = []
+    opt.register_state_dict_post_hook(lambda o, sd: seen.append(sorted(sd["state"][0])))
+    opt.register_state_dict_post_hook(lambda o, sd: dict(sd, note="added"))
+    saved = opt.state_dict()
+    assert seen == [["__bnb_optimizer_quant_state__", "step"]] and saved["note"] == "added"
+
+    def pre_hook(o, sd):
+        sd["param_groups"] = copy.deepcopy(sd["param_groups"])
+        sd["param_groups"][0]["lr"] = 0.5
+        sd.pop("note")
+    opt.register_load_state_dict_pre_hook(pre_hook)
+    opt.load_state_dict(saved)
+    assert "note" in saved and saved["param_groups"][0]["lr"] != 0.5
+    assert opt.param_groups[0]["lr"] == 0.5
+
+
 def test_a_bad_tensor_lr_is_refused_before_any_group_steps():
     """A CPU tensor lr is checked at every step, naming its group, before anything changes (it
     was left to the operator, after earlier groups had stepped and every counter was bumped)."""

@@ -547,8 +547,14 @@ class LionOptimizerBase(torch.optim.Optimizer):
     # ---- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The optimizer state in bitsandbytes' layout: per param an int `step`, with the
-        momentum nested as `state1` under "__bnb_optimizer_quant_state__"."""
-        state_dict = super().state_dict()
+        momentum nested as `state1` under "__bnb_optimizer_quant_state__". Post-hooks
+        (register_state_dict_post_hook) see that layout, the one returned."""
+        post_hooks = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = type(post_hooks)()
+        try:
+            state_dict = super().state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = post_hooks
         steps = _read_step_counters(param_state.get("step")
                                     for param_state in state_dict["state"].values())
         packed = {}
@@ -562,11 +568,17 @@ class LionOptimizerBase(torch.optim.Optimizer):
                 entry[QUANT_STATE_KEY] = nested
             packed[key] = entry
         state_dict["state"] = packed
+        for hook in post_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a state_dict saved by this class or by bitsandbytes (nested or flat layout).
         Everything is checked before the optimizer is changed."""
+        if isinstance(state_dict, dict):
+            state_dict = dict(state_dict)  # pre-hooks get a shallow copy, as in torch
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
