@@ -1,6 +1,7 @@
 #include "lion_batch.h"
 
 #include <ATen/MemoryOverlap.h>
+#include <ATen/ops/empty_strided.h>
 #include <c10/util/Exception.h>
 #include <c10/util/strides.h>
 
@@ -321,15 +322,23 @@ FlatOperands::FlatOperands(std::vector<at::TensorList> lists, std::vector<bool> 
   flat_.resize(lists.size());
   for (auto& f : flat_) f.reserve(count);
   for (size_t i = 0; i < count; ++i) {
+    // The tensors written decide the element order: their memory order when the first is
+    // dense and every written one shares its strides, else the logical order (contiguous
+    // copies, written back). A read-only operand laid out otherwise is copied into that
+    // order, so that, for instance, blockwise 8-bit state gets the same blocks whatever the
+    // grad's layout.
     const at::Tensor& first = lists[0][i];
     bool in_place = first.is_non_overlapping_and_dense();
     for (size_t l = 1; l < lists.size() && in_place; ++l) {
-      in_place = lists[l][i].strides() == first.strides();
+      in_place = !mutated[l] || lists[l][i].strides() == first.strides();
     }
     for (size_t l = 0; l < lists.size(); ++l) {
       const at::Tensor& t = lists[l][i];
-      if (in_place || t.is_contiguous()) {
+      if (in_place ? t.strides() == first.strides() : t.is_contiguous()) {
         flat_[l].push_back(t);
+      } else if (in_place) {  // read-only: a copy in the first one's layout
+        flat_[l].push_back(
+            at::empty_strided(first.sizes(), first.strides(), t.options()).copy_(t));
       } else {
         at::Tensor copy = t.contiguous();
         if (mutated[l]) pending_.emplace_back(t, copy);

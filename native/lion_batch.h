@@ -81,9 +81,10 @@ void check_step_counters(at::TensorList steps);
 float host_learning_rate(const char* op, const at::Tensor& lr);
 
 // Makes the i-th tensor of every operand list walkable as a flat array, all in the same
-// element order. A group whose tensors are dense and share strides is used in place (a
-// transposed param with a transposed grad and momentum is fine); any other group is
-// replaced by contiguous copies, and write_back() copies the mutated ones back.
+// element order. A group whose written tensors are dense and share strides is used in place
+// (a transposed param with a transposed momentum is fine), read-only ones laid out otherwise
+// being copied into that layout; any other group is replaced by contiguous copies, and
+// write_back() copies the mutated ones back.
 class FlatOperands {
  public:
   FlatOperands(std::vector<at::TensorList> lists, std::vector<bool> mutated);

@@ -370,6 +370,28 @@ def test_8bit_cuda_matches_cpu_bit_for_bit(dtype, blockwise):
             assert torch.equal(a, b.cpu())
 
 
+def test_blocks_do_not_depend_on_the_grads_layout(device):
+    """The written tensors (param, codes) decide the element order, and so the blocks: a
+    channels_last param with channels_last codes takes its blocks in memory order whether the
+    grad is channels_last or contiguous (the grad was what sent a call to the logical order)."""
+    torch.manual_seed(0)
+    p = torch.randn(4, 16, 6, 6, device=device).to(memory_format=torch.channels_last)
+    g = torch.randn(4, 16, 6, 6, device=device)
+    m = torch.randn(4, 16, 6, 6, device=device).to(memory_format=torch.channels_last) * 0.05
+    codes, absmax = lion_ops.ops.quantize_blockwise(m.permute(0, 2, 3, 1).contiguous(),
+                                                    QMAP.to(device))
+    codes = codes.permute(0, 3, 1, 2)  # channels_last codes, blocks in memory order
+    results = []
+    for grad in (g.contiguous(memory_format=torch.channels_last), g.contiguous()):
+        q, c, a = p.clone(memory_format=torch.preserve_format), codes.clone(
+            memory_format=torch.preserve_format), absmax.clone()
+        lion_ops.ops.lion_update_8bit_blockwise([q], [grad], [c], [a], QMAP.to(device),
+                                                torch.tensor(1e-2), 0.9, 0.99, 0.1)
+        results.append((q, c, a))
+    for x, y in zip(*results):
+        assert torch.equal(x, y)
+
+
 def test_static_scales_of_an_empty_param_are_zeroed(device):
     """The new scale of an empty param is the max over no elements, 0, on every device (the
     CUDA launches skip empty tensors, so the host zeroes them)."""
