@@ -158,10 +158,11 @@ LION_HOST_DEVICE uint8_t encode_table_entry(const float* qmap, uint32_t bucket) 
 LION_HOST_DEVICE float inverse_scale(float scale) { return scale > 0.f ? 1.f / scale : 0.f; }
 
 // The value encoded for momentum m against inverse_scale(scale): m * inverse, except that an
-// infinite m in a block whose max is infinite (inverse 0; the product is NaN, negative on x86
-// and positive on a GPU) gives its own sign's 1.0: the top or bottom code, which decodes to
-// +-inf again, so the momentum keeps its sign as 32-bit state does. Only blocks of infinite
-// scale can take that branch, so vector loops leave such blocks to the scalar code.
+// infinite m where the inverse is 0 (the product is NaN, negative on x86 and positive on a
+// GPU) gives its own sign's 1.0: the top or bottom code, the same on every device. The
+// inverse is 0 when the scale is 0 (a block of nothing but zeros and infinities, whose scale,
+// the largest finite magnitude, is 0: those momenta then decode to 0) or infinite (loaded
+// state). Vector loops leave blocks of a non-finite scale to the scalar code.
 LION_HOST_DEVICE float scaled_for_encoding(float m, float inverse) {
   const float x = m * inverse;
   if (x != x && m == m) return m > 0.f ? 1.f : -1.f;

@@ -64,40 +64,52 @@ TORCH_LIBRARY(lion, m) {
 }
 
 // The in-place operators bump the version counter of every tensor they write, as torch's own
-// in-place ops do, so that autograd refuses a backward through a param that a step changed
-// after the forward used it (rather than computing its gradient from the new values). They
-// have no derivative: with grad mode on, writing a tensor that requires grad is refused, as
-// torch refuses an in-place op on a leaf that requires grad.
+// in-place ops do (inference mode included), so that autograd refuses a backward through a
+// param that a step changed after the forward used it (rather than computing its gradient
+// from the new values). They have no derivative: with grad mode on, writing a tensor that
+// requires grad is refused, as torch refuses an in-place op on a leaf that requires grad.
+// (torch's fallback for custom operators skips both for ops that return no alias.)
 namespace {
 
 constexpr const char* kInPlaceOperators[] = {"lion_update_32bit", "lion_update_8bit_blockwise",
                                              "lion_update_8bit_static", "percentile_clipping",
                                              "increment_steps", "prefetch_paged"};
 
-// The Autograd kernel of the in-place operators (torch's fallback for custom operators skips
-// the version counters of ops that return no alias of what they write).
-void in_place_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
-                       torch::jit::Stack* stack) {
+// The tensors of the arguments the schema marks as written (Tensor(a!) and Tensor(a!)[]).
+std::vector<at::Tensor> written_tensors(const c10::OperatorHandle& op,
+                                        const torch::jit::Stack& stack) {
   const auto& arguments = op.schema().arguments();
-  const size_t first = stack->size() - arguments.size();
-  std::vector<at::Tensor> written;  // of the arguments marked Tensor(a!) or Tensor(a!)[]
+  const size_t first = stack.size() - arguments.size();
+  std::vector<at::Tensor> written;
   for (size_t i = 0; i < arguments.size(); ++i) {
     const auto* alias = arguments[i].alias_info();
     if (alias == nullptr || !alias->isWrite()) continue;
-    const c10::IValue& value = (*stack)[first + i];
+    const c10::IValue& value = stack[first + i];
     if (value.isTensor()) {
       written.push_back(value.toTensor());
     } else if (value.isTensorList()) {
       for (const at::Tensor& t : value.toTensorList()) written.push_back(t);
     }
   }
+  return written;
+}
+
+void refuse_writing_tensors_that_require_grad(const c10::OperatorHandle& op,
+                                              c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   if (at::GradMode::is_enabled()) {
-    for (const at::Tensor& t : written) {
+    for (const at::Tensor& t : written_tensors(op, *stack)) {
       TORCH_CHECK(!t.requires_grad(), op.schema().name(), ": writes a tensor that requires "
                   "grad, and has no derivative; call it under torch.no_grad(), as an "
                   "optimizer step does");
     }
   }
+  at::AutoDispatchBelowAutograd below;
+  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+}
+
+void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                           torch::jit::Stack* stack) {
+  const std::vector<at::Tensor> written = written_tensors(op, *stack);
   {
     at::AutoDispatchBelowADInplaceOrView below;
     op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
@@ -109,6 +121,13 @@ void in_place_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
 
 TORCH_LIBRARY_IMPL(lion, Autograd, m) {
   for (const char* name : kInPlaceOperators) {
-    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&in_place_autograd>());
+    m.impl(name,
+           torch::CppFunction::makeFromBoxedFunction<&refuse_writing_tensors_that_require_grad>());
+  }
+}
+
+TORCH_LIBRARY_IMPL(lion, ADInplaceOrView, m) {
+  for (const char* name : kInPlaceOperators) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
   }
 }

@@ -291,6 +291,13 @@ def test_operators_bump_the_version_of_what_they_write(device):
     with torch.no_grad():
         op([leaf], g, m, torch.tensor(0.1), 0.9, 0.99, 0.0)
     assert leaf._version == 1 and m[0]._version == 1
+    # Inference mode skips autograd but, as for torch's in-place ops, not the counters.
+    y = (leaf ** 2).sum()
+    with torch.inference_mode():
+        op([leaf], g, m, torch.tensor(0.1), 0.9, 0.99, 0.0)
+    assert leaf._version == 2
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
 
 
 def test_distinct_views_of_one_buffer_are_updated(device):

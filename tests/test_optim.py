@@ -272,6 +272,34 @@ def _resume_on_one_rank(fsdp2_worker, checkpoint, optim_bits):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("layout", ["nested", "flat"])
+def test_state_put_in_optimizer_state_in_a_saved_layout_is_adopted(layout):
+    """An entry of a state_dict (int step; momentum nested, or flat as older bitsandbytes saved
+    it) written straight into optimizer.state steps as the same entry loaded with
+    load_state_dict does, in the second group too (with a flat entry the int step reached the
+    operator, after the first group had stepped)."""
+    runs = []
+    for how in ("assigned", "loaded"):
+        torch.manual_seed(0)
+        a, b = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.randn(4))
+        opt = Lion32bit([{"params": [a]}, {"params": [b]}], lr=0.1)
+        entry = {"step": 2, "state1": torch.full((4,), 0.3)}
+        if layout == "nested":
+            entry = {"step": 2, "__bnb_optimizer_quant_state__": {"state1": entry["state1"]}}
+        if how == "assigned":
+            opt.state[b] = entry
+        else:
+            saved = opt.state_dict()
+            saved["state"] = {1: entry}
+            opt.load_state_dict(saved)
+        a.grad, b.grad = torch.ones(4), torch.randn(4)
+        opt.step()
+        runs.append((a.detach().clone(), b.detach().clone(), dict(opt.state[b])))
+    (a1, b1, s1), (a2, b2, s2) = runs
+    assert torch.equal(a1, a2) and torch.equal(b1, b2)
+    assert int(s1["step"]) == 3 and torch.equal(s1["state1"], s2["state1"])
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 @pytest.mark.parametrize("kwargs", [{}, {"optim_bits": 8, "min_8bit_size": 256},
                                     {"optim_bits": 8, "min_8bit_size": 256, "block_wise": False}],

@@ -357,7 +357,8 @@ class LionOptimizerBase(torch.optim.Optimizer):
                 kind = None
                 if state:
                     kind = _quick_state_kind(p, shape, device, state)
-                    if kind is None and _in_saved_layout(state):
+                    if (kind is None or not isinstance(state.get("step"), Tensor)) \
+                            and _in_saved_layout(state):
                         # Put there directly, as a state_dict entry, by someone other than
                         # load_state_dict (ZeroRedundancyOptimizer.load_state_dict does that):
                         # checked and laid out as load_state_dict would, and kept once the
