@@ -243,7 +243,10 @@ def test_copies_keep_the_overrides_of_their_params(how):
         mng.initialize()
 
 
-def test_refused_state_kind_names_the_overridden_options():
+def test_state_kind_after_an_override_and_reloading():
+    """An override of optim_bits applies to new state: a param with state keeps stepping with
+    its kind, and the optimizer reloads its own state_dict (as bitsandbytes does); a fresh
+    optimizer with that override refuses the 8-bit state, naming the options in force."""
     mng = GlobalOptimManager.get_instance()
     lin = torch.nn.Linear(64, 64)
     opt = Lion8bit(lin.parameters(), lr=1e-3, min_8bit_size=16)
@@ -251,9 +254,34 @@ def test_refused_state_kind_names_the_overridden_options():
         lin(torch.randn(2, 64)).sum().backward()
         opt.step()
         mng.override_config(lin.weight, "optim_bits", 32)
+        opt.step()
+        saved = opt.state_dict()
+        opt.load_state_dict(saved)
+        assert opt.state[lin.weight]["state1"].dtype == torch.uint8
+        opt.step()
+        fresh = Lion8bit(lin.parameters(), lr=1e-3, min_8bit_size=16)
         with pytest.raises(ValueError, match=r"keeps 32-bit state for this param \(optim_bits=32, "
                                              r"min_8bit_size=16, block_wise=True, after "
                                              r"GlobalOptimManager overrides\)"):
-            opt.load_state_dict(opt.state_dict())
+            fresh.load_state_dict(saved)
     finally:
         mng.initialize()
+
+
+def test_overrides_of_a_registered_param_reach_its_position():
+    """As in bitsandbytes: register_parameters ties a param's overrides to its position, and
+    overrides added to that param later reach the position too (a copy of the model, whose
+    params are new objects, gets them)."""
+    import copy
+    mng = GlobalOptimManager.get_instance()
+    model = torch.nn.Linear(64, 128)
+    mng.override_config(model.weight, "optim_bits", 32)
+    mng.register_parameters(model.parameters())
+    mng.override_config(model.weight, "lr", 0.5)
+    copied = copy.deepcopy(model)
+    before = copied.weight.detach().clone()
+    opt = Lion(copied.parameters(), lr=1e-3, optim_bits=8, min_8bit_size=100)
+    copied.weight.grad, copied.bias.grad = torch.ones(128, 64), torch.ones(128)
+    opt.step()
+    assert opt.state[copied.weight]["state1"].dtype == torch.float32
+    assert torch.allclose(before - copied.weight, torch.full((128, 64), 0.5))

@@ -617,8 +617,13 @@ class LionOptimizerBase(torch.optim.Optimizer):
             what = _describe(group, gi, pi, p)
             flat = dict(saved_state)
             flat.update(flat.pop(QUANT_STATE_KEY, {}))
+            # A param whose state is live keeps the kind it steps with (an override that
+            # changed optim_bits since then applies to new state only, as in bitsandbytes), so
+            # an optimizer reloads its own state_dict.
+            live = self.state.get(p)
+            live_kind = None if not live or _in_saved_layout(live) else _kind_of_state(live)
             new_state[p] = self._load_param_state(p, flat, f"{where}: {what}",
-                                                  self._config(gi, pi))
+                                                  self._config(gi, pi), live_kind)
 
         param_groups = []
         for group, saved in zip(groups, saved_groups):
@@ -634,8 +639,9 @@ class LionOptimizerBase(torch.optim.Optimizer):
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
-    def _load_param_state(self, p: Tensor, saved: dict, what: str, config: dict) -> dict:
-        expected, found = self._state_kind(p, config), _kind_of_state(saved)
+    def _load_param_state(self, p: Tensor, saved: dict, what: str, config: dict,
+                          live_kind: str | None = None) -> dict:
+        expected, found = live_kind or self._state_kind(p, config), _kind_of_state(saved)
         if found is None:
             raise ValueError(f"{what}: the saved state has no momentum tensor 'state1'")
         if found != expected:

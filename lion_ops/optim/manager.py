@@ -124,9 +124,13 @@ class GlobalOptimManager:
         for p in parameters:
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"{where}: parameters must be tensors, got {type(p).__name__}")
-            merged = dict(self.pid2config.get(p, {}))
-            merged.update(config)
-            self.pid2config[p] = merged
+            existing = self.pid2config.get(p)
+            if existing is None:
+                self.pid2config[p] = dict(config)
+            else:
+                # Updated in place: register_parameters' positions share this dict, so later
+                # overrides of a registered param reach them too, as in bitsandbytes.
+                existing.update(config)
         self._notify()
 
     def register_module_override(self, module: torch.nn.Module, param_name: str,
