@@ -55,13 +55,11 @@ LION_HOST_DEVICE void lion_update(float& p, float g_raw, float& m, const LionCoe
 
 constexpr int kGnormHistory = 100;
 
-// A history that has recorded nothing yet holds -1 in its first slot (squared norms are never
-// negative): the optimizer makes it so when clipping starts on a param that already has
-// state (a checkpoint saved without clipping, an override). Like the history of step 1, it
-// records its first norm in every slot; a history of zeros would clip every gradient to 0
-// until 100 steps had passed.
-constexpr float kFreshGnormHistory = -1.f;
-
+// A history that has recorded nothing yet holds a negative first slot (squared norms never
+// are; the optimizer fills a fresh history with -1), for instance when clipping starts on a
+// param that already has state (a checkpoint saved without clipping, an override). Like the
+// history of step 1, it records its first norm in every slot; a history of zeros would clip
+// every gradient to 0 until 100 steps had passed.
 LION_HOST_DEVICE bool records_in_every_slot(float step, float first_slot) {
   return static_cast<int64_t>(step) == 1 || first_slot < 0.f;
 }

@@ -444,7 +444,7 @@ def start_impl(impl: Impl, module, initial, grads, device, reference, keep_first
 
 
 def finish_impl(contestant: Contestant, timing: dict, numels: list[int], dtype) -> dict:
-    """The contestant's figures from its step times and its state; then frees it."""
+    """The contestant's figures from its step times and its state."""
     impl, optimizer, result = contestant.impl, contestant.optimizer, contestant.result
     result.update(timing)
     state = measured_state_bytes(optimizer)
@@ -464,7 +464,6 @@ def finish_impl(contestant: Contestant, timing: dict, numels: list[int], dtype) 
     if abs(state - expected_state) > 0.01 * expected_state:
         result["note"] = (f"state holds {state / total:.3f} B/param but lion_step_bytes "
                           f"assumes {expected_state / total:.3f} (state '{impl.state}')")
-    close_impl(contestant)
     return result
 
 
@@ -535,6 +534,7 @@ def run_set_interleaved(impls, initial, grads, dtype, device, warmup, repeats, l
         timing = dict(median_s=statistics.median(times[name]), times_s=times[name],
                       pipelined_s=pipelined, interleaved=True)
         results[name] = finish_impl(contestant, timing, numels, dtype)
+        close_impl(contestant)  # (frees its params and state before the next one's figures)
         log(name, results[name])
     free_memory(device)
     return results

@@ -695,7 +695,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
 
 def _fresh_gnorm_history(device: torch.device) -> Tensor:
     """A percentile-clipping history that has recorded nothing: its first record fills every
-    slot (lion_math.h, kFreshGnormHistory), as at step 1, whatever the step counter says."""
+    slot (lion_math.h, records_in_every_slot), as at step 1, whatever the step counter says."""
     return torch.full((ops.GNORM_HISTORY,), -1.0, dtype=torch.float32, device=device)
 
 
