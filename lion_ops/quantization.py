@@ -14,7 +14,8 @@ def dynamic_map(device: torch.device | str | None = None) -> Tensor:
 
     For each exponent i in 0..6, the 2**i midpoints of 2**i + 1 evenly spaced points in
     [0.1, 1], scaled by 10**(i - 6), and their negatives; plus 0 and 1.0. Sorted, that is
-    256 float32 values with 0.0 at index 127, 1.0 at index 255 and -0.99296875 at index 0.
+    256 float32 values with 0.0 at index 127, 1.0 at index 255 and -0.99296875 at index 0
+    (in float32, -0.9929687381).
     """
     values = [0.0, 1.0]
     for i in range(7):

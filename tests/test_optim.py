@@ -821,7 +821,7 @@ def _corruptions():
         sd["param_groups"].append(dict(sd["param_groups"][0]))
     def unknown_param(sd):
         sd["state"][1234] = sd["state"][0]
-    return [(wrong_shape, "expected a float tensor of shape"), (missing_momentum, "no momentum"),
+    return [(wrong_shape, "expected a floating-point tensor of shape"), (missing_momentum, "no momentum"),
             (eight_bit_codes, "8-bit"), (bad_step, "'step' must be a number"),
             (bad_beta, "beta parameter at index 0"), (extra_group, "param groups"),
             (unknown_param, "param id 1234")]
@@ -985,7 +985,8 @@ def test_planned_steps_follow_new_groups_overrides_and_loaded_state():
 
 
 @pytest.mark.parametrize("corrupt", ["sparse grad", "param dtype", "param shape",
-                                     "state dict replaced", "momentum replaced"])
+                                     "state dict replaced", "momentum replaced",
+                                     "momentum made float64"])
 def test_bad_input_after_planned_steps_is_refused_and_nothing_changes(corrupt):
     params = _params(torch.float32, "cpu", [(5,), (6,), (7,)], False)
     opt = Lion([{"params": params[:1]}, {"params": params[1:]}], lr=0.1)
@@ -1010,9 +1011,12 @@ def test_bad_input_after_planned_steps_is_refused_and_nothing_changes(corrupt):
         opt.state[target] = {"step": opt.state[target]["step"].clone(),
                              "state1": torch.zeros(3)}
         message = r"index 1,.*does not fit"
-    else:
+    elif corrupt == "momentum replaced":
         opt.state[target]["state1"] = torch.zeros(2, 4)
         message = r"index 1,.*does not fit"
+    else:
+        opt.state[target]["state1"] = opt.state[target]["state1"].double()
+        message = r"index 1,.*torch.float64; expected a float32 tensor of shape \(7,\)"
     snapshot = _snapshot(opt, params)
     with pytest.raises((RuntimeError, TypeError), match=message):
         opt.step()

@@ -915,7 +915,8 @@ def _state_problem(p: Tensor, state: dict, kind: str | None, loading: bool = Fal
         if state1.shape != p.shape or not state1.is_floating_point() \
                 or (not loading and state1.dtype != torch.float32):
             return (f"the momentum 'state1' has shape {tuple(state1.shape)} and dtype "
-                    f"{state1.dtype}; expected a float tensor of shape {tuple(p.shape)}")
+                    f"{state1.dtype}; expected a {'floating-point' if loading else 'float32'} "
+                    f"tensor of shape {tuple(p.shape)}")
         return ""
     if state1.shape != p.shape:
         return (f"the 8-bit codes 'state1' have shape {tuple(state1.shape)}; expected "

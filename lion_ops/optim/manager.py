@@ -7,8 +7,9 @@ bitsandbytes.optim.GlobalOptimManager (facts from bitsandbytes; our own code).
     mng.register_module_override(model.embed, "weight", {"optim_bits": 32})
 
 Unlike bitsandbytes it holds no strong reference to parameters or modules, so models can be
-freed, and optimizers see overrides made after they were built (resolved eagerly, outside any
-step, so compiled steps never trace the lookups).
+freed. Optimizers resolve overrides eagerly, when they are made and again at the next step
+after the manager changes, outside the update itself, so compiled steps never trace the
+lookups.
 """
 
 from __future__ import annotations
