@@ -220,6 +220,8 @@ def percentile_clipping(grads: Sequence[Tensor], gnorm_vecs: Sequence[Tensor],
     clip / current if current > clip, else 1. Returns the scales (float32, one per grad), to
     pass as grad_scales to the update operators. No host synchronization.
     """
+    if not grads and not gnorm_vecs and not steps:  # no tensor to dispatch on: as the fake
+        return torch.empty((0,), dtype=torch.float32)
     return torch.ops.lion.percentile_clipping.default(list(grads), list(gnorm_vecs), list(steps),
                                                       int(percentile))
 

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <vector>
 
 #include "lion_math.h"
@@ -227,7 +228,7 @@ void check_dequantize_blockwise_args(const at::Tensor& codes, const at::Tensor& 
                    dtype_name(codes.scalar_type()));
   TORCH_CHECK_TYPE(absmax.scalar_type() == at::kFloat, op, ": absmax must be float32, got ",
                    dtype_name(absmax.scalar_type()));
-  const int64_t blocks = (codes.numel() + blocksize - 1) / blocksize;
+  const int64_t blocks = count_blocks(codes.numel(), blocksize);
   TORCH_CHECK_VALUE(absmax.numel() == blocks, op, ": absmax must have ", blocks,
                     " elements (one per ", blocksize, " codes), got ", absmax.numel());
   TORCH_CHECK_VALUE(absmax.device() == codes.device(), op, ": absmax must be on ",
@@ -290,6 +291,11 @@ void check_percentile_clipping_args(at::TensorList grads, at::TensorList gnorm_v
     const at::Tensor& s = steps[i];
     TORCH_CHECK_VALUE(s.scalar_type() == at::kFloat && s.numel() == 1 && s.device() == g.device(),
                       op, ": steps[", i, "] must be a one-element float32 tensor on ", g.device());
+    if (s.device().is_cpu()) {  // read on the host for free; on a GPU that would synchronize
+      const float step = *s.const_data_ptr<float>();
+      TORCH_CHECK_VALUE(step >= 0.f && step <= std::numeric_limits<float>::max(), op,
+                        ": steps[", i, "] must be a finite count >= 0, got ", step);
+    }
   }
   check_distinct_outputs(op, {{"gnorm_vecs", gnorm_vecs}});
 }

@@ -61,10 +61,14 @@ constexpr int kGnormHistory = 100;
 // history of step 1, it records its first norm in every slot; a history of zeros would clip
 // every gradient to 0 until 100 steps had passed.
 LION_HOST_DEVICE bool records_in_every_slot(float step, float first_slot) {
-  return static_cast<int64_t>(step) == 1 || first_slot < 0.f;
+  return (step >= 1.f && step < 2.f) || first_slot < 0.f;
 }
 
+// The slot of step t, t % kGnormHistory. A counter that is no count (negative, NaN, infinite:
+// corrupt state the checks could not see, the CUDA kernels do not read counters on the host)
+// records at slot 0: never outside the history, and no undefined float-to-int conversion.
 LION_HOST_DEVICE int gnorm_slot(float step) {
+  if (!(step >= 0.f && step < 0x1p62f)) return 0;
   return static_cast<int>(static_cast<int64_t>(step) % kGnormHistory);
 }
 

@@ -556,6 +556,21 @@ def test_quantize_blockwise_of_infinite_values(device):
     assert values[0] == 2.0 and values[3] == values[2] < 0 and (values[256:] == 0).all()
 
 
+def test_a_blocksize_near_2_pow_63_makes_one_block(device):
+    # (n + blocksize - 1) / blocksize overflowed: no absmax and unwritten codes, where the
+    # fake said one block.
+    x = torch.randn(10, device=device)
+    blocksize = 2**63 - 1
+    codes, absmax = lion_ops.ops.quantize_blockwise(x, QMAP.to(device), blocksize)
+    assert absmax.shape == (1,) and absmax.item() == x.abs().max().item()
+    reference_codes, _ = lion_ops.ops.quantize_blockwise(x, QMAP.to(device), 256)
+    assert torch.equal(codes, reference_codes)
+    with pytest.raises(ValueError, match="absmax must have 1 elements"):
+        lion_ops.ops.dequantize_blockwise(codes, absmax[:0], QMAP.to(device), blocksize)
+    values = lion_ops.ops.dequantize_blockwise(codes, absmax, QMAP.to(device), blocksize)
+    assert torch.allclose(values, x, atol=0.02 * x.abs().max().item())
+
+
 def test_lion_optim_bits_8_is_lion8bit():
     a, b = _big_params("cpu"), _big_params("cpu")
     _train(Lion(a, lr=1e-3, optim_bits=8, weight_decay=0.1), a, 5)
@@ -658,7 +673,7 @@ def test_live_8bit_state_broken_in_place_is_refused_and_nothing_changes(block_wi
 
 
 @pytest.mark.parametrize("corrupt, message", [
-    (lambda n: n.__setitem__("absmax1", n["absmax1"][:-1]), "'absmax1' must be a float32 tensor of 16 "),
+    (lambda n: n.__setitem__("absmax1", n["absmax1"][:-1]), "'absmax1' must be a contiguous float32 tensor of 16 "),
     (lambda n: n.__setitem__("state1", n["state1"][:100]), "8-bit codes 'state1' have shape"),
     (lambda n: n.__setitem__("qmap1", n["qmap1"] * 2), "not the signed dynamic map"),
 ])

@@ -74,6 +74,36 @@ def test_fullgraph_step_no_recompiles_when_lr_changes(device, dtype):
         assert int(compiled_opt.state[p]["step"]) == 6
 
 
+@pytest.mark.parametrize("cls, kwargs", [
+    (Lion, {}), (lion_ops.Lion8bit, {"min_8bit_size": 100}),
+    (lion_ops.Lion8bit, {"min_8bit_size": 100, "block_wise": False, "percentile_clipping": 50})])
+def test_fullgraph_step_no_recompiles_when_a_float_lr_changes(device, cls, kwargs):
+    # An lr schedule written into param_groups as Python floats, as nanoGPT does: the float lr
+    # was used as a dict key and turned into a tensor with torch.tensor(), and either made the
+    # graph specialize on its value (a recompile per lr; fullgraph failed at the 9th).
+    batches = _batches(device, 10)
+    eager_model, compiled_model = _model(device), _model(device)
+    eager_opt = cls(eager_model.parameters(), lr=0.01, **kwargs)
+    compiled_opt = cls(compiled_model.parameters(), lr=0.01, **kwargs)
+    counter = CompileCounterWithBackend("aot_eager")
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def compiled_step():
+        compiled_opt.step()
+
+    for i, batch in enumerate(batches):
+        for model, opt, step in ((eager_model, eager_opt, eager_opt.step),
+                                 (compiled_model, compiled_opt, compiled_step)):
+            opt.param_groups[0]["lr"] = 0.1 / (i + 3)  # not exact in float32
+            opt.zero_grad()
+            _loss(model, batch).backward()
+            step()
+    # One graph for the first step (state initialization), one for every later step.
+    assert counter.frame_count == 2
+    for a, b in zip(eager_model.parameters(), compiled_model.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_compiled_step_with_lr_scheduler_recipe(device):
     """PyTorch's recipe for compiled optimizers with LR schedulers, with a tensor lr."""
     model = _model(device)

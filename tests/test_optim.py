@@ -815,6 +815,12 @@ def _corruptions():
         nested["state1"] = torch.zeros(nested["state1"].shape, dtype=torch.uint8)
     def bad_step(sd):
         sd["state"][0]["step"] = "ten"
+    def nan_step(sd):  # became an out-of-bounds write in percentile clipping's history
+        sd["state"][0]["step"] = float("nan")
+    def infinite_step(sd):
+        sd["state"][0]["step"] = torch.tensor(float("inf"))
+    def negative_step(sd):
+        sd["state"][0]["step"] = -3
     def bad_beta(sd):
         sd["param_groups"][0]["betas"] = (1.5, 0.9)
     def extra_group(sd):
@@ -822,12 +828,15 @@ def _corruptions():
     def unknown_param(sd):
         sd["state"][1234] = sd["state"][0]
     return [(wrong_shape, "expected a floating-point tensor of shape"), (missing_momentum, "no momentum"),
-            (eight_bit_codes, "8-bit"), (bad_step, "'step' must be a number"),
+            (eight_bit_codes, "8-bit"), (bad_step, "'step' must be a finite number >= 0"),
+            (nan_step, "'step' must be a finite number >= 0, got nan"),
+            (infinite_step, "'step' must be a finite number >= 0, got inf"),
+            (negative_step, "'step' must be a finite number >= 0, got -3"),
             (bad_beta, "beta parameter at index 0"), (extra_group, "param groups"),
             (unknown_param, "param id 1234")]
 
 
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(10))
 def test_corrupt_state_dict_is_refused_and_optimizer_unchanged(case):
     corrupt, message = _corruptions()[case]
     model, opt = _make_model_and_opt("cpu")
@@ -1021,3 +1030,78 @@ def test_bad_input_after_planned_steps_is_refused_and_nothing_changes(corrupt):
     with pytest.raises((RuntimeError, TypeError), match=message):
         opt.step()
     _assert_unchanged(opt, params, snapshot)
+
+
+@pytest.mark.parametrize("corrupt", ["step int64", "step of two elements", "gnorm_vec float64",
+                                     "gnorm_vec not contiguous", "absmax1 not contiguous",
+                                     "max1 float64", "momentum expanded",
+                                     "momentum shared with another param"])
+def test_state_the_operators_would_refuse_is_refused_before_any_group_steps(corrupt):
+    # Each of these passed the optimizer's own checks and was refused by an operator, after
+    # the counters and the earlier groups had moved.
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(13, 5), (300, 7), (40, 50), (9,)]]
+    opt = lion_ops.Lion8bit([{"params": params[:1]}, {"params": params[1:], "block_wise": True},
+                             ], lr=0.1, min_8bit_size=2000, percentile_clipping=5)
+    if corrupt == "max1 float64":
+        opt = lion_ops.Lion8bit([{"params": params[:1]}, {"params": params[1:]}], lr=0.1,
+                                min_8bit_size=2000, percentile_clipping=5, block_wise=False)
+    for _ in range(2):
+        _set_random_grads(params)
+        opt.step()
+    blockwise, static, fp32 = params[1], params[2], params[3]
+    target = {"absmax1 not contiguous": blockwise, "max1 float64": static}.get(corrupt, fp32)
+    state = opt.state[target]
+    if corrupt == "step int64":
+        state["step"] = state["step"].long()
+    elif corrupt == "step of two elements":
+        state["step"] = state["step"].repeat(2)
+    elif corrupt == "gnorm_vec float64":
+        state["gnorm_vec"] = state["gnorm_vec"].double()
+    elif corrupt == "gnorm_vec not contiguous":
+        state["gnorm_vec"] = state["gnorm_vec"].repeat(2)[::2]
+    elif corrupt == "absmax1 not contiguous":
+        state["absmax1"] = state["absmax1"].repeat(2)[::2]
+    elif corrupt == "max1 float64":
+        state["max1"] = state["max1"].double()
+    elif corrupt == "momentum expanded":
+        state["state1"] = state["state1"][:1].expand(9)
+    else:
+        state["state1"] = opt.state[params[0]]["state1"].view(-1)[:9]
+    _set_random_grads(params)
+    snapshot = _snapshot(opt, params)
+    index = {fp32: 2, blockwise: 0, static: 1}[target]
+    with pytest.raises(RuntimeError, match=rf"\(group 1, index {index},"):
+        opt.step()
+    _assert_unchanged(opt, params, snapshot)
+
+
+def test_two_params_over_the_same_memory_are_refused_before_anything_changes():
+    memory = torch.randn(120)
+    tied = [torch.nn.Parameter(memory[:60]), torch.nn.Parameter(memory[:60].view(6, 10))]
+    other = torch.nn.Parameter(torch.randn(7))
+    opt = Lion([{"params": [other]}, {"params": tied}], lr=0.1)
+    _set_random_grads([other] + tied)
+    before = memory.clone(), other.detach().clone()
+    with pytest.raises(RuntimeError, match=r"the param of parameter \(group 1, index 1, shape "
+                       r"\(6, 10\).*same memory as the param of parameter \(group 1, index 0,"):
+        opt.step()
+    assert torch.equal(memory, before[0]) and torch.equal(other, before[1])
+    assert not opt.state  # no state made either
+
+
+def test_an_override_tensor_lr_broken_in_place_is_refused_before_anything_changes():
+    a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(6))
+    override_lr = torch.tensor(0.01)
+    manager = lion_ops.optim.GlobalOptimManager.get_instance()
+    manager.override_config(b, "lr", override_lr)
+    opt = Lion([a, b], lr=0.1)
+    for _ in range(2):  # the second step runs from the plan
+        _set_random_grads([a, b])
+        opt.step()
+    override_lr.fill_(float("nan"))
+    _set_random_grads([a, b])
+    snapshot = _snapshot(opt, [a, b])
+    with pytest.raises(ValueError, match=r"override of param 1 of param group 0\): invalid "
+                       r"learning rate lr=nan"):
+        opt.step()
+    _assert_unchanged(opt, [a, b], snapshot)

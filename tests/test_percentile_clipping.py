@@ -293,6 +293,25 @@ def test_bad_percentile_arguments_are_refused():
                                        0.9, 0.99, 0.0, torch.ones(2))
 
 
+@pytest.mark.parametrize("step", [-5.0, float("nan"), float("inf"), -float("inf")])
+def test_a_step_counter_that_is_no_count_is_refused_and_nothing_is_written(step):
+    # It was cast to an integer slot: a write before the history's first element (NaN and inf
+    # gave slot -8), which crashed the process after a few steps.
+    memory = torch.randn(120)
+    history = memory[10:110]
+    before = memory.clone()
+    with pytest.raises(ValueError, match=r"steps\[1\] must be a finite count >= 0, got"):
+        lion_ops.ops.percentile_clipping([torch.randn(4), torch.randn(3)],
+                                         [torch.randn(100), history],
+                                         [torch.tensor(2.0), torch.tensor(step)], 5)
+    assert torch.equal(memory, before)
+
+
+def test_no_grads_give_no_scales():
+    scales = lion_ops.ops.percentile_clipping([], [], [], 5)
+    assert scales.shape == (0,) and scales.dtype == torch.float32
+
+
 def test_compile_and_export_with_clipping_on(device):
     from torch._dynamo.testing import CompileCounterWithBackend
     torch._dynamo.reset()

@@ -334,6 +334,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
         work = []
         adopted: dict[Tensor, dict] = {}  # states put in self.state in the saved layout
         strided, param_dtypes = torch.strided, ops.PARAM_DTYPES
+        self._check_override_lrs(where)
         for group_index, group in enumerate(self.param_groups):
             check_hyperparameters(group["lr"], group["betas"], group["weight_decay"],
                                   f"{where} (param group {group_index})")
@@ -386,8 +387,54 @@ class LionOptimizerBase(torch.optim.Optimizer):
                             f"{where}: {_describe(group, group_index, index, p)} {problem}")
                 with_grad.append((index, p, state, kind, device, dtype))
             work.append((group_index, group, with_grad))
+        if not torch.compiler.is_compiling():  # fake tensors have no addresses
+            self._check_memory_written_once(work, adopted, where)
         self.state.update(adopted)
         return work
+
+    def _check_memory_written_once(self, work: list, adopted: dict, where: str) -> None:
+        """Refuses memory a step would update twice (or race on): two params or two momenta
+        that start at one address (distinct Parameter objects over the same memory, as
+        `b.data = a.data` makes; state shared between params), or a param or momentum whose
+        elements overlap (an expanded tensor). The operators refuse these too, but only after
+        earlier calls of the step have run. Checked on the full path only (the first step,
+        and any step after params, grads or state changed), not on every planned step."""
+        seen: dict[tuple, tuple] = {}
+        for group_index, group, with_grad in work:
+            for index, p, state, _, device, _ in with_grad:
+                state = adopted.get(p, state)
+                momentum = state.get("state1") if state else None
+                for what, tensor in (("the param", p), ("its state 'state1'", momentum)):
+                    if not isinstance(tensor, Tensor):
+                        continue
+                    local = _local(tensor)
+                    if local.numel() == 0:
+                        continue
+                    if torch._debug_has_internal_overlap(local) == 1:
+                        raise RuntimeError(
+                            f"{where}: {what} of {_describe(group, group_index, index, p)} has "
+                            "elements that share memory (an expanded tensor?); a step would "
+                            "update them more than once")
+                    key = (device, local.data_ptr())
+                    other = seen.setdefault(key, (group_index, index, what))
+                    if other != (group_index, index, what):
+                        gi, pi, other_what = other
+                        first = self.param_groups[gi]["params"][pi]
+                        raise RuntimeError(
+                            f"{where}: {what} of {_describe(group, group_index, index, p)} starts "
+                            f"at the same memory as {other_what} of "
+                            f"{_describe(self.param_groups[gi], gi, pi, first)}; a step would "
+                            "update that memory twice (tie weights by sharing one Parameter)")
+
+    def _check_override_lrs(self, where: str) -> None:
+        """A GlobalOptimManager override's tensor lr, checked as a group's is: it may have
+        been changed in place since the override was made."""
+        for (group_index, index), (_, config) in self._overrides.items():
+            lr = config.get("lr")
+            if isinstance(lr, Tensor) and lr.device.type == "cpu" \
+                    and not torch.compiler.is_compiling():
+                _check_tensor_lr_value(lr, f"{where} (override of param {index} of param group "
+                                           f"{group_index})")
 
     def _asked_state_kind(self, p: Tensor, config: dict) -> str:
         """The state the options ask for: 8-bit blockwise/static for large enough params."""
@@ -496,7 +543,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
             steps_by_device[call.device].extend(call.steps)
         for steps in steps_by_device.values():
             ops.increment_steps(steps)
-        lrs: dict[tuple, Tensor] = {}  # one lr tensor per (device, lr) for all the calls
+        lrs: dict[tuple, Tensor] = {}  # one lr tensor per (device, lr source) for all the calls
         for call, call_grads in zip(calls, grads):
             config, device, states = call.config, call.device, call.states
             params, momenta, paged = call.params, call.momenta, call.paged
@@ -511,7 +558,10 @@ class LionOptimizerBase(torch.optim.Optimizer):
             wd = config.get("weight_decay", group["weight_decay"])
             percentile = config.get("percentile_clipping", self.percentile_clipping)
             lr_value = config.get("lr", group["lr"])
-            lr_key = (device, id(lr_value) if isinstance(lr_value, Tensor) else lr_value)
+            # Keyed by where the lr comes from, never by its value: under torch.compile a float
+            # lr is symbolic after its first change, and hashing it would guard on its value
+            # (a recompile for every new lr, as a schedule written into param_groups makes).
+            lr_key = (device, id(config) if "lr" in config else None)
             lr = lrs.get(lr_key)
             if lr is None:
                 lr = lrs[lr_key] = self._lr_tensor(lr_value, device)
@@ -543,6 +593,11 @@ class LionOptimizerBase(torch.optim.Optimizer):
             if lr.dim() != 0:
                 lr = lr.reshape(())
             return lr if lr.device.type == "cpu" or lr.device == device else lr.to(device)
+        if torch.compiler.is_compiling():
+            # A float lr that has changed is a symbolic graph input; torch.tensor() of it would
+            # specialize the graph on its value (a recompile per new lr), an addition does not.
+            # The same float32 rounding as below.
+            return torch.zeros((), dtype=torch.float32) + lr
         return torch.tensor(float(lr), dtype=torch.float32)
 
     # ---- checkpoints ------------------------------------------------------------------------
@@ -659,8 +714,10 @@ class LionOptimizerBase(torch.optim.Optimizer):
             if step.numel() != 1:
                 raise ValueError(f"{what}: the saved 'step' must be a number")
             step = float(step)
-        if not isinstance(step, (int, float)) or step < 0:
-            raise ValueError(f"{what}: the saved 'step' must be a number >= 0, got {step!r}")
+        if isinstance(step, bool) or not isinstance(step, numbers.Real) \
+                or not 0 <= step < math.inf:
+            raise ValueError(f"{what}: the saved 'step' must be a finite number >= 0, got "
+                             f"{step!r}")
 
         state = {k: deepcopy(v) for k, v in saved.items()
                  if k not in _STATE_TENSOR_KEYS and k != "step"}
@@ -787,6 +844,8 @@ class _StepPlan:
         strided = torch.strided
         all_grads = []
         where = f"{type(optimizer).__name__}.step"
+        if self.overrides:
+            optimizer._check_override_lrs(where)
         for group_index, ((group, params, expected, calls), current) in enumerate(
                 zip(self.groups, optimizer.param_groups)):
             if current is not group:
@@ -876,9 +935,14 @@ def _quick_state_kind(p: Tensor, shape, device, state: dict) -> str | None:
     momentum = state.get("state1")
     if not isinstance(momentum, Tensor) or momentum.shape != shape or momentum.device != device:
         return None
+    step = state.get("step")
+    if not isinstance(step, Tensor) or step.dtype != torch.float32 or step.numel() != 1 \
+            or step.device != device:
+        return None
     gnorm = state.get("gnorm_vec")
     if gnorm is not None and (not isinstance(gnorm, Tensor) or gnorm.dtype != torch.float32
-                              or gnorm.device != device or gnorm.numel() != ops.GNORM_HISTORY):
+                              or gnorm.device != device or gnorm.numel() != ops.GNORM_HISTORY
+                              or not gnorm.is_contiguous()):
         return None
     dtype = momentum.dtype
     if dtype == torch.float32:
@@ -888,11 +952,11 @@ def _quick_state_kind(p: Tensor, shape, device, state: dict) -> str | None:
     if "max1" not in state:  # blockwise (as _kind_of_state decides)
         absmax = state.get("absmax1")
         fits = (isinstance(absmax, Tensor) and absmax.dtype == torch.float32
-                and absmax.device == device
+                and absmax.device == device and _local(absmax).is_contiguous()
                 and absmax.numel() == ops.blockwise_absmax_count(p.numel()))
         return BLOCKWISE if fits else None
     fits = all(isinstance(scale, Tensor) and scale.dtype == torch.float32
-               and scale.device == device and scale.numel() == 1
+               and scale.device == device and scale.numel() == 1 and scale.is_contiguous()
                for scale in (state["max1"], state.get("new_max1")))
     return STATIC if fits else None
 
@@ -906,10 +970,18 @@ def _state_problem(p: Tensor, state: dict, kind: str | None, loading: bool = Fal
         return "it has no momentum tensor 'state1'"
     gnorm = state.get("gnorm_vec")
     if gnorm is not None and (not isinstance(gnorm, Tensor) or gnorm.numel() != ops.GNORM_HISTORY
-                              or not gnorm.is_floating_point()):
-        return f"'gnorm_vec' must be a float32 tensor of {ops.GNORM_HISTORY} elements"
+                              or not gnorm.is_floating_point()
+                              or (not loading and (gnorm.dtype != torch.float32
+                                                   or not gnorm.is_contiguous()))):
+        return f"'gnorm_vec' must be a contiguous float32 tensor of {ops.GNORM_HISTORY} elements"
     if not where_ok:
         return f"its tensors must be on {p.device}"
+    step = state.get("step")
+    if not loading and (not isinstance(step, Tensor) or step.dtype != torch.float32
+                        or step.numel() != 1):
+        got = f"{step.dtype} of shape {tuple(step.shape)}" if isinstance(step, Tensor) \
+            else type(step).__name__
+        return f"the counter 'step' must be a one-element float32 tensor, got {got}"
     state1 = state["state1"]
     if kind == FP32:
         if state1.shape != p.shape or not state1.is_floating_point() \
@@ -931,8 +1003,11 @@ def _state_problem(p: Tensor, state: dict, kind: str | None, loading: bool = Fal
     for key, shape in keys.items():
         value = state.get(key)
         if not isinstance(value, Tensor) or value.numel() != shape[0] \
-                or not value.is_floating_point() or (not loading and value.dtype != torch.float32):
-            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            return (f"'{key}' must be a float32 tensor of {shape[0]} element(s) for a param of "
-                    f"{p.numel()} elements, got {got}")
+                or not value.is_floating_point() or (not loading and (
+                    value.dtype != torch.float32 or not _local(value).is_contiguous())):
+            got = (f"{value.dtype} of shape {tuple(value.shape)}"
+                   + ("" if loading or _local(value).is_contiguous() else ", not contiguous")
+                   if isinstance(value, Tensor) else type(value).__name__)
+            return (f"'{key}' must be a contiguous float32 tensor of {shape[0]} element(s) for a "
+                    f"param of {p.numel()} elements, got {got}")
     return ""

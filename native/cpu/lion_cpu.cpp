@@ -808,7 +808,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& inpu
   check_quantize_blockwise_args(input, qmap, blocksize);
   const at::Tensor x = input.contiguous().to(at::kFloat);
   const int64_t n = x.numel();
-  const int64_t blocks = (n + blocksize - 1) / blocksize;
+  const int64_t blocks = count_blocks(n, blocksize);
   at::Tensor codes = at::empty(input.sizes(), input.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({blocks}, input.options().dtype(at::kFloat));
   const float* xp = x.const_data_ptr<float>();
@@ -833,7 +833,7 @@ at::Tensor dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& a
                                     const at::Tensor& qmap, int64_t blocksize) {
   check_dequantize_blockwise_args(codes, absmax, qmap, blocksize);
   const int64_t n = codes.numel();
-  const int64_t blocks = (n + blocksize - 1) / blocksize;
+  const int64_t blocks = count_blocks(n, blocksize);
   const at::Tensor c = codes.contiguous();
   const at::Tensor a = absmax.contiguous();
   at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));

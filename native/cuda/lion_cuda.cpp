@@ -269,11 +269,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& inp
   c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous().to(at::kFloat);
   const int64_t n = x.numel();
-  TORCH_CHECK_VALUE((n + blocksize - 1) / blocksize <= std::numeric_limits<int32_t>::max(),
+  TORCH_CHECK_VALUE(count_blocks(n, blocksize) <= std::numeric_limits<int32_t>::max(),
                     "quantize_blockwise: ", n, " elements in blocks of ", blocksize,
                     " make more blocks than one launch takes; use a larger blocksize");
   at::Tensor codes = at::empty(input.sizes(), input.options().dtype(at::kByte));
-  at::Tensor absmax = at::empty({(n + blocksize - 1) / blocksize}, input.options().dtype(at::kFloat));
+  at::Tensor absmax = at::empty({count_blocks(n, blocksize)}, input.options().dtype(at::kFloat));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor table = encode_table(qmap, stream);
   cuda::launch_quantize_blockwise(x.const_data_ptr<float>(), table.const_data_ptr<uint8_t>(),
