@@ -117,12 +117,28 @@ void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ke
   for (const at::Tensor& t : written) torch::autograd::impl::bump_version(t);
 }
 
+// quantize_blockwise and dequantize_blockwise have no derivative (codes are integers, and
+// rounding to the map has a zero gradient almost everywhere): their outputs never require
+// grad, so a backward through them fails saying so. (torch's fallback made them require grad
+// and a backward then left the input's grad None, with only a deprecation warning.)
+constexpr const char* kNonDifferentiableOperators[] = {"quantize_blockwise",
+                                                       "dequantize_blockwise"};
+
+void run_below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                        torch::jit::Stack* stack) {
+  at::AutoDispatchBelowADInplaceOrView below;
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lion, Autograd, m) {
   for (const char* name : kInPlaceOperators) {
     m.impl(name,
            torch::CppFunction::makeFromBoxedFunction<&refuse_writing_tensors_that_require_grad>());
+  }
+  for (const char* name : kNonDifferentiableOperators) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&run_below_autograd>());
   }
 }
 

@@ -426,31 +426,256 @@ def test_opcheck_8bit_operators(device, dtype):
         opcheck(op, args)
 
 
-@pytest.mark.parametrize("case", ["absmax length", "codes dtype", "qmap shape", "max1 size"])
+_BAD_8BIT_INPUT = {
+    "absmax length": r"absmaxes\[0\] must be a contiguous 1-D tensor of 4",
+    # Strided views (every other element of a buffer, holding the right values): the kernels
+    # read absmax, qmap and grad_scales through their data pointers, and write absmax, so a
+    # view would be read, and written, as the buffer's first elements.
+    "absmax strided": r"absmaxes\[0\] must be a contiguous 1-D tensor of 4",
+    "codes dtype": r"codes\[0\] must be uint8, got",
+    "qmap shape": "qmap must be a contiguous 1-D tensor of 256",
+    "qmap strided": "qmap must be a contiguous 1-D tensor of 256",
+    "grad_scales strided": "grad_scales must be a contiguous 1-D tensor with one scale per param",
+    "max1 size": r"max1s\[0\] must have exactly one element",
+    "static qmap strided": "qmap must be a contiguous 1-D tensor of 256",
+    "static grad_scales strided": "grad_scales must be a contiguous 1-D tensor with one scale",
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_8BIT_INPUT))
 def test_bad_8bit_input_is_refused_and_nothing_changes(case):
-    params, grads, codes, scales = _state([1000], torch.float32, "cpu", case != "max1 size")
-    qmap = QMAP
+    blockwise = case != "max1 size" and not case.startswith("static")
+    params, grads, codes, scales = _state([1000, 300], torch.float32, "cpu", blockwise)
+    new_scales = [torch.full_like(s, -7.0) for s in scales]  # the static op's scratch
+    qmap, grad_scales = QMAP, None
     if case == "absmax length":
-        scales = [scales[0][:-1]]
+        scales[0] = scales[0][:-1]
+    elif case == "absmax strided":
+        scales[0] = torch.stack([scales[0], torch.full_like(scales[0], 9.0)], 1)[:, 0]
     elif case == "codes dtype":
-        codes = [codes[0].to(torch.int8)]
+        codes[0] = codes[0].to(torch.int8)
     elif case == "qmap shape":
         qmap = QMAP[:128]
-    snapshot = [t.clone() for t in params + codes + scales]
-    with pytest.raises((ValueError, TypeError),
-                       match={"absmax length": r"absmaxes\[0\] must be a contiguous 1-D tensor of 4",
-                              "codes dtype": r"codes\[0\] must be uint8, got",
-                              "qmap shape": "qmap must be a contiguous 1-D tensor of 256",
-                              "max1 size": r"max1s\[0\] must have exactly one element"}[case]):
-        if case == "max1 size":
-            lion_ops.ops.lion_update_8bit_static(params, grads, codes, [torch.zeros(2)],
-                                                 [torch.zeros(1)], qmap, torch.tensor(0.1), 0.9,
-                                                 0.99, 0.0)
-        else:
+    elif case.endswith("qmap strided"):
+        qmap = torch.stack([QMAP, -QMAP], 1)[:, 0]
+    elif case.endswith("grad_scales strided"):
+        grad_scales = torch.tensor([0.5, 7.0, 0.5, 7.0])[::2]
+    elif case == "max1 size":
+        scales[0] = torch.zeros(2)
+    if case.endswith("strided"):  # the right shape and values: only the layout is wrong
+        view = {"absmax": scales[0], "qmap": qmap, "grad_scales": grad_scales}[case.split()[-2]]
+        assert view.dim() == 1 and not view.is_contiguous()
+    written = params + codes + scales + ([] if blockwise else new_scales)
+    snapshot = [t.clone() for t in written]
+    with pytest.raises((ValueError, TypeError), match=_BAD_8BIT_INPUT[case]):
+        if blockwise:
             lion_ops.ops.lion_update_8bit_blockwise(params, grads, codes, scales, qmap,
-                                                    torch.tensor(0.1), 0.9, 0.99, 0.0)
-    for t, s in zip(params + codes + scales, snapshot):
+                                                    torch.tensor(0.1), 0.9, 0.99, 0.0,
+                                                    grad_scales)
+        else:
+            lion_ops.ops.lion_update_8bit_static(params, grads, codes, scales, new_scales, qmap,
+                                                 torch.tensor(0.1), 0.9, 0.99, 0.0, grad_scales)
+    for t, s in zip(written, snapshot):
         assert torch.equal(t, s)
+
+
+def test_dequantize_blockwise_refuses_an_absmax_of_the_wrong_length(device):
+    # 512 codes are two blocks: one absmax would read past its end, three leave one unused.
+    codes = torch.full((512,), 200, dtype=torch.uint8, device=device)
+    for wrong in (1, 3):
+        with pytest.raises(ValueError, match=f"absmax must have 2 elements .*got {wrong}"):
+            lion_ops.ops.dequantize_blockwise(codes, torch.ones(wrong, device=device),
+                                              QMAP.to(device))
+
+
+@pytest.mark.parametrize("case", ["absmax length", "absmax dtype", "codes shape", "qmap shape",
+                                  "max1 size", "grad_scales length"])
+def test_8bit_fakes_refuse_what_the_kernels_refuse(case):
+    """On meta tensors the operators run their fakes (register_fake serves the Meta key): the
+    code torch.compile and torch.export trace with. They must refuse what the kernels refuse,
+    so that a bad call fails where it is traced, not later when the graph runs."""
+    meta = torch.device("meta")
+    params = [torch.randn(1000, device=meta), torch.randn(300, device=meta)]
+    grads = [torch.randn_like(p) for p in params]
+    codes = [torch.zeros(p.shape, dtype=torch.uint8, device=meta) for p in params]
+    absmaxes = [torch.zeros(4, device=meta), torch.zeros(2, device=meta)]
+    max1s = [torch.zeros(1, device=meta) for _ in params]
+    qmap, grad_scales = QMAP.to(meta), None
+    lr = torch.tensor(0.1)
+    message = {"absmax length": r"absmaxes\[1\] has shape \(3,\), which does not fit",
+               "absmax dtype": r"absmaxes\[0\] must be torch.float32",
+               "codes shape": r"codes\[1\] has shape \(299,\), which does not fit",
+               "qmap shape": r"qmap must be a float32 tensor of shape \(256,\)",
+               "max1 size": r"max1s\[0\] has shape \(2,\), which does not fit",
+               "grad_scales length": r"grad_scales must be a float32 tensor of shape \(2,\)"}[case]
+    if case == "absmax length":
+        absmaxes[1] = torch.zeros(3, device=meta)
+    elif case == "absmax dtype":
+        absmaxes[0] = absmaxes[0].half()
+    elif case == "codes shape":
+        codes[1] = codes[1][:299]
+    elif case == "qmap shape":
+        qmap = qmap[:255]
+    elif case == "max1 size":
+        max1s[0] = torch.zeros(2, device=meta)
+    else:
+        grad_scales = torch.ones(3, device=meta)
+    blockwise = case != "max1 size"
+    with pytest.raises((ValueError, TypeError), match=message):
+        if blockwise:
+            lion_ops.ops.lion_update_8bit_blockwise(params, grads, codes, absmaxes, qmap, lr, 0.9,
+                                                    0.99, 0.0, grad_scales)
+        else:
+            lion_ops.ops.lion_update_8bit_static(params, grads, codes, max1s,
+                                                 [m.clone() for m in max1s], qmap, lr, 0.9, 0.99,
+                                                 0.0, grad_scales)
+    # The same calls with good arguments pass the fakes.
+    good_absmaxes = [torch.zeros(4, device=meta), torch.zeros(2, device=meta)]
+    good_codes = [torch.zeros(p.shape, dtype=torch.uint8, device=meta) for p in params]
+    lion_ops.ops.lion_update_8bit_blockwise(params, grads, good_codes, good_absmaxes,
+                                            QMAP.to(meta), lr, 0.9, 0.99, 0.0)
+    good_max1s = [torch.zeros(1, device=meta) for _ in params]
+    lion_ops.ops.lion_update_8bit_static(params, grads, good_codes, good_max1s,
+                                         [m.clone() for m in good_max1s], QMAP.to(meta), lr, 0.9,
+                                         0.99, 0.0)
+
+
+@pytest.mark.parametrize("blockwise", [True, False], ids=["blockwise", "static"])
+def test_grad_scales_act_as_scaled_grads_in_8bit_updates(device, dtype, blockwise):
+    """A grad scale s on g must act exactly as passing s * g: in the param's step, in the new
+    momentum, and in the new scale it is encoded against (the static op finds the new
+    per-tensor scale in a first pass of its own, which must scale the grad too). Scales are
+    powers of two, so that s * g is exact in every dtype and both calls must agree bit for bit."""
+    sizes = [1000, 257, 3]
+    params, grads, codes, scales = _state(sizes, dtype, device, blockwise)
+    grad_scales = [0.25, 0.5, 0.125]
+    scaled_grads = [g * s for g, s in zip(grads, grad_scales)]
+    twin = [[t.clone() for t in ts] for ts in (params, codes, scales)]
+    qmap, lr = QMAP.to(device), torch.tensor(1e-2)
+    grad_scales = torch.tensor(grad_scales, device=device)
+    if blockwise:
+        lion_ops.ops.lion_update_8bit_blockwise(params, grads, codes, scales, qmap, lr, 0.9, 0.99,
+                                                0.1, grad_scales)
+        lion_ops.ops.lion_update_8bit_blockwise(twin[0], scaled_grads, twin[1], twin[2], qmap, lr,
+                                                0.9, 0.99, 0.1)
+    else:
+        new_scales = [torch.full_like(s, -7.0) for s in scales]
+        twin_new_scales = [torch.full_like(s, -7.0) for s in scales]
+        lion_ops.ops.lion_update_8bit_static(params, grads, codes, scales, new_scales, qmap, lr,
+                                             0.9, 0.99, 0.1, grad_scales)
+        lion_ops.ops.lion_update_8bit_static(twin[0], scaled_grads, twin[1], twin[2],
+                                             twin_new_scales, qmap, lr, 0.9, 0.99, 0.1)
+        for a, b in zip(new_scales, twin_new_scales):
+            assert torch.equal(a, b)
+    for name, ours, theirs in zip(("params", "codes", "scales"), (params, codes, scales), twin):
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            assert torch.equal(a, b), f"{name}[{i}]"
+
+
+def test_a_value_exactly_between_two_entries_encodes_as_the_larger(device):
+    """Ties go to the larger entry, as in bitsandbytes: the code counts the midpoints <= x
+    (lion_math.h). Each tie is a midpoint (q[j] + q[j+1]) / 2 that float32 holds exactly (the
+    kernels compute it in float32), in a block whose max is 1.0, so it is encoded unscaled; it
+    must give code j + 1, and the float just below it code j. Midpoints between entries of two
+    signs are left out: there the sign rule moves the code (the sign test does those)."""
+    mids = (QMAP[:-1] + QMAP[1:]) * 0.5
+    exact = mids.double() == (QMAP[:-1].double() + QMAP[1:].double()) / 2
+    one_sign = torch.signbit(QMAP[:-1]) == torch.signbit(QMAP[1:])
+    j = torch.nonzero(exact & one_sign).flatten()
+    assert j.numel() > 100 and (mids[j] < 0).any() and (mids[j] > 0).any()
+    below = torch.nextafter(mids[j], torch.tensor(-2.0))
+    blocks = torch.zeros(2, 256)
+    blocks[:, 0] = 1.0  # each block's absmax: the values are encoded as they are
+    blocks[0, 1:j.numel() + 1] = mids[j]
+    blocks[1, 1:j.numel() + 1] = below
+    codes, absmax = lion_ops.ops.quantize_blockwise(blocks.reshape(-1).to(device),
+                                                    QMAP.to(device), 256)
+    assert absmax.tolist() == [1.0, 1.0]
+    codes = codes.cpu().long().view(2, 256)[:, 1:j.numel() + 1]
+    assert torch.equal(codes[0], j + 1), (mids[j][codes[0] != j + 1].tolist())
+    assert torch.equal(codes[1], j)
+
+
+def test_a_zero_code_decodes_to_zero_whatever_the_scale(device):
+    """Code 127 (the map's 0.0) decodes to 0 even against an infinite absmax (loaded state),
+    not 0 * inf = NaN; the other codes decode to their product: +-inf there, +-0 for a zero
+    absmax."""
+    codes = torch.tensor([127, 0, 255, 127, 200, 3, 127, 127] * 96, dtype=torch.uint8)  # 3 blocks
+    absmax = torch.tensor([float("inf"), 0.0, 3.0])
+    values = lion_ops.ops.dequantize_blockwise(codes.to(device), absmax.to(device),
+                                               QMAP.to(device)).cpu()
+    products = QMAP[codes.long()] * absmax.repeat_interleave(256)
+    expected = torch.where(codes == 127, torch.zeros(()), products)
+    assert torch.equal(values, expected)
+    assert torch.isinf(values[:256][codes[:256] != 127]).all()
+
+
+def _infinite_scale_state(n, blockwise):
+    """One param of n elements with codes of every kind (a third of them 127, the map's 0.0, and
+    a whole 8-lane group of them), and a loaded infinite scale: the absmax of block 1 of 3, or
+    the tensor's max1."""
+    p, g = torch.randn(n), torch.randn(n)
+    codes = torch.randint(0, 256, (n,), dtype=torch.uint8)
+    codes[::3] = 127
+    codes[256:264] = 127
+    if blockwise:
+        return [[p], [g], [codes], [torch.tensor([0.5, float("inf"), 0.25])]]
+    return [[p], [g], [codes], [torch.tensor([float("inf")])], [torch.full((1,), -7.0)]]
+
+
+def _expected_step_from_infinite_scale(before, blockwise, lr, beta1, beta2, wd):
+    """(params, codes, scale) after one step, in float32 in the kernels' order of operations."""
+    p, g, codes, scale = before[0][0], before[1][0], before[2][0], before[3][0]
+    lr, beta1, beta2, wd = (torch.tensor(v) for v in (lr, beta1, beta2, wd))
+    per_element = scale.repeat_interleave(256)[: p.numel()] if blockwise else scale.expand_as(p)
+    q = QMAP[codes.long()]
+    zero = codes == 127
+    m = torch.where(zero, torch.zeros(()), q * per_element)  # the zero code decodes to 0
+    c = beta1 * m + (1 - beta1) * g
+    p = p * (1 - lr * wd) - lr * torch.sign(c)
+    m = beta2 * m + (1 - beta2) * g
+    infinite = torch.isinf(per_element)
+    assert torch.isinf(m[infinite & ~zero]).all() and torch.isfinite(m[infinite & zero]).all()
+    # The new scale of the infinite block (or tensor): the largest finite |m|, the zero codes'.
+    new_scale = m[infinite & zero].abs().max()
+    # The infinite momenta saturate at the top or bottom code, keeping their sign.
+    saturated = torch.where(q > 0, 255, 0).to(torch.uint8)
+    return p, infinite, zero, new_scale, saturated
+
+
+def test_zero_codes_stay_zero_under_an_infinite_loaded_scale(tmp_path):
+    """A step from loaded state with an infinite scale (blockwise or static): code 127 still
+    decodes to 0, so those params take the step of zero momentum, p * (1 - lr*wd) -
+    lr*sign((1 - beta1)*g), and stay finite (0 * inf = NaN made them NaN); the other codes
+    decode to +-inf, step against their entry's sign and re-encode at the top or bottom code;
+    the new scale is the largest finite momentum. Both the AVX2 loops (which must leave a
+    non-finite scale to the scalar code: their decode has no zero case) and the scalar loops
+    (LION_OPS_NO_AVX2=1, in a subprocess); on a CPU without AVX2 both runs take the scalar path."""
+    lr, b1, b2, wd = 0.1, 0.9, 0.99, 0.5
+    n = 700  # blocks [0, 256), [256, 512) (the infinite one) and a ragged [512, 700)
+    inputs = {"blockwise": _infinite_scale_state(n, True),
+              "static": _infinite_scale_state(n, False), "hyperparameters": (lr, b1, b2, wd)}
+    before = {kind: [[t.clone() for t in ts] for ts in inputs[kind]]
+              for kind in ("blockwise", "static")}
+    scalar = run_with_scalar_loops(tmp_path, _SCALAR_PATH_SCRIPT, inputs)
+    lion_ops.ops.lion_update_8bit_blockwise(*inputs["blockwise"], QMAP, torch.tensor(lr), b1,
+                                            b2, wd)
+    lion_ops.ops.lion_update_8bit_static(*inputs["static"], QMAP, torch.tensor(lr), b1, b2, wd)
+    for run, results in (("vectorized", inputs), ("scalar", scalar)):
+        for kind in ("blockwise", "static"):
+            blockwise = kind == "blockwise"
+            p_ref, infinite, zero, new_scale, saturated = _expected_step_from_infinite_scale(
+                before[kind], blockwise, lr, b1, b2, wd)
+            p, codes, scale = (results[kind][k][0] for k in range(0, 4) if k != 1)
+            where = f"{run} {kind}"
+            assert torch.isfinite(p).all(), where
+            assert torch.equal(p[infinite], p_ref[infinite]), where
+            assert torch.equal(p, p_ref), where
+            infinite_scale = scale[1] if blockwise else scale[0]
+            assert infinite_scale == new_scale, where
+            assert torch.equal(codes[infinite & ~zero], saturated[infinite & ~zero]), where
+            if not blockwise:
+                assert torch.equal(results[kind][4][0], scale), where
 
 
 # ---- the optimizer --------------------------------------------------------------------------------
@@ -569,6 +794,21 @@ def test_a_blocksize_near_2_pow_63_makes_one_block(device):
         lion_ops.ops.dequantize_blockwise(codes, absmax[:0], QMAP.to(device), blocksize)
     values = lion_ops.ops.dequantize_blockwise(codes, absmax, QMAP.to(device), blocksize)
     assert torch.allclose(values, x, atol=0.02 * x.abs().max().item())
+
+
+def test_quantization_operators_have_no_derivative(device):
+    # Their outputs require no grad, so a backward through them fails saying so; torch's
+    # fallback made them require grad, and a backward left the input's grad None.
+    x = torch.randn(300, device=device, requires_grad=True)
+    qmap = QMAP.to(device)
+    codes, absmax = lion_ops.ops.quantize_blockwise(x, qmap)
+    values = lion_ops.ops.dequantize_blockwise(codes, absmax, qmap)
+    assert not (codes.requires_grad or absmax.requires_grad or values.requires_grad)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        absmax.sum().backward()
+    opcheck(torch.ops.lion.quantize_blockwise.default, (x, qmap, 256))
+    opcheck(torch.ops.lion.dequantize_blockwise.default,
+            (codes, absmax.detach().requires_grad_(), qmap, 256))
 
 
 def test_lion_optim_bits_8_is_lion8bit():

@@ -189,19 +189,36 @@ def _bad_calls(device):
     yield "beta2 must be in", (p, g, m, torch.tensor(0.1), 0.9, -0.1, 0.0)
     p, g, m = make()
     yield "weight_decay must be", (p, g, m, torch.tensor(0.1), 0.9, 0.99, -1.0)
+    # An infinite weight decay passes ">= 0"; it would make every param -inf or NaN.
+    p, g, m = make()
+    yield "weight_decay must be finite and >= 0, got inf", (p, g, m, torch.tensor(0.1), 0.9,
+                                                            0.99, float("inf"))
     p, g, m = make()
     yield "lr must be a 0-dim tensor", (p, g, m, torch.tensor([0.1, 0.2]), 0.9, 0.99, 0.0)
     p, g, m = make()
     yield "lr must be finite and >= 0", (p, g, m, torch.tensor(-0.1), 0.9, 0.99, 0.0)
+    # A CPU lr is read on the host: an infinite one passes ">= 0" (NaN fails it anyway).
+    p, g, m = make()
+    yield "lr must be finite and >= 0, got inf", (p, g, m, torch.tensor(float("inf")), 0.9,
+                                                  0.99, 0.0)
+    p, g, m = make()
+    yield "lr must be finite and >= 0, got nan", (p, g, m, torch.tensor(float("nan")), 0.9,
+                                                  0.99, 0.0)
     p, g, m = make()
     yield "lr must be a floating-point tensor", (p, g, m, torch.tensor(1), 0.9, 0.99, 0.0)
     p, g, m = make()
     sparse = torch.zeros(6, device=device).to_sparse()
     yield "sparse gradients are not supported", (p, [g[0], sparse], m, torch.tensor(0.1), 0.9,
                                                   0.99, 0.0)
+    # Every other element of a buffer: the kernels read grad_scales through its data pointer,
+    # so a strided one would give param 1 the buffer's element 1 (7.0), not its own 0.5.
+    p, g, m = make()
+    strided = torch.tensor([0.5, 7.0, 0.5, 7.0], device=device)[::2]
+    yield "grad_scales must be a contiguous 1-D tensor with one scale per param", (
+        p, g, m, torch.tensor(0.1), 0.9, 0.99, 0.0, strided)
 
 
-@pytest.mark.parametrize("case", range(13))
+@pytest.mark.parametrize("case", range(17))
 def test_bad_input_is_refused_and_nothing_changes(device, case):
     message, args = list(_bad_calls(device))[case]
     snapshot = [[t.clone() for t in arg] for arg in args[:3]]
@@ -356,3 +373,48 @@ def test_increment_steps_refuses_bad_counters_and_changes_nothing(device):
     with pytest.raises(ValueError, match=r"steps\[1\] must have one element"):
         torch.ops.lion.increment_steps.default([good, torch.zeros(2, device=device)])
     assert float(good) == 0.0
+
+
+def test_percentile_clipping_refuses_a_step_counter_of_two_elements_and_writes_nothing(device):
+    # The kernels read one float per counter: a second element would be silently ignored.
+    vecs = [torch.rand(100, device=device) for _ in range(2)]
+    before = [v.clone() for v in vecs]
+    with pytest.raises(ValueError, match=r"steps\[1\] must be a one-element float32 tensor"):
+        torch.ops.lion.percentile_clipping.default(
+            [torch.randn(4, device=device), torch.randn(3, device=device)], vecs,
+            [torch.full((), 2.0, device=device), torch.full((2,), 2.0, device=device)], 5)
+    for v, b in zip(vecs, before):
+        assert torch.equal(v, b)
+
+
+# ---- the fakes ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["percentile 100", "percentile -1", "gnorm_vec length",
+                                  "list lengths"])
+def test_percentile_clipping_fake_refuses_what_the_kernel_refuses(case):
+    """On meta tensors an operator runs its fake (register_fake serves the Meta key): the code
+    torch.compile and torch.export trace with. It must refuse what the kernel refuses, so that
+    a bad call fails where it is traced, not later when the graph runs."""
+    grads = [torch.randn(10, device="meta"), torch.randn(3, device="meta")]
+    vecs = [torch.zeros(100, device="meta"), torch.zeros(100, device="meta")]
+    steps = [torch.ones((), device="meta"), torch.ones((), device="meta")]
+    percentile = 5
+    message = {"percentile 100": "percentile must be in 0..99, got 100",
+               "percentile -1": "percentile must be in 0..99, got -1",
+               "gnorm_vec length": r"gnorm_vecs\[1\] must be a float32 tensor of 100",
+               "list lengths": "must have the same length"}[case]
+    if case == "percentile 100":
+        percentile = 100
+    elif case == "percentile -1":
+        percentile = -1
+    elif case == "gnorm_vec length":
+        vecs[1] = torch.zeros(99, device="meta")
+    else:
+        steps = steps[:1]
+    with pytest.raises(ValueError, match=message):
+        torch.ops.lion.percentile_clipping.default(grads, vecs, steps, percentile)
+    # And the same call with good arguments gives the kernel's result shape.
+    scales = torch.ops.lion.percentile_clipping.default(
+        grads, [torch.zeros(100, device="meta") for _ in grads],
+        [torch.ones((), device="meta") for _ in grads], 99)
+    assert scales.device.type == "meta" and scales.shape == (2,) and scales.dtype == torch.float32

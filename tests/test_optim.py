@@ -56,6 +56,7 @@ def test_constructors_match_bitsandbytes():
     (dict(optim_bits=16), "optim_bits must be 8 or 32"),
     (dict(percentile_clipping=0), "percentile_clipping must be an int in 1..100"),
     (dict(percentile_clipping=101), "percentile_clipping must be an int in 1..100"),
+    (dict(percentile_clipping=True), "percentile_clipping must be an int in 1..100"),
     (dict(min_8bit_size=-1), "min_8bit_size"),
     (dict(is_paged="yes"), "is_paged must be a bool"),
 ])
@@ -298,6 +299,20 @@ def test_state_put_in_optimizer_state_in_a_saved_layout_is_adopted(layout):
     (a1, b1, s1), (a2, b2, s2) = runs
     assert torch.equal(a1, a2) and torch.equal(b1, b2)
     assert int(s1["step"]) == 3 and torch.equal(s1["state1"], s2["state1"])
+
+
+def test_state_in_a_saved_layout_is_adopted_only_by_a_step_that_passes_its_checks():
+    a, b = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(5))
+    opt = Lion32bit([{"params": [a]}, {"params": [b]}], lr=0.1)
+    entry = {"step": 2, "__bnb_optimizer_quant_state__": {"state1": torch.full((4,), 0.3)}}
+    opt.state[a] = entry
+    a.grad, b.grad = torch.randn(4), torch.randn(5).to_sparse()
+    with pytest.raises(RuntimeError, match=r"group 1, index 0.*sparse gradient"):
+        opt.step()
+    assert opt.state[a] is entry and opt.state[a]["step"] == 2  # not adopted, not changed
+    b.grad = torch.randn(5)
+    opt.step()
+    assert int(opt.state[a]["step"]) == 3
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
@@ -687,7 +702,8 @@ def test_load_state_dict_copies_each_state_tensor_once_and_leaves_the_dict_alone
     a second copy of all the state at once."""
     torch.manual_seed(4)
     params = [torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(7))]
-    opt = Lion(params, lr=torch.tensor(1e-2), optim_bits=optim_bits, min_8bit_size=256)
+    opt = Lion(params, lr=torch.tensor(1e-2), optim_bits=optim_bits, min_8bit_size=256,
+               percentile_clipping=50)
     for _ in range(2):
         _set_random_grads(params)
         opt.step()
@@ -700,13 +716,14 @@ def test_load_state_dict_copies_each_state_tensor_once_and_leaves_the_dict_alone
     monkeypatch.setattr(torch.Tensor, "__deepcopy__",
                         lambda self, memo: copies.append(self.numel()) or original(self, memo))
     other = Lion([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1.0,
-                 optim_bits=optim_bits, min_8bit_size=256)
+                 optim_bits=optim_bits, min_8bit_size=256, percentile_clipping=50)
     other.load_state_dict(saved)
     assert copies == [1]  # the tensor lr of the param group, nothing else
     assert other.param_groups[0]["lr"] is not saved["param_groups"][0]["lr"]
     for k, p in enumerate(other.param_groups[0]["params"]):
         nested = saved["state"][k]["__bnb_optimizer_quant_state__"]
-        for name in ("state1", "absmax1"):
+        assert "gnorm_vec" in nested
+        for name in ("state1", "absmax1", "gnorm_vec"):
             if name in nested:
                 assert other.state[p][name].data_ptr() != nested[name].data_ptr()
                 assert torch.equal(other.state[p][name], nested[name])
@@ -715,6 +732,24 @@ def test_load_state_dict_copies_each_state_tensor_once_and_leaves_the_dict_alone
     for k, nested in before.items():
         for name, value in nested.items():
             assert torch.equal(saved["state"][k]["__bnb_optimizer_quant_state__"][name], value)
+
+
+def test_load_state_dict_keeps_eps_param_names_and_copies_other_entries():
+    model = torch.nn.Linear(3, 2)
+    opt = Lion(model.named_parameters(), lr=0.1)
+    _set_random_grads(list(model.parameters()))
+    opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["eps"], group["param_names"]  # as a state_dict without them
+    extra = torch.ones(3)
+    saved["state"][0]["an_entry_of_another_library"] = extra
+    opt.load_state_dict(saved)
+    group = opt.param_groups[0]
+    assert group["eps"] == 0.0  # bitsandbytes reads it when it loads our checkpoints
+    assert group["param_names"] == ["weight", "bias"]  # errors keep naming params
+    kept = opt.state[model.weight]["an_entry_of_another_library"]
+    assert torch.equal(kept, extra) and kept is not extra
 
 
 @pytest.mark.cuda
@@ -995,7 +1030,7 @@ def test_planned_steps_follow_new_groups_overrides_and_loaded_state():
 
 @pytest.mark.parametrize("corrupt", ["sparse grad", "param dtype", "param shape",
                                      "state dict replaced", "momentum replaced",
-                                     "momentum made float64"])
+                                     "momentum made float64", "grad resized in place"])
 def test_bad_input_after_planned_steps_is_refused_and_nothing_changes(corrupt):
     params = _params(torch.float32, "cpu", [(5,), (6,), (7,)], False)
     opt = Lion([{"params": params[:1]}, {"params": params[1:]}], lr=0.1)
@@ -1023,11 +1058,14 @@ def test_bad_input_after_planned_steps_is_refused_and_nothing_changes(corrupt):
     elif corrupt == "momentum replaced":
         opt.state[target]["state1"] = torch.zeros(2, 4)
         message = r"index 1,.*does not fit"
-    else:
+    elif corrupt == "momentum made float64":
         opt.state[target]["state1"] = opt.state[target]["state1"].double()
         message = r"index 1,.*torch.float64; expected a float32 tensor of shape \(7,\)"
+    else:  # the same grad tensor, another shape: the plan checked the grad's shape
+        target.grad.set_(torch.randn(8))
+        message = r"index 1,.*gradient of shape \(8,\)"
     snapshot = _snapshot(opt, params)
-    with pytest.raises((RuntimeError, TypeError), match=message):
+    with pytest.raises((RuntimeError, TypeError, ValueError), match=message):
         opt.step()
     _assert_unchanged(opt, params, snapshot)
 
@@ -1105,3 +1143,55 @@ def test_an_override_tensor_lr_broken_in_place_is_refused_before_anything_change
                        r"learning rate lr=nan"):
         opt.step()
     _assert_unchanged(opt, [a, b], snapshot)
+
+
+def test_planned_steps_use_replaced_counters_and_histories_and_new_overrides():
+    params = [torch.nn.Parameter(torch.randn(6)), torch.nn.Parameter(torch.randn(7))]
+    opt = Lion(params, lr=0.1, percentile_clipping=50)
+    for _ in range(2):
+        _set_random_grads(params)
+        opt.step()
+    assert opt._step_plan is not None
+    state = opt.state[params[0]]
+    state["step"] = torch.tensor(0.0)
+    _set_random_grads(params)
+    opt.step()
+    assert state["step"].item() == 1.0
+    state["gnorm_vec"] = torch.full((100,), -1.0)  # a fresh history: records everywhere
+    _set_random_grads(params)
+    opt.step()
+    assert torch.allclose(state["gnorm_vec"], params[0].grad.double().pow(2).sum().float())
+    # An override made after planned steps, and nothing else changed: params[1] stops moving.
+    lion_ops.optim.GlobalOptimManager.get_instance().override_config(params[1], "lr", 0.0)
+    before = params[1].detach().clone()
+    _set_random_grads(params)
+    opt.step()
+    assert torch.equal(params[1], before)
+    lion_ops.optim.GlobalOptimManager.get_instance().initialize()
+
+
+def test_gnorm_vec_replaced_after_planned_steps_is_refused_and_nothing_changes():
+    params = [torch.nn.Parameter(torch.randn(6)), torch.nn.Parameter(torch.randn(7))]
+    opt = Lion([{"params": params[:1]}, {"params": params[1:]}], lr=0.1, percentile_clipping=50)
+    for _ in range(2):
+        _set_random_grads(params)
+        opt.step()
+    opt.state[params[1]]["gnorm_vec"] = torch.zeros(50)
+    _set_random_grads(params)
+    snapshot = _snapshot(opt, params)
+    with pytest.raises(RuntimeError, match=r"group 1, index 0,.*gnorm_vec' must be a contiguous "
+                       r"float32 tensor of 100"):
+        opt.step()
+    _assert_unchanged(opt, params, snapshot)
+
+
+def test_a_one_element_lr_tensor_steps_as_a_0_dim_one():
+    a, b = torch.nn.Parameter(torch.randn(9)), torch.nn.Parameter(torch.randn(9))
+    b.data.copy_(a)
+    opt_a, opt_b = Lion([a], lr=torch.tensor([0.1])), Lion([b], lr=torch.tensor(0.1))
+    for _ in range(2):
+        a.grad = torch.randn(9)
+        b.grad = a.grad.clone()
+        opt_a.step()
+        opt_b.step()
+    assert torch.equal(a, b)

@@ -94,12 +94,40 @@ def test_override_hyperparameters_per_param_match_reference():
     manager.override_config([params[1]], key_value_dict={"betas": (0.5, 0.6),
                                                          "weight_decay": 0.3})
     opt = Lion(params, lr=0.01, weight_decay=0.05)
-    before = [p.detach().clone() for p in params]
-    _step(opt, params)
     settings = [(0.1, (0.9, 0.99), 0.05), (0.01, (0.5, 0.6), 0.3), (0.01, (0.9, 0.99), 0.05)]
-    for p, p0, (lr, betas, wd) in zip(params, before, settings):
-        expected, _, _ = lion_reference_step(p0, p.grad, torch.zeros_like(p0), lr, *betas, wd)
-        torch.testing.assert_close(p.detach().double(), expected)
+    # Three steps, each against the reference from the optimizer's own state: from zero
+    # momentum a first step's update does not depend on beta1, nor its params on beta2.
+    for _ in range(3):
+        before = [(p.detach().clone(), opt.state[p]["state1"].clone() if opt.state[p]
+                   else torch.zeros_like(p)) for p in params]
+        _step(opt, params)
+        for p, (p0, m0), (lr, betas, wd) in zip(params, before, settings):
+            expected_p, expected_m, _ = lion_reference_step(p0, p.grad, m0, lr, *betas, wd)
+            torch.testing.assert_close(p.detach().double(), expected_p)
+            torch.testing.assert_close(opt.state[p]["state1"].double(), expected_m)
+
+
+def test_a_block_wise_override_gives_per_tensor_state():
+    params = [torch.nn.Parameter(torch.randn(500)), torch.nn.Parameter(torch.randn(500))]
+    GlobalOptimManager.get_instance().override_config(params[0], "block_wise", False)
+    opt = Lion8bit(params, lr=1e-3, min_8bit_size=100)
+    _step(opt, params)
+    assert set(opt.state[params[0]]) >= {"max1", "new_max1"} and "absmax1" not in opt.state[params[0]]
+    assert "absmax1" in opt.state[params[1]] and "max1" not in opt.state[params[1]]
+
+
+def test_a_module_override_wins_over_a_per_param_override_of_the_same_key():
+    # As bitsandbytes, which keeps only the module's; other keys of both apply (merged).
+    model = torch.nn.Linear(30, 1, bias=False)
+    manager = GlobalOptimManager.get_instance()
+    manager.override_config(model.weight, key_value_dict={"lr": 0.5, "weight_decay": 0.5})
+    manager.register_module_override(model, "weight", {"lr": 0.25})
+    opt = Lion(model.parameters(), lr=0.01)
+    before = model.weight.detach().clone()
+    _step(opt, [model.weight])
+    expected, _, _ = lion_reference_step(before, model.weight.grad, torch.zeros_like(before), 0.25,
+                                         0.9, 0.99, 0.5)
+    torch.testing.assert_close(model.weight.detach().double(), expected)
 
 
 def test_override_percentile_clipping_and_min_8bit_size():
@@ -146,6 +174,8 @@ def test_index_based_overrides_follow_positions():
     ({"optim_bits": 16}, "optim_bits must be 8 or 32"),
     ({"betas": (1.5, 0.9)}, "beta parameter at index 0"),
     ({"lr": -1.0}, "invalid learning rate"),
+    ({"min_8bit_size": True}, "min_8bit_size"),
+    ({"percentile_clipping": True}, "percentile_clipping"),
 ])
 def test_bad_overrides_are_refused(config, message):
     p = torch.nn.Parameter(torch.zeros(3))
