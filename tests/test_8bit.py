@@ -916,6 +916,9 @@ def test_live_8bit_state_broken_in_place_is_refused_and_nothing_changes(block_wi
     (lambda n: n.__setitem__("absmax1", n["absmax1"][:-1]), "'absmax1' must be a contiguous float32 tensor of 16 "),
     (lambda n: n.__setitem__("state1", n["state1"][:100]), "8-bit codes 'state1' have shape"),
     (lambda n: n.__setitem__("qmap1", n["qmap1"] * 2), "not the signed dynamic map"),
+    # Loaded, these made params NaN (an infinite scale is fine: see the infinity tests).
+    (lambda n: n["absmax1"].__setitem__(3, float("nan")), "'absmax1' holds NaN or negative"),
+    (lambda n: n["absmax1"].__setitem__(0, -1.0), "'absmax1' holds NaN or negative"),
 ])
 def test_corrupt_8bit_state_dict_is_refused(corrupt, message):
     params = _big_params("cpu")
@@ -923,12 +926,27 @@ def test_corrupt_8bit_state_dict_is_refused(corrupt, message):
     _train(opt, params, 2)
     sd = opt.state_dict()
     good_codes = opt.state[params[1]]["state1"].clone()
-    nested = dict(sd["state"][1]["__bnb_optimizer_quant_state__"])
+    nested = {k: v.clone() for k, v in sd["state"][1]["__bnb_optimizer_quant_state__"].items()}
     corrupt(nested)
     sd["state"][1] = dict(sd["state"][1], __bnb_optimizer_quant_state__=nested)
     with pytest.raises(ValueError, match=message):
         opt.load_state_dict(sd)
     assert torch.equal(opt.state[params[1]]["state1"], good_codes)
+
+
+def test_a_saved_infinite_scale_loads_and_steps_to_finite_params():
+    # bitsandbytes' absmax becomes infinite after an infinite gradient; such a checkpoint loads.
+    params = _big_params("cpu")
+    opt = Lion8bit(params, lr=1e-3)
+    _train(opt, params, 2)
+    sd = opt.state_dict()
+    nested = sd["state"][1]["__bnb_optimizer_quant_state__"]
+    nested["absmax1"] = nested["absmax1"].clone()
+    nested["absmax1"][2] = float("inf")
+    opt.load_state_dict(sd)
+    assert opt.state[params[1]]["absmax1"][2] == float("inf")
+    _train(opt, params, 1)
+    assert all(torch.isfinite(p).all() for p in params)
 
 
 @pytest.mark.parametrize("block_wise", [True, False])

@@ -1010,4 +1010,9 @@ def _state_problem(p: Tensor, state: dict, kind: str | None, loading: bool = Fal
                    if isinstance(value, Tensor) else type(value).__name__)
             return (f"'{key}' must be a contiguous float32 tensor of {shape[0]} element(s) for a "
                     f"param of {p.numel()} elements, got {got}")
+        if loading and not _is_dtensor(value) and not bool((value >= 0).all()):
+            # A scale is a largest magnitude: +inf can come from bitsandbytes after an infinite
+            # gradient (and its zero codes still decode to 0 here), NaN or < 0 from nothing sane;
+            # loaded, they would make params NaN. Read on the host: loading is not a step.
+            return f"'{key}' holds NaN or negative scales"
     return ""
