@@ -29,5 +29,8 @@ def dequantize_state(codes: Tensor, scale: Tensor, qmap: Tensor) -> Tensor:
     """The float32 momentum held by 8-bit state: blockwise (scale = absmax, one per 256
     elements) or static (scale = max1, one element)."""
     if scale.numel() == 1 and ops.blockwise_absmax_count(codes.numel()) != 1:
-        return qmap[codes.long()] * scale.reshape(())
+        # As the kernels decode (decode_momentum): a zero entry is 0 whatever the scale, so
+        # zero codes stay 0 under a loaded scale of +inf (0 * inf would be NaN).
+        entries = qmap[codes.long()]
+        return torch.where(entries == 0, entries, entries * scale.reshape(()))
     return ops.dequantize_blockwise(codes, scale, qmap)

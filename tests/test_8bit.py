@@ -1006,3 +1006,82 @@ def test_quantize_and_dequantize_compile(device):
     x = torch.randn(1000, device=device)
     compiled = torch.compile(roundtrip, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(x), roundtrip(x))
+
+
+#a non-contiguous input quantizes in its
+# logical order, as its contiguous copy does.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_blockwise_of_a_non_contiguous_input(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(512, 300).to(dtype).t()  # (300, 512), transposed
+    codes, absmax = lion_ops.ops.quantize_blockwise(x, QMAP, 256)
+    codes2, absmax2 = lion_ops.ops.quantize_blockwise(x.contiguous(), QMAP, 256)
+    assert torch.equal(codes, codes2) and torch.equal(absmax, absmax2)
+
+
+#absmax is 1-D.
+def test_a_2d_absmax_is_refused():
+    p, g = torch.randn(512), torch.randn(512)
+    codes, absmax = lion_ops.ops.quantize_blockwise(torch.randn(512) * 0.01, QMAP)
+    with pytest.raises(ValueError, match=r"absmaxes\[0\] must be a contiguous 1-D tensor of 2"):
+        lion_ops.ops.lion_update_8bit_blockwise([p], [g], [codes], [absmax.reshape(2, 1)], QMAP,
+                                                torch.tensor(0.1), 0.9, 0.99, 0.0)
+
+
+# and a bug of the current code: a zero code decodes to
+# 0 whatever the scale, as the kernels decode it (lion_math.h decode_momentum), also for
+# per-tensor (static) state, whose max1 may be +inf when loaded from bitsandbytes.
+@pytest.mark.parametrize("n", [200, 400], ids=["one block", "static"])
+def test_dequantize_state_of_zero_codes_under_an_infinite_scale(n):
+    from lion_ops.quantization import dequantize_state
+    codes = torch.tensor([127, 255] * (n // 2), dtype=torch.uint8)  # qmap[127] == 0.0
+    values = dequantize_state(codes, torch.tensor([float("inf")]), QMAP)
+    assert torch.equal(values[::2], torch.zeros(n // 2))
+    assert torch.equal(values[1::2], torch.full((n // 2,), float("inf")))
+
+
+def _train_one(opt, p, steps, seed):
+    torch.manual_seed(seed)
+    for _ in range(steps):
+        p.grad = torch.randn_like(p)
+        opt.step()
+
+
+#saved 8-bit scales of another float dtype load as float32.
+@pytest.mark.parametrize("block_wise", [True, False])
+def test_float64_8bit_scales_load_as_float32_and_step(block_wise):
+    p = torch.nn.Parameter(torch.randn(3000))
+    opt = Lion8bit([p], lr=0.01, min_8bit_size=256, block_wise=block_wise)
+    _train_one(opt, p, 3, 0)
+    saved = opt.state_dict()
+    nested = saved["state"][0]["__bnb_optimizer_quant_state__"]
+    for key in ("absmax1", "max1", "new_max1"):
+        if key in nested:
+            nested[key] = nested[key].double()
+    q = torch.nn.Parameter(p.detach().clone())
+    fresh = Lion8bit([q], lr=0.01, min_8bit_size=256, block_wise=block_wise)
+    fresh.load_state_dict(saved)
+    for key in ("absmax1", "max1", "new_max1"):
+        if key in fresh.state[q]:
+            assert fresh.state[q][key].dtype == torch.float32
+    _train_one(opt, p, 2, 1)
+    _train_one(fresh, q, 2, 1)
+    assert torch.equal(p, q)
+
+
+#an absmax saved as (rows, blocks per row), as a DTensor
+# param's is (gathered to a full tensor), loads into a plain param as one flat row.
+def test_a_2d_absmax_loads_flat_and_steps():
+    p = torch.nn.Parameter(torch.randn(6, 512))
+    opt = Lion8bit([p], lr=0.01, min_8bit_size=256)
+    _train_one(opt, p, 3, 0)
+    saved = opt.state_dict()
+    nested = saved["state"][0]["__bnb_optimizer_quant_state__"]
+    nested["absmax1"] = nested["absmax1"].reshape(6, 2)
+    q = torch.nn.Parameter(p.detach().clone())
+    fresh = Lion8bit([q], lr=0.01, min_8bit_size=256)
+    fresh.load_state_dict(saved)
+    assert fresh.state[q]["absmax1"].shape == (12,)
+    _train_one(opt, p, 2, 1)
+    _train_one(fresh, q, 2, 1)
+    assert torch.equal(p, q)

@@ -195,6 +195,8 @@ def _bad_calls(device):
                                                             0.99, float("inf"))
     p, g, m = make()
     yield "lr must be a 0-dim tensor", (p, g, m, torch.tensor([0.1, 0.2]), 0.9, 0.99, 0.0)
+    p, g, m = make()  # one element, but not 0-dim: the optimizers reshape theirs
+    yield "lr must be a 0-dim tensor", (p, g, m, torch.tensor([0.1]), 0.9, 0.99, 0.0)
     p, g, m = make()
     yield "lr must be finite and >= 0", (p, g, m, torch.tensor(-0.1), 0.9, 0.99, 0.0)
     # A CPU lr is read on the host: an infinite one passes ">= 0" (NaN fails it anyway).
@@ -218,7 +220,7 @@ def _bad_calls(device):
         p, g, m, torch.tensor(0.1), 0.9, 0.99, 0.0, strided)
 
 
-@pytest.mark.parametrize("case", range(17))
+@pytest.mark.parametrize("case", range(18))
 def test_bad_input_is_refused_and_nothing_changes(device, case):
     message, args = list(_bad_calls(device))[case]
     snapshot = [[t.clone() for t in arg] for arg in args[:3]]
@@ -418,3 +420,88 @@ def test_percentile_clipping_fake_refuses_what_the_kernel_refuses(case):
         grads, [torch.zeros(100, device="meta") for _ in grads],
         [torch.ones((), device="meta") for _ in grads], 99)
     assert scales.device.type == "meta" and scales.shape == (2,) and scales.dtype == torch.float32
+
+
+#empty tensors between others.
+@pytest.mark.parametrize("threads", [1, 2])
+def test_empty_tensors_between_others_leave_every_tensor_updated(threads):
+    torch.manual_seed(0)
+    shapes = [(5,), (0,), (5,), (70000,), (0,), (0,), (3,)]
+    params = [torch.randn(s) for s in shapes]
+    grads = [torch.randn(s) for s in shapes]
+    momenta = [torch.randn(s) for s in shapes]
+    expected = [p.clone() for p in params], [m.clone() for m in momenta]
+    for i in range(len(shapes)):  # one call per tensor: no neighbours
+        op([expected[0][i]], [grads[i]], [expected[1][i]], torch.tensor(0.1), 0.9, 0.99, 0.1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        op(params, grads, momenta, torch.tensor(0.1), 0.9, 0.99, 0.1)
+        vecs = [torch.zeros(100) for _ in shapes]
+        steps = [torch.full((), 2.0) for _ in shapes]
+        lion_ops.ops.percentile_clipping(grads, vecs, steps, 5)
+    finally:
+        torch.set_num_threads(before)
+    for i in range(len(shapes)):
+        assert torch.equal(params[i], expected[0][i]) and torch.equal(momenta[i], expected[1][i]), i
+        torch.testing.assert_close(vecs[i][2].double(), grads[i].double().pow(2).sum(), rtol=1e-6, atol=0)
+
+
+#a non-dense view (MemOverlap::TooHard)
+# is distinct memory and must be updated, through a contiguous copy written back.
+def test_a_non_dense_param_and_momentum_are_updated_in_place():
+    torch.manual_seed(0)
+    base, mbase = torch.randn(8, 10), torch.randn(8, 10)
+    p, m = base[:, ::2], mbase[:, ::2]  # neither is dense
+    g = torch.randn(8, 5)
+    expected_p, expected_m = p.clone(), m.clone()
+    op([expected_p], [g], [expected_m], torch.tensor(0.1), 0.9, 0.99, 0.1)
+    others, m_others = base[:, 1::2].clone(), mbase[:, 1::2].clone()
+    op([p], [g], [m], torch.tensor(0.1), 0.9, 0.99, 0.1)
+    assert torch.equal(p, expected_p) and torch.equal(m, expected_m)
+    assert torch.equal(base[:, 1::2], others) and torch.equal(mbase[:, 1::2], m_others)
+
+
+#only written operands are copied back; a
+# read-only grad (here an expanded one, which cannot be written) is left alone.
+def test_an_expanded_grad_of_a_non_dense_param_is_only_read():
+    base = torch.randn(8, 10)
+    p, m = base[:, ::2], torch.zeros(8, 5)
+    g = torch.full((), 0.5).expand(8, 5)
+    expected_p, expected_m = p.clone(), m.clone()
+    op([expected_p], [g.contiguous()], [expected_m], torch.tensor(0.1), 0.9, 0.99, 0.1)
+    op([p], [g], [m], torch.tensor(0.1), 0.9, 0.99, 0.1)
+    assert torch.equal(p, expected_p) and torch.equal(m, expected_m)
+
+
+#a refused call changes nothing, its
+# tensors' version counters included (else autograd later reports an in-place change that
+# never happened).
+def test_a_refused_call_leaves_version_counters_alone():
+    p, m = torch.randn(4), torch.zeros(4)
+    with pytest.raises(ValueError, match=r"grads\[0\] has shape"):
+        op([p], [torch.randn(5)], [m], torch.tensor(0.1), 0.9, 0.99, 0.0)
+    assert p._version == 0 and m._version == 0
+    op([p], [torch.randn(4)], [m], torch.tensor(0.1), 0.9, 0.99, 0.0)
+    assert p._version == 1 and m._version == 1
+
+
+#the static 8-bit op bumps versions and
+# refuses to write a tensor that requires grad.
+def test_static_8bit_step_bumps_versions_and_refuses_grad_mode_writes():
+    w = torch.nn.Parameter(torch.randn(64, 64))
+    opt = lion_ops.Lion8bit([w], lr=0.1, min_8bit_size=256, block_wise=False)
+    x = torch.randn(4, 64, requires_grad=True)
+    y = (x @ w).sum()
+    w.grad = torch.randn_like(w)
+    opt.step()
+    state = opt.state[w]
+    assert all(state[k]._version > 0 for k in ("state1", "max1", "new_max1")) and w._version > 0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    leaf = torch.nn.Parameter(torch.randn(300))
+    codes = torch.full((300,), 127, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="writes a tensor that requires grad"):
+        lion_ops.ops.lion_update_8bit_static([leaf], [torch.randn(300)], [codes], [torch.ones(1)],
+                                             [torch.zeros(1)], lion_ops.quantization.dynamic_map(),
+                                             torch.tensor(0.1), 0.9, 0.99, 0.0)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lion_ops
-from lion_ops import Lion, Lion32bit
+from lion_ops import Lion, Lion8bit, Lion32bit
 from reference import lion_reference_step
 
 SHAPES = [(0,), (1,), (7,), (33, 17), (1000,), (4097,), (3, 5, 7)]
@@ -53,6 +53,8 @@ def test_constructors_match_bitsandbytes():
     (dict(betas=(0.9, -0.1)), "beta parameter at index 1"),
     (dict(betas=(0.9,)), "betas must be a pair"),
     (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(weight_decay=float("inf")), "weight_decay"),
+    (dict(lr=torch.tensor(1)), "1-element floating-point tensor"),
     (dict(optim_bits=16), "optim_bits must be 8 or 32"),
     (dict(percentile_clipping=0), "percentile_clipping must be an int in 1..100"),
     (dict(percentile_clipping=101), "percentile_clipping must be an int in 1..100"),
@@ -488,6 +490,16 @@ def test_param_groups_and_add_param_group(device):
         torch.testing.assert_close(p.detach().double(), p_ref)
     with pytest.raises(ValueError, match="beta parameter"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "betas": (2.0, 0.1)})
+    # betas given as a list (as a JSON round trip of a state_dict makes them) are kept as a
+    # tuple, as the constructor keeps them, by add_param_group and by load_state_dict.
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "betas": [0.8, 0.9]})
+    assert opt.param_groups[-1]["betas"] == (0.8, 0.9)
+    assert isinstance(opt.param_groups[-1]["betas"], tuple)
+    saved = opt.state_dict()
+    saved["param_groups"][1]["betas"] = [0.7, 0.75]
+    opt.load_state_dict(saved)
+    assert opt.param_groups[1]["betas"] == (0.7, 0.75)
+    assert isinstance(opt.param_groups[1]["betas"], tuple)
 
 
 def test_closure_zero_grad_and_training_reduces_loss():
@@ -1195,3 +1207,135 @@ def test_a_one_element_lr_tensor_steps_as_a_0_dim_one():
         opt_a.step()
         opt_b.step()
     assert torch.equal(a, b)
+
+
+def _one_rank_mesh():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return dist, init_device_mesh("cpu", (1,))
+
+
+def _train_one(opt, p, steps, seed):
+    torch.manual_seed(seed)
+    for _ in range(steps):
+        p.grad = torch.randn_like(p)
+        opt.step()
+
+
+#partial placements refused.
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+def test_a_partial_dtensor_param_is_refused():
+    from torch.distributed.tensor import DTensor, Partial
+    dist, mesh = _one_rank_mesh()
+    try:
+        p = torch.nn.Parameter(DTensor.from_local(torch.randn(4, 256), mesh, [Partial()]))
+        opt = Lion([p], lr=0.1)
+        p.grad = DTensor.from_local(torch.randn(4, 256), mesh, [Partial()])
+        before = p._local_tensor.clone()
+        with pytest.raises(NotImplementedError, match="partial placements"):
+            opt.step()
+        assert torch.equal(p._local_tensor, before) and not opt.state[p]
+    finally:
+        dist.destroy_process_group()
+
+
+#a grad sharded otherwise than its param is refused.
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+def test_a_dtensor_grad_with_other_placements_is_refused():
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    dist, mesh = _one_rank_mesh()
+    try:
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(4, 256), mesh, [Shard(0)]))
+        opt = Lion([p], lr=0.1)
+        p.grad = distribute_tensor(torch.randn(4, 256), mesh, [Replicate()])
+        before = p._local_tensor.clone()
+        with pytest.raises(NotImplementedError, match="same mesh and placements"):
+            opt.step()
+        assert torch.equal(p._local_tensor, before) and not opt.state[p]
+    finally:
+        dist.destroy_process_group()
+
+
+#a DTensor param never gets per-tensor (static) 8-bit state.
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+def test_static_8bit_is_kept_32bit_for_dtensor_params():
+    from torch.distributed.tensor import Shard, distribute_tensor
+    dist, mesh = _one_rank_mesh()
+    try:
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(6, 512), mesh, [Shard(0)]))
+        with pytest.warns(UserWarning, match=r"1 DTensor param\(s\) keep 32-bit state"):
+            opt = Lion([p], lr=0.1, optim_bits=8, block_wise=False, min_8bit_size=1000)
+        p.grad = distribute_tensor(torch.randn(6, 512), mesh, [Shard(0)])
+        opt.step()
+        assert opt.state[p]["state1"].dtype == torch.float32 and "max1" not in opt.state[p]
+    finally:
+        dist.destroy_process_group()
+
+
+#an unsharded checkpoint's flat absmax loads into a DTensor
+# param as (rows, blocks per row), sharded as the param is, as a fresh state's is.
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+def test_a_flat_absmax_loads_into_a_dtensor_param_as_rows():
+    from torch.distributed.tensor import Shard, distribute_tensor
+    plain = torch.nn.Parameter(torch.randn(6, 512))
+    opt = Lion8bit([plain], lr=0.01, min_8bit_size=256)
+    _train_one(opt, plain, 2, 0)
+    saved = opt.state_dict()
+    dist, mesh = _one_rank_mesh()
+    try:
+        p = torch.nn.Parameter(distribute_tensor(plain.detach().clone(), mesh, [Shard(0)]))
+        sharded = Lion8bit([p], lr=0.01, min_8bit_size=256)
+        sharded.load_state_dict(saved)
+        absmax = sharded.state[p]["absmax1"]
+        assert absmax.shape == (6, 2) and absmax.placements == (Shard(0),)
+        assert torch.equal(absmax.full_tensor().reshape(-1), opt.state[plain]["absmax1"])
+    finally:
+        dist.destroy_process_group()
+
+
+#empty params (all at address 0) are not
+# "the same memory".
+@pytest.mark.parametrize("optim_bits", [32, 8])
+def test_several_empty_params_step(optim_bits):
+    params = [torch.nn.Parameter(torch.empty(0)), torch.nn.Parameter(torch.empty(0, 4)),
+              torch.nn.Parameter(torch.randn(3))]
+    opt = Lion(params, lr=0.1, optim_bits=optim_bits, min_8bit_size=0)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.step()
+    assert torch.allclose(params[2].detach(), params[2].detach())  # stepped without error
+    assert all(int(opt.state[p]["step"]) == 2 for p in params)
+
+
+#an infinite weight_decay is refused by the optimizer,
+# at construction and at a step before anything (step counters included) changes.
+def test_infinite_weight_decay_is_refused_before_anything_changes():
+    with pytest.raises(ValueError, match="weight_decay"):
+        Lion([torch.nn.Parameter(torch.zeros(3))], weight_decay=float("inf"))
+    a, b = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+    opt = Lion([{"params": [a]}, {"params": [b]}], lr=0.1)
+    a.grad, b.grad = torch.randn(4), torch.randn(4)
+    opt.step()
+    opt.param_groups[1]["weight_decay"] = float("inf")
+    before = a.detach().clone(), b.detach().clone()
+    with pytest.raises(ValueError, match=r"param group 1.*weight_decay"):
+        opt.step()
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+    assert int(opt.state[a]["step"]) == 1 and int(opt.state[b]["step"]) == 1
+
+
+#an integer tensor lr is refused by the optimizer (the
+# operators refuse it only after the step counters, and earlier groups, have moved).
+def test_an_integer_tensor_lr_is_refused_before_anything_changes():
+    with pytest.raises(ValueError, match="1-element floating-point"):
+        Lion([torch.nn.Parameter(torch.zeros(3))], lr=torch.tensor(1))
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = Lion([p], lr=0.1)
+    p.grad = torch.randn(3)
+    opt.step()
+    opt.param_groups[0]["lr"] = torch.tensor(0)
+    with pytest.raises(ValueError, match="1-element floating-point"):
+        opt.step()
+    assert int(opt.state[p]["step"]) == 1

@@ -130,6 +130,57 @@ def test_a_module_override_wins_over_a_per_param_override_of_the_same_key():
     torch.testing.assert_close(model.weight.detach().double(), expected)
 
 
+def test_overrides_reach_a_param_group_added_later():
+    first, added = torch.nn.Parameter(torch.randn(30)), torch.nn.Parameter(torch.randn(30))
+    GlobalOptimManager.get_instance().override_config(added, "lr", 0.5)
+    opt = Lion([first], lr=0.01)
+    opt.add_param_group({"params": [added]})
+    before = added.detach().clone()
+    _step(opt, [first, added])
+    assert (added - before).abs().max().item() == pytest.approx(0.5, rel=1e-6)
+
+
+@pytest.mark.parametrize("how", ["initialize", "register_parameters"])
+def test_manager_changes_after_planned_steps_reach_the_optimizer(how):
+    params = [torch.nn.Parameter(torch.randn(30)), torch.nn.Parameter(torch.randn(30))]
+    manager = GlobalOptimManager.get_instance()
+    manager.override_config(params[1], "lr", 0.0)
+    # Other Parameter objects at the same positions: the override reaches them only through
+    # register_parameters (by position), as in bitsandbytes.
+    moved = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = Lion(params if how == "initialize" else moved, lr=0.01)
+    stepped = opt.param_groups[0]["params"]
+    for _ in range(2):  # the second step runs from the plan
+        _step(opt, stepped)
+    frozen_before = how == "initialize"
+    before = stepped[1].detach().clone()
+    assert torch.equal(_stepped(opt, stepped)[1], before) == frozen_before
+    if how == "initialize":
+        manager.initialize()  # forgets the override: params[1] moves again
+    else:
+        manager.register_parameters(params)  # position (0, 1) takes the override: frozen
+    before = stepped[1].detach().clone()
+    assert torch.equal(_stepped(opt, stepped)[1], before) == (not frozen_before)
+
+
+def _stepped(opt, params):
+    _step(opt, params)
+    return [p.detach().clone() for p in params]
+
+
+def test_override_config_refuses_key_and_key_value_dict_together():
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="either key and value or key_value_dict"):
+        GlobalOptimManager.get_instance().override_config(p, "lr", 0.1,
+                                                          key_value_dict={"lr": 0.2})
+
+
+def test_a_module_override_of_a_missing_parameter_is_refused():
+    with pytest.raises(ValueError, match="Linear has no parameter 'wieght'"):
+        GlobalOptimManager.get_instance().register_module_override(torch.nn.Linear(2, 2),
+                                                                   "wieght", {"lr": 0.1})
+
+
 def test_override_percentile_clipping_and_min_8bit_size():
     params = [torch.nn.Parameter(torch.randn(500)), torch.nn.Parameter(torch.randn(500))]
     manager = GlobalOptimManager.get_instance()
@@ -315,3 +366,28 @@ def test_overrides_of_a_registered_param_reach_its_position():
     opt.step()
     assert opt.state[copied.weight]["state1"].dtype == torch.float32
     assert torch.allclose(before - copied.weight, torch.full((128, 64), 0.5))
+
+
+#param groups (a list of dicts) register positions
+# per group, as bitsandbytes does.
+def test_register_parameters_takes_param_groups():
+    from lion_ops.optim.manager import GlobalOptimManager
+    mng = GlobalOptimManager.get_instance()
+    a, b = torch.nn.Parameter(torch.randn(40)), torch.nn.Parameter(torch.randn(40))
+    try:
+        mng.override_config(b, "lr", 0.5)
+        mng.register_parameters([{"params": [a]}, {"params": [b]}])
+        a2, b2 = (torch.nn.Parameter(t.detach().clone()) for t in (a, b))  # new objects
+        opt = Lion([{"params": [a2]}, {"params": [b2]}], lr=0.01)
+        before = b2.detach().clone()
+        a2.grad, b2.grad = torch.randn(40), torch.randn(40)
+        opt.step()
+        assert (b2 - before).abs().max().item() == pytest.approx(0.5, rel=1e-6)
+    finally:
+        mng.initialize()
+
+
+#nothing to register is no error.
+def test_register_parameters_of_nothing():
+    GlobalOptimManager.get_instance().register_parameters([])
+    GlobalOptimManager.get_instance().register_parameters(iter(()))

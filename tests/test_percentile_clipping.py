@@ -288,6 +288,9 @@ def test_bad_percentile_arguments_are_refused():
     vec = torch.zeros(50)
     with pytest.raises(ValueError, match=r"gnorm_vecs\[0\] must be a contiguous float32 tensor of 100"):
         lion_ops.ops.percentile_clipping(g, [vec], [torch.ones(())], 5)
+    strided = torch.zeros(200)[::2]  # written through its data pointer: the wrong elements
+    with pytest.raises(ValueError, match=r"gnorm_vecs\[0\] must be a contiguous float32 tensor of 100"):
+        lion_ops.ops.percentile_clipping(g, [strided], [torch.full((), 3.0)], 5)
     with pytest.raises(ValueError, match="grad_scales must be a contiguous 1-D tensor"):
         lion_ops.ops.lion_update_32bit(g, [torch.randn(4)], [torch.zeros(4)], torch.tensor(0.1),
                                        0.9, 0.99, 0.0, torch.ones(2))
@@ -305,6 +308,18 @@ def test_a_step_counter_that_is_no_count_is_refused_and_nothing_is_written(step)
                                          [torch.randn(100), history],
                                          [torch.tensor(2.0), torch.tensor(step)], 5)
     assert torch.equal(memory, before)
+
+
+def test_a_zero_norm_in_the_first_slot_is_a_record_not_a_fresh_history():
+    # Only a negative first slot marks a history that has recorded nothing; a zero gradient
+    # recorded at slot 0 (step 100) is a record like any other.
+    history = torch.arange(100, dtype=torch.float32) + 1
+    history[0] = 0.0
+    grad = torch.full((4,), 0.5)  # squared norm 1.0
+    lion_ops.ops.percentile_clipping([grad], [history], [torch.tensor(101.0)], 5)
+    expected = torch.arange(100, dtype=torch.float32) + 1
+    expected[0], expected[1] = 0.0, 1.0
+    assert torch.equal(history, expected)
 
 
 def test_no_grads_give_no_scales():
@@ -351,3 +366,27 @@ def test_compile_and_export_with_clipping_on(device):
     program = torch.export.export(module, (grad,))
     assert "lion.percentile_clipping" in program.graph_module.code
     assert torch.equal(program.module()(grad), eager(grad))
+
+
+def _train_one(opt, p, steps, seed):
+    torch.manual_seed(seed)
+    for _ in range(steps):
+        p.grad = torch.randn_like(p)
+        opt.step()
+
+
+#a saved gnorm_vec of another float dtype loads as float32.
+def test_a_float64_gnorm_vec_loads_as_float32_and_steps():
+    p = torch.nn.Parameter(torch.randn(300))
+    opt = Lion([p], lr=0.01, percentile_clipping=50)
+    _train_one(opt, p, 3, 0)
+    saved = opt.state_dict()
+    nested = saved["state"][0]["__bnb_optimizer_quant_state__"]
+    nested["gnorm_vec"] = nested["gnorm_vec"].double()
+    q = torch.nn.Parameter(p.detach().clone())
+    fresh = Lion([q], lr=0.01, percentile_clipping=50)
+    fresh.load_state_dict(saved)
+    assert fresh.state[q]["gnorm_vec"].dtype == torch.float32
+    _train_one(opt, p, 2, 1)
+    _train_one(fresh, q, 2, 1)
+    assert torch.equal(p, q)
