@@ -1008,7 +1008,7 @@ def test_quantize_and_dequantize_compile(device):
     assert torch.equal(compiled(x), roundtrip(x))
 
 
-#a non-contiguous input quantizes in its
+# A non-contiguous input quantizes in its
 # logical order, as its contiguous copy does.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantize_blockwise_of_a_non_contiguous_input(dtype):
@@ -1019,7 +1019,7 @@ def test_quantize_blockwise_of_a_non_contiguous_input(dtype):
     assert torch.equal(codes, codes2) and torch.equal(absmax, absmax2)
 
 
-#absmax is 1-D.
+# Absmax is 1-D.
 def test_a_2d_absmax_is_refused():
     p, g = torch.randn(512), torch.randn(512)
     codes, absmax = lion_ops.ops.quantize_blockwise(torch.randn(512) * 0.01, QMAP)
@@ -1028,9 +1028,9 @@ def test_a_2d_absmax_is_refused():
                                                 torch.tensor(0.1), 0.9, 0.99, 0.0)
 
 
-# and a bug of the current code: a zero code decodes to
-# 0 whatever the scale, as the kernels decode it (lion_math.h decode_momentum), also for
-# per-tensor (static) state, whose max1 may be +inf when loaded from bitsandbytes.
+# A zero code decodes to 0 whatever the scale, as the kernels decode it (lion_math.h
+# decode_momentum), also for per-tensor (static) state, whose max1 may be +inf when loaded
+# from bitsandbytes (dequantize_state gave NaN there).
 @pytest.mark.parametrize("n", [200, 400], ids=["one block", "static"])
 def test_dequantize_state_of_zero_codes_under_an_infinite_scale(n):
     from lion_ops.quantization import dequantize_state
@@ -1047,7 +1047,7 @@ def _train_one(opt, p, steps, seed):
         opt.step()
 
 
-#saved 8-bit scales of another float dtype load as float32.
+# Saved 8-bit scales of another float dtype load as float32.
 @pytest.mark.parametrize("block_wise", [True, False])
 def test_float64_8bit_scales_load_as_float32_and_step(block_wise):
     p = torch.nn.Parameter(torch.randn(3000))
@@ -1069,7 +1069,7 @@ def test_float64_8bit_scales_load_as_float32_and_step(block_wise):
     assert torch.equal(p, q)
 
 
-#an absmax saved as (rows, blocks per row), as a DTensor
+# An absmax saved as (rows, blocks per row), as a DTensor
 # param's is (gathered to a full tensor), loads into a plain param as one flat row.
 def test_a_2d_absmax_loads_flat_and_steps():
     p = torch.nn.Parameter(torch.randn(6, 512))

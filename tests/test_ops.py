@@ -422,7 +422,7 @@ def test_percentile_clipping_fake_refuses_what_the_kernel_refuses(case):
     assert scales.device.type == "meta" and scales.shape == (2,) and scales.dtype == torch.float32
 
 
-#empty tensors between others.
+# empty tensors between others.
 @pytest.mark.parametrize("threads", [1, 2])
 def test_empty_tensors_between_others_leave_every_tensor_updated(threads):
     torch.manual_seed(0)
@@ -447,7 +447,7 @@ def test_empty_tensors_between_others_leave_every_tensor_updated(threads):
         torch.testing.assert_close(vecs[i][2].double(), grads[i].double().pow(2).sum(), rtol=1e-6, atol=0)
 
 
-#a non-dense view (MemOverlap::TooHard)
+# A non-dense view (MemOverlap::TooHard)
 # is distinct memory and must be updated, through a contiguous copy written back.
 def test_a_non_dense_param_and_momentum_are_updated_in_place():
     torch.manual_seed(0)
@@ -462,7 +462,7 @@ def test_a_non_dense_param_and_momentum_are_updated_in_place():
     assert torch.equal(base[:, 1::2], others) and torch.equal(mbase[:, 1::2], m_others)
 
 
-#only written operands are copied back; a
+# Only written operands are copied back; a
 # read-only grad (here an expanded one, which cannot be written) is left alone.
 def test_an_expanded_grad_of_a_non_dense_param_is_only_read():
     base = torch.randn(8, 10)
@@ -474,7 +474,7 @@ def test_an_expanded_grad_of_a_non_dense_param_is_only_read():
     assert torch.equal(p, expected_p) and torch.equal(m, expected_m)
 
 
-#a refused call changes nothing, its
+# A refused call changes nothing, its
 # tensors' version counters included (else autograd later reports an in-place change that
 # never happened).
 def test_a_refused_call_leaves_version_counters_alone():
@@ -486,7 +486,7 @@ def test_a_refused_call_leaves_version_counters_alone():
     assert p._version == 1 and m._version == 1
 
 
-#the static 8-bit op bumps versions and
+# The static 8-bit op bumps versions and
 # refuses to write a tensor that requires grad.
 def test_static_8bit_step_bumps_versions_and_refuses_grad_mode_writes():
     w = torch.nn.Parameter(torch.randn(64, 64))

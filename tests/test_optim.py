@@ -1223,41 +1223,31 @@ def _train_one(opt, p, steps, seed):
         opt.step()
 
 
-#partial placements refused.
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
-def test_a_partial_dtensor_param_is_refused():
-    from torch.distributed.tensor import DTensor, Partial
+@pytest.mark.parametrize("case", ["partial param", "grad sharded otherwise"])
+def test_dtensor_params_the_operators_cannot_update_are_refused(case):
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
     dist, mesh = _one_rank_mesh()
     try:
-        p = torch.nn.Parameter(DTensor.from_local(torch.randn(4, 256), mesh, [Partial()]))
+        if case == "partial param":
+            p = torch.nn.Parameter(DTensor.from_local(torch.randn(4, 256), mesh, [Partial()]))
+            grad = DTensor.from_local(torch.randn(4, 256), mesh, [Partial()])
+            message = "partial placements"
+        else:
+            p = torch.nn.Parameter(distribute_tensor(torch.randn(4, 256), mesh, [Shard(0)]))
+            grad = distribute_tensor(torch.randn(4, 256), mesh, [Replicate()])
+            message = "same mesh and placements"
         opt = Lion([p], lr=0.1)
-        p.grad = DTensor.from_local(torch.randn(4, 256), mesh, [Partial()])
+        p.grad = grad
         before = p._local_tensor.clone()
-        with pytest.raises(NotImplementedError, match="partial placements"):
+        with pytest.raises(NotImplementedError, match=message):
             opt.step()
         assert torch.equal(p._local_tensor, before) and not opt.state[p]
     finally:
         dist.destroy_process_group()
 
 
-#a grad sharded otherwise than its param is refused.
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
-def test_a_dtensor_grad_with_other_placements_is_refused():
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-    dist, mesh = _one_rank_mesh()
-    try:
-        p = torch.nn.Parameter(distribute_tensor(torch.randn(4, 256), mesh, [Shard(0)]))
-        opt = Lion([p], lr=0.1)
-        p.grad = distribute_tensor(torch.randn(4, 256), mesh, [Replicate()])
-        before = p._local_tensor.clone()
-        with pytest.raises(NotImplementedError, match="same mesh and placements"):
-            opt.step()
-        assert torch.equal(p._local_tensor, before) and not opt.state[p]
-    finally:
-        dist.destroy_process_group()
-
-
-#a DTensor param never gets per-tensor (static) 8-bit state.
+# A DTensor param never gets per-tensor (static) 8-bit state.
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 def test_static_8bit_is_kept_32bit_for_dtensor_params():
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -1273,7 +1263,7 @@ def test_static_8bit_is_kept_32bit_for_dtensor_params():
         dist.destroy_process_group()
 
 
-#an unsharded checkpoint's flat absmax loads into a DTensor
+# An unsharded checkpoint's flat absmax loads into a DTensor
 # param as (rows, blocks per row), sharded as the param is, as a fresh state's is.
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 def test_a_flat_absmax_loads_into_a_dtensor_param_as_rows():
@@ -1294,7 +1284,7 @@ def test_a_flat_absmax_loads_into_a_dtensor_param_as_rows():
         dist.destroy_process_group()
 
 
-#empty params (all at address 0) are not
+# Empty params (all at address 0) are not
 # "the same memory".
 @pytest.mark.parametrize("optim_bits", [32, 8])
 def test_several_empty_params_step(optim_bits):
@@ -1309,7 +1299,7 @@ def test_several_empty_params_step(optim_bits):
     assert all(int(opt.state[p]["step"]) == 2 for p in params)
 
 
-#an infinite weight_decay is refused by the optimizer,
+# An infinite weight_decay is refused by the optimizer,
 # at construction and at a step before anything (step counters included) changes.
 def test_infinite_weight_decay_is_refused_before_anything_changes():
     with pytest.raises(ValueError, match="weight_decay"):
@@ -1326,7 +1316,7 @@ def test_infinite_weight_decay_is_refused_before_anything_changes():
     assert int(opt.state[a]["step"]) == 1 and int(opt.state[b]["step"]) == 1
 
 
-#an integer tensor lr is refused by the optimizer (the
+# An integer tensor lr is refused by the optimizer (the
 # operators refuse it only after the step counters, and earlier groups, have moved).
 def test_an_integer_tensor_lr_is_refused_before_anything_changes():
     with pytest.raises(ValueError, match="1-element floating-point"):

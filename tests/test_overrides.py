@@ -368,7 +368,7 @@ def test_overrides_of_a_registered_param_reach_its_position():
     assert torch.allclose(before - copied.weight, torch.full((128, 64), 0.5))
 
 
-#param groups (a list of dicts) register positions
+# Param groups (a list of dicts) register positions
 # per group, as bitsandbytes does.
 def test_register_parameters_takes_param_groups():
     from lion_ops.optim.manager import GlobalOptimManager
@@ -387,7 +387,7 @@ def test_register_parameters_takes_param_groups():
         mng.initialize()
 
 
-#nothing to register is no error.
+# Nothing to register is no error.
 def test_register_parameters_of_nothing():
     GlobalOptimManager.get_instance().register_parameters([])
     GlobalOptimManager.get_instance().register_parameters(iter(()))

@@ -503,7 +503,7 @@ def test_each_step_prefetches_the_paged_state_before_updating_it(paging_device, 
     assert sorted(c[1] for c in calls if c[0] == "zeros_paged_like") == big
 
 
-#a paged optimizer says at add_param_group, not at some later
+# A paged optimizer says at add_param_group, not at some later
 # step, that a new device keeps ordinary state.
 def test_add_param_group_on_a_new_device_warns_then():
     with pytest.warns(UserWarning, match="which cpu does not have"):

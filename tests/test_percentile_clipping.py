@@ -375,7 +375,7 @@ def _train_one(opt, p, steps, seed):
         opt.step()
 
 
-#a saved gnorm_vec of another float dtype loads as float32.
+# A saved gnorm_vec of another float dtype loads as float32.
 def test_a_float64_gnorm_vec_loads_as_float32_and_steps():
     p = torch.nn.Parameter(torch.randn(300))
     opt = Lion([p], lr=0.01, percentile_clipping=50)
