@@ -23,7 +23,8 @@ memory, resident on the GPU: the cost of paging when nothing is paged out); bits
 and Lion8bit (and on CUDA its PagedLion and PagedLion8bit); a hand-written torch._foreach_*
 Lion, eager and under torch.compile (dynamic=False: one static compile per set, so that shapes
 seen in earlier runs cannot make it compile dynamic kernels; its compile time is in the
-first_step_s figure); timm's Lion; lion-pytorch's Lion (per-tensor, foreach and,
+first_step_s figure, unless inductor's graph cache already held those shapes from an earlier
+run); timm's Lion; lion-pytorch's Lion (per-tensor, foreach and,
 on CUDA, triton). A peer that is not installed is reported "missing", one that fails
 "failed: reason"; none is dropped silently.
 
@@ -705,8 +706,14 @@ def write_png(path: str, report: dict) -> str:
     for ax, (name, entry) in zip(axes, sets):
         ok = {n: r for n, r in entry["results"].items() if r.get("status") == "ok"}
         rows = [(n, r["median_s"] * 1e3) for n, r in ok.items()]
+        # Peers missing or failed are named, as in the table, rather than silently absent
+        # (not those skipped by design, such as the paged classes on a CPU).
+        absent = [f"{n} ({str(r.get('status', 'not run')).split(':')[0]})"
+                  for n, r in entry["results"].items()
+                  if r.get("status") != "ok" and not str(r.get("status")).startswith("skipped")]
         bars(ax, rows, "step time (ms), lower is better",
-             f"{name}: {entry['tensors']} tensors, {entry['params'] / 1e6:.1f} M params",
+             f"{name}: {entry['tensors']} tensors, {entry['params'] / 1e6:.1f} M params"
+             + (f"\nnot shown: {', '.join(absent)}" if absent else ""),
              lambda n, v, ok=ok: (f"{v:.0f}" if v >= 100 else f"{v:.3g}")
              + f" ms, {100 * ok[n]['fraction_of_floor']:.0f}% of floor")
     if report.get("overhead"):
