@@ -28,11 +28,6 @@ const float* check_lion_update_8bit_static_args(
     double beta2, double weight_decay, const std::optional<at::Tensor>& grad_scales);
 void check_quantize_blockwise_args(const at::Tensor& input, const at::Tensor& qmap,
                                    int64_t blocksize);
-// ceil(n / blocksize) for n >= 0 and blocksize > 0, without the overflow of
-// (n + blocksize - 1) / blocksize for a blocksize near 2^63.
-inline int64_t count_blocks(int64_t n, int64_t blocksize) {
-  return n / blocksize + (n % blocksize != 0);
-}
 void check_dequantize_blockwise_args(const at::Tensor& codes, const at::Tensor& absmax,
                                      const at::Tensor& qmap, int64_t blocksize);
 

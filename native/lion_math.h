@@ -97,6 +97,12 @@ LION_HOST_DEVICE float gnorm_scale(float current_squared, float clip_squared) {
 constexpr int kQuantBlockSize = 256;
 constexpr int kQuantMapSize = 256;
 
+// ceil(n / blocksize) for n >= 0 and blocksize > 0, without the overflow of
+// (n + blocksize - 1) / blocksize for a blocksize near 2^63.
+LION_HOST_DEVICE int64_t count_blocks(int64_t n, int64_t blocksize) {
+  return n / blocksize + (n % blocksize != 0);
+}
+
 LION_HOST_DEVICE bool sign_bit(float x) {
 #if defined(__CUDA_ARCH__)
   return signbit(x);

@@ -47,12 +47,15 @@ def _lion_graph_breaks():
             if ours.search(reason)}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fullgraph_step_no_recompiles_when_lr_changes(device, dtype):
-    batches = _batches(device, 6, dtype)
+def _eager_and_compiled_runs(device, make_optimizer, change_lr, steps, dtype=torch.float32):
+    """Trains one model with eager steps and a copy with a fullgraph-compiled step, calling
+    change_lr(optimizer, i) around each step i; checks that exactly two graphs were compiled
+    (one for the first step, which initializes state, one for every later step) and that both
+    runs end bit for bit equal. Returns the compiled run's optimizer and params."""
+    batches = _batches(device, steps, dtype)
     eager_model, compiled_model = _model(device, dtype), _model(device, dtype)
-    eager_opt = Lion(eager_model.parameters(), lr=torch.tensor(0.01), weight_decay=0.1)
-    compiled_opt = Lion(compiled_model.parameters(), lr=torch.tensor(0.01), weight_decay=0.1)
+    eager_opt = make_optimizer(eager_model.parameters())
+    compiled_opt = make_optimizer(compiled_model.parameters())
     counter = CompileCounterWithBackend("aot_eager")
 
     @torch.compile(backend=counter, fullgraph=True)
@@ -62,16 +65,26 @@ def test_fullgraph_step_no_recompiles_when_lr_changes(device, dtype):
     for i, batch in enumerate(batches):
         for model, opt, step in ((eager_model, eager_opt, eager_opt.step),
                                  (compiled_model, compiled_opt, compiled_step)):
+            change_lr(opt, i)
             opt.zero_grad()
             _loss(model, batch).backward()
             step()
-            opt.param_groups[0]["lr"].fill_(0.01 / (i + 2))
-    # One graph for the first step (state initialization), one for every later step.
     assert counter.frame_count == 2
     for a, b in zip(eager_model.parameters(), compiled_model.parameters()):
         assert torch.equal(a, b)
-    for p in compiled_model.parameters():
-        assert int(compiled_opt.state[p]["step"]) == 6
+    return compiled_opt, list(compiled_model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fullgraph_step_no_recompiles_when_lr_changes(device, dtype):
+    def change_lr(opt, i):
+        if i > 0:
+            opt.param_groups[0]["lr"].fill_(0.01 / (i + 1))
+
+    opt, params = _eager_and_compiled_runs(
+        device, lambda ps: Lion(ps, lr=torch.tensor(0.01), weight_decay=0.1), change_lr, 6, dtype)
+    for p in params:
+        assert int(opt.state[p]["step"]) == 6
 
 
 @pytest.mark.parametrize("cls, kwargs", [
@@ -81,27 +94,10 @@ def test_fullgraph_step_no_recompiles_when_a_float_lr_changes(device, cls, kwarg
     # An lr schedule written into param_groups as Python floats, as nanoGPT does: the float lr
     # was used as a dict key and turned into a tensor with torch.tensor(), and either made the
     # graph specialize on its value (a recompile per lr; fullgraph failed at the 9th).
-    batches = _batches(device, 10)
-    eager_model, compiled_model = _model(device), _model(device)
-    eager_opt = cls(eager_model.parameters(), lr=0.01, **kwargs)
-    compiled_opt = cls(compiled_model.parameters(), lr=0.01, **kwargs)
-    counter = CompileCounterWithBackend("aot_eager")
+    def change_lr(opt, i):
+        opt.param_groups[0]["lr"] = 0.1 / (i + 3)  # not exact in float32
 
-    @torch.compile(backend=counter, fullgraph=True)
-    def compiled_step():
-        compiled_opt.step()
-
-    for i, batch in enumerate(batches):
-        for model, opt, step in ((eager_model, eager_opt, eager_opt.step),
-                                 (compiled_model, compiled_opt, compiled_step)):
-            opt.param_groups[0]["lr"] = 0.1 / (i + 3)  # not exact in float32
-            opt.zero_grad()
-            _loss(model, batch).backward()
-            step()
-    # One graph for the first step (state initialization), one for every later step.
-    assert counter.frame_count == 2
-    for a, b in zip(eager_model.parameters(), compiled_model.parameters()):
-        assert torch.equal(a, b)
+    _eager_and_compiled_runs(device, lambda ps: cls(ps, lr=0.01, **kwargs), change_lr, 10)
 
 
 def test_compiled_step_with_lr_scheduler_recipe(device):

@@ -553,7 +553,7 @@ void launch_build_encode_table(const float* qmap, uint8_t* table, cudaStream_t s
 void launch_quantize_blockwise(const float* input, const uint8_t* encode_table,
                                const float* qmap, int64_t n, int64_t blocksize, uint8_t* codes,
                                float* absmax, cudaStream_t stream) {
-  const int64_t blocks = n / blocksize + (n % blocksize != 0);  // no overflow near 2^63
+  const int64_t blocks = count_blocks(n, blocksize);
   if (blocks == 0) return;
   quantize_blockwise_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       input, encode_table, qmap, n, blocksize, codes, absmax);
