@@ -20,8 +20,31 @@ _native.load()
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def hyperparameter(value: float | Tensor) -> Tensor:
+    """A hyperparameter (lr, beta1, beta2, weight_decay) as the update operators take it: a
+    tensor as it is, a number as a 0-dim float32 CPU tensor (read on the host)."""
+    if isinstance(value, Tensor):
+        return value
+    if torch.compiler.is_compiling():
+        # A float that has changed between compiled calls is a symbolic graph input, and
+        # torch.tensor() of it would specialize the graph on its value (a recompile for each
+        # new value); an addition keeps it an input. The same float32 rounding as below.
+        return torch.zeros((), dtype=torch.float32) + value
+    return torch.tensor(float(value), dtype=torch.float32)
+
+
+def _check_hyperparameters(op: str, lr: Tensor, beta1: Tensor, beta2: Tensor,
+                           weight_decay: Tensor) -> None:
+    for name, value in (("lr", lr), ("beta1", beta1), ("beta2", beta2),
+                        ("weight_decay", weight_decay)):
+        if value.dim() != 0:
+            raise ValueError(f"{op}: {name} must be a 0-dim tensor, got shape {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {value.dtype}")
+
+
 def _check_lion_update_32bit(
-    params: Sequence[Tensor], grads: Sequence[Tensor], momenta: Sequence[Tensor], lr: Tensor
+    params: Sequence[Tensor], grads: Sequence[Tensor], momenta: Sequence[Tensor]
 ) -> None:
     # The same checks as the kernels (native/lion_batch.cpp), on metadata only.
     if not (len(params) == len(grads) == len(momenta)):
@@ -29,8 +52,6 @@ def _check_lion_update_32bit(
             "lion_update_32bit: params, grads and momenta must have the same length, got "
             f"{len(params)}, {len(grads)} and {len(momenta)}"
         )
-    if lr.dim() != 0:
-        raise ValueError(f"lion_update_32bit: lr must be a 0-dim tensor, got shape {tuple(lr.shape)}")
     for i, (p, g, m) in enumerate(zip(params, grads, momenta)):
         if p.dtype not in PARAM_DTYPES:
             raise TypeError(f"lion_update_32bit: params[{i}] must be float32, bfloat16 or float16, got {p.dtype}")
@@ -49,10 +70,10 @@ def lion_update_32bit(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     momenta: Sequence[Tensor],
-    lr: Tensor,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
+    lr: float | Tensor,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    weight_decay: float | Tensor,
     grad_scales: Tensor | None = None,
 ) -> None:
     """One Lion step, in place, for lists of params with fp32 momentum (one call, one launch).
@@ -63,14 +84,16 @@ def lion_update_32bit(
         momenta[i] = beta2 * momenta[i] + (1 - beta2) * grads[i]
 
     params: float32, bfloat16 or float16 tensors, all on one device; grads: same shapes and
-    dtypes; momenta: float32, same shapes. lr: a 0-dim tensor, on the CPU or on the params'
-    device (then the kernel reads it there, so a changing lr needs no host synchronization).
+    dtypes; momenta: float32, same shapes. lr, beta1, beta2, weight_decay: numbers, or 0-dim
+    floating-point tensors on the CPU (read on the host) or on the params' device (read there
+    by the kernel: changing one needs no host synchronization, and a compiled graph takes it
+    as an input).
     grad_scales: optional float32 tensor with one factor per param that multiplies its grad
     wherever the grad appears (percentile clipping's scales; see percentile_clipping).
     """
     torch.ops.lion.lion_update_32bit.default(
-        list(params), list(grads), list(momenta), lr, float(beta1), float(beta2),
-        float(weight_decay), grad_scales)
+        list(params), list(grads), list(momenta), hyperparameter(lr), hyperparameter(beta1),
+        hyperparameter(beta2), hyperparameter(weight_decay), grad_scales)
 
 
 def _check_grad_scales(op: str, grad_scales, params) -> None:
@@ -83,7 +106,8 @@ def _check_grad_scales(op: str, grad_scales, params) -> None:
 @torch.library.register_fake("lion::lion_update_32bit")
 def _lion_update_32bit_fake(params, grads, momenta, lr, beta1, beta2, weight_decay,
                             grad_scales=None) -> None:
-    _check_lion_update_32bit(params, grads, momenta, lr)
+    _check_hyperparameters("lion_update_32bit", lr, beta1, beta2, weight_decay)
+    _check_lion_update_32bit(params, grads, momenta)
     _check_grad_scales("lion_update_32bit", grad_scales, params)
     return None
 
@@ -101,12 +125,10 @@ def _check_state_list(op: str, name: str, params, states, dtype, numel_of) -> No
                              f"params[{i}] of shape {tuple(p.shape)}")
 
 
-def _check_param_grad_lists(op: str, params, grads, lr) -> None:
+def _check_param_grad_lists(op: str, params, grads) -> None:
     if len(params) != len(grads):
         raise ValueError(f"{op}: params and grads must have the same length, got {len(params)} "
                          f"and {len(grads)}")
-    if lr.dim() != 0:
-        raise ValueError(f"{op}: lr must be a 0-dim tensor, got shape {tuple(lr.shape)}")
     for i, (p, g) in enumerate(zip(params, grads)):
         if p.dtype not in PARAM_DTYPES:
             raise TypeError(f"{op}: params[{i}] must be float32, bfloat16 or float16, got {p.dtype}")
@@ -135,10 +157,10 @@ def lion_update_8bit_blockwise(
     codes: Sequence[Tensor],
     absmaxes: Sequence[Tensor],
     qmap: Tensor,
-    lr: Tensor,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
+    lr: float | Tensor,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    weight_decay: float | Tensor,
     grad_scales: Tensor | None = None,
 ) -> None:
     """One Lion step, in place, with blockwise 8-bit momentum (one call, one launch).
@@ -151,8 +173,8 @@ def lion_update_8bit_blockwise(
     sorted float32 values (lion_ops.quantization.dynamic_map()).
     """
     torch.ops.lion.lion_update_8bit_blockwise.default(
-        list(params), list(grads), list(codes), list(absmaxes), qmap, lr, float(beta1),
-        float(beta2), float(weight_decay), grad_scales)
+        list(params), list(grads), list(codes), list(absmaxes), qmap, hyperparameter(lr),
+        hyperparameter(beta1), hyperparameter(beta2), hyperparameter(weight_decay), grad_scales)
 
 
 @torch.library.register_fake("lion::lion_update_8bit_blockwise")
@@ -160,7 +182,8 @@ def _lion_update_8bit_blockwise_fake(params, grads, codes, absmaxes, qmap, lr, b
                                      weight_decay, grad_scales=None) -> None:
     op = "lion_update_8bit_blockwise"
     _check_grad_scales(op, grad_scales, params)
-    _check_param_grad_lists(op, params, grads, lr)
+    _check_hyperparameters(op, lr, beta1, beta2, weight_decay)
+    _check_param_grad_lists(op, params, grads)
     _check_state_list(op, "codes", params, codes, torch.uint8, lambda p: None)
     _check_state_list(op, "absmaxes", params, absmaxes, torch.float32,
                       lambda p: blockwise_absmax_count(p.numel()))
@@ -175,10 +198,10 @@ def lion_update_8bit_static(
     max1s: Sequence[Tensor],
     new_max1s: Sequence[Tensor],
     qmap: Tensor,
-    lr: Tensor,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
+    lr: float | Tensor,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    weight_decay: float | Tensor,
     grad_scales: Tensor | None = None,
 ) -> None:
     """One Lion step, in place, with per-tensor ("static", block_wise=False) 8-bit momentum.
@@ -189,8 +212,9 @@ def lion_update_8bit_static(
     hold it. max1s, new_max1s: one-element float32 tensors.
     """
     torch.ops.lion.lion_update_8bit_static.default(
-        list(params), list(grads), list(codes), list(max1s), list(new_max1s), qmap, lr,
-        float(beta1), float(beta2), float(weight_decay), grad_scales)
+        list(params), list(grads), list(codes), list(max1s), list(new_max1s), qmap,
+        hyperparameter(lr), hyperparameter(beta1), hyperparameter(beta2),
+        hyperparameter(weight_decay), grad_scales)
 
 
 @torch.library.register_fake("lion::lion_update_8bit_static")
@@ -198,7 +222,8 @@ def _lion_update_8bit_static_fake(params, grads, codes, max1s, new_max1s, qmap, 
                                   weight_decay, grad_scales=None) -> None:
     op = "lion_update_8bit_static"
     _check_grad_scales(op, grad_scales, params)
-    _check_param_grad_lists(op, params, grads, lr)
+    _check_hyperparameters(op, lr, beta1, beta2, weight_decay)
+    _check_param_grad_lists(op, params, grads)
     _check_state_list(op, "codes", params, codes, torch.uint8, lambda p: None)
     _check_state_list(op, "max1s", params, max1s, torch.float32, lambda p: 1)
     _check_state_list(op, "new_max1s", params, new_max1s, torch.float32, lambda p: 1)

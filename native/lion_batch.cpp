@@ -32,29 +32,56 @@ const char* dtype_name(at::ScalarType t) {
   }
 }
 
-void check_beta(const char* op, double beta, const char* name) {
-  TORCH_CHECK_VALUE(beta >= 0.0 && beta < 1.0, op, ": ", name, " must be in [0, 1), got ", beta);
+// A CPU hyperparameter tensor's value, as the float32 the kernels use, range-checked.
+float host_hyperparameter(const char* op, const char* name, const at::Tensor& t, bool is_beta) {
+  float value = 0.f;
+  switch (t.scalar_type()) {  // a 0-dim CPU tensor: a plain read, no dispatch, no sync
+    case at::kFloat: value = *t.const_data_ptr<float>(); break;
+    case at::kDouble: value = static_cast<float>(*t.const_data_ptr<double>()); break;
+    case at::kBFloat16: value = static_cast<float>(*t.const_data_ptr<at::BFloat16>()); break;
+    case at::kHalf: value = static_cast<float>(*t.const_data_ptr<at::Half>()); break;
+    default: value = t.item<float>(); break;
+  }
+  if (is_beta) {
+    TORCH_CHECK_VALUE(value >= 0.f && value < 1.f, op, ": ", name, " must be in [0, 1), got ",
+                      value);
+  } else {
+    TORCH_CHECK_VALUE(value >= 0.f && std::isfinite(value), op, ": ", name,
+                      " must be finite and >= 0, got ", value);
+  }
+  return value;
 }
 
 }  // namespace
 
-void check_update_args(const char* op, at::TensorList params, at::TensorList grads,
-                       const at::Tensor& lr, double beta1, double beta2, double weight_decay) {
+HostHyperparameters check_update_args(const char* op, at::TensorList params,
+                                      at::TensorList grads, const at::Tensor& lr,
+                                      const at::Tensor& beta1, const at::Tensor& beta2,
+                                      const at::Tensor& weight_decay) {
   TORCH_CHECK_VALUE(grads.size() == params.size(), op, ": params and grads must have the same ",
                     "length, got ", params.size(), " and ", grads.size());
-  check_beta(op, beta1, "beta1");
-  check_beta(op, beta2, "beta2");
-  TORCH_CHECK_VALUE(weight_decay >= 0.0 && std::isfinite(weight_decay), op,
-                    ": weight_decay must be finite and >= 0, got ", weight_decay);
-  TORCH_CHECK_VALUE(lr.numel() == 1 && lr.dim() == 0, op, ": lr must be a 0-dim tensor, got shape ",
-                    lr.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(lr.scalar_type()), op,
-                   ": lr must be a floating-point tensor, got ", lr.scalar_type());
-  if (params.empty()) return;
+  HostHyperparameters host;
+  const std::pair<const char*, const at::Tensor*> hyperparameters[] = {
+      {"lr", &lr}, {"beta1", &beta1}, {"beta2", &beta2}, {"weight_decay", &weight_decay}};
+  float* host_values[] = {&host.lr, &host.beta1, &host.beta2, &host.weight_decay};
+  for (int h = 0; h < 4; ++h) {
+    const auto& [name, t] = hyperparameters[h];
+    TORCH_CHECK_VALUE(t->dim() == 0, op, ": ", name, " must be a 0-dim tensor, got shape ",
+                      t->sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), op, ": ", name,
+                     " must be a floating-point tensor, got ", dtype_name(t->scalar_type()));
+    TORCH_CHECK_VALUE(t->layout() == at::kStrided, op, ": ", name,
+                      " must be a dense tensor, got layout ", t->layout());
+    if (!params.empty()) {
+      TORCH_CHECK_VALUE(t->device().is_cpu() || t->device() == params[0].device(), op, ": ",
+                        name, " must be on the CPU or on ", params[0].device(), ", got ",
+                        t->device());
+    }
+    if (t->device().is_cpu()) *host_values[h] = host_hyperparameter(op, name, *t, h == 1 || h == 2);
+  }
+  if (params.empty()) return host;
 
   const at::Device device = params[0].device();
-  TORCH_CHECK_VALUE(lr.device().is_cpu() || lr.device() == device, op,
-                    ": lr must be on the CPU or on ", device, ", got ", lr.device());
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
@@ -75,6 +102,7 @@ void check_update_args(const char* op, at::TensorList params, at::TensorList gra
     TORCH_CHECK_VALUE(g.sizes() == p.sizes(), op, ": grads[", i, "] has shape ", g.sizes(),
                       " but params[", i, "] has shape ", p.sizes());
   }
+  return host;
 }
 
 void check_state_list(const char* op, const char* name, at::TensorList params,
@@ -171,43 +199,52 @@ const float* grad_scales_data(const char* op, const std::optional<at::Tensor>& g
   return s.const_data_ptr<float>();
 }
 
-const float* check_lion_update_32bit_args(at::TensorList params, at::TensorList grads,
-                                          at::TensorList momenta, const at::Tensor& lr,
-                                          double beta1, double beta2, double weight_decay,
-                                          const std::optional<at::Tensor>& grad_scales) {
+CheckedUpdate check_lion_update_32bit_args(at::TensorList params, at::TensorList grads,
+                                           at::TensorList momenta, const at::Tensor& lr,
+                                           const at::Tensor& beta1, const at::Tensor& beta2,
+                                           const at::Tensor& weight_decay,
+                                           const std::optional<at::Tensor>& grad_scales) {
   constexpr const char* op = "lion_update_32bit";
-  check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
+  CheckedUpdate checked;
+  checked.host = check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
   check_state_list(op, "momenta", params, momenta, at::kFloat, StateShape::kLikeParam);
   check_distinct_outputs(op, {{"params", params}, {"momenta", momenta}});
-  return grad_scales_data(op, grad_scales, params);
+  checked.grad_scales = grad_scales_data(op, grad_scales, params);
+  return checked;
 }
 
-const float* check_lion_update_8bit_blockwise_args(
+CheckedUpdate check_lion_update_8bit_blockwise_args(
     at::TensorList params, at::TensorList grads, at::TensorList codes, at::TensorList absmaxes,
-    const at::Tensor& qmap, const at::Tensor& lr, double beta1, double beta2,
-    double weight_decay, const std::optional<at::Tensor>& grad_scales) {
+    const at::Tensor& qmap, const at::Tensor& lr, const at::Tensor& beta1,
+    const at::Tensor& beta2, const at::Tensor& weight_decay,
+    const std::optional<at::Tensor>& grad_scales) {
   constexpr const char* op = "lion_update_8bit_blockwise";
-  check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
+  CheckedUpdate checked;
+  checked.host = check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
   check_state_list(op, "codes", params, codes, at::kByte, StateShape::kLikeParam);
   check_state_list(op, "absmaxes", params, absmaxes, at::kFloat, StateShape::kOnePerBlock);
   if (!params.empty()) check_qmap(op, qmap, params[0].device());
   check_distinct_outputs(op, {{"params", params}, {"codes", codes}, {"absmaxes", absmaxes}});
-  return grad_scales_data(op, grad_scales, params);
+  checked.grad_scales = grad_scales_data(op, grad_scales, params);
+  return checked;
 }
 
-const float* check_lion_update_8bit_static_args(
+CheckedUpdate check_lion_update_8bit_static_args(
     at::TensorList params, at::TensorList grads, at::TensorList codes, at::TensorList max1s,
-    at::TensorList new_max1s, const at::Tensor& qmap, const at::Tensor& lr, double beta1,
-    double beta2, double weight_decay, const std::optional<at::Tensor>& grad_scales) {
+    at::TensorList new_max1s, const at::Tensor& qmap, const at::Tensor& lr,
+    const at::Tensor& beta1, const at::Tensor& beta2, const at::Tensor& weight_decay,
+    const std::optional<at::Tensor>& grad_scales) {
   constexpr const char* op = "lion_update_8bit_static";
-  check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
+  CheckedUpdate checked;
+  checked.host = check_update_args(op, params, grads, lr, beta1, beta2, weight_decay);
   check_state_list(op, "codes", params, codes, at::kByte, StateShape::kLikeParam);
   check_state_list(op, "max1s", params, max1s, at::kFloat, StateShape::kOneElement);
   check_state_list(op, "new_max1s", params, new_max1s, at::kFloat, StateShape::kOneElement);
   if (!params.empty()) check_qmap(op, qmap, params[0].device());
   check_distinct_outputs(op, {{"params", params}, {"codes", codes}, {"max1s", max1s},
                               {"new_max1s", new_max1s}});
-  return grad_scales_data(op, grad_scales, params);
+  checked.grad_scales = grad_scales_data(op, grad_scales, params);
+  return checked;
 }
 
 void check_quantize_blockwise_args(const at::Tensor& input, const at::Tensor& qmap,
@@ -312,14 +349,6 @@ void check_step_counters(at::TensorList steps) {
                       s.device(), " but steps[0] is on ", steps[0].device());
   }
   check_distinct_outputs("increment_steps", {{"steps", steps}});
-}
-
-float host_learning_rate(const char* op, const at::Tensor& lr) {
-  TORCH_INTERNAL_ASSERT(lr.device().is_cpu());
-  const float value = lr.item<float>();  // a CPU tensor: no device synchronization
-  TORCH_CHECK_VALUE(value >= 0.f && std::isfinite(value), op,
-                    ": lr must be finite and >= 0, got ", value);
-  return value;
 }
 
 FlatOperands::FlatOperands(std::vector<at::TensorList> lists, std::vector<bool> mutated) {

@@ -11,21 +11,38 @@
 
 namespace lion {
 
-// The complete argument checks of each operator, shared by its CPU and CUDA kernels. The
-// update checks return the grad_scales data (nullptr when absent); nothing is modified
-// before they pass.
-const float* check_lion_update_32bit_args(at::TensorList params, at::TensorList grads,
-                                          at::TensorList momenta, const at::Tensor& lr,
-                                          double beta1, double beta2, double weight_decay,
-                                          const std::optional<at::Tensor>& grad_scales);
-const float* check_lion_update_8bit_blockwise_args(
+// The hyperparameters of the update operators are 0-dim floating-point tensors, each on the
+// CPU (read on the host when the operator is called, and range-checked then) or on the
+// params' device (read by the CUDA kernel, so that changing one needs neither a host
+// synchronization nor, under torch.compile, a new graph; not range-checked per call).
+// The values of those on the CPU, rounded to float32 as the kernels use them; 0 for the others.
+struct HostHyperparameters {
+  float lr = 0.f, beta1 = 0.f, beta2 = 0.f, weight_decay = 0.f;
+};
+
+// What the checks of an update operator hand to its kernel.
+struct CheckedUpdate {
+  const float* grad_scales = nullptr;  // one float32 per param, or nullptr when absent
+  HostHyperparameters host;
+};
+
+// The complete argument checks of each operator, shared by its CPU and CUDA kernels.
+// Nothing is modified before they pass.
+CheckedUpdate check_lion_update_32bit_args(at::TensorList params, at::TensorList grads,
+                                           at::TensorList momenta, const at::Tensor& lr,
+                                           const at::Tensor& beta1, const at::Tensor& beta2,
+                                           const at::Tensor& weight_decay,
+                                           const std::optional<at::Tensor>& grad_scales);
+CheckedUpdate check_lion_update_8bit_blockwise_args(
     at::TensorList params, at::TensorList grads, at::TensorList codes, at::TensorList absmaxes,
-    const at::Tensor& qmap, const at::Tensor& lr, double beta1, double beta2,
-    double weight_decay, const std::optional<at::Tensor>& grad_scales);
-const float* check_lion_update_8bit_static_args(
+    const at::Tensor& qmap, const at::Tensor& lr, const at::Tensor& beta1,
+    const at::Tensor& beta2, const at::Tensor& weight_decay,
+    const std::optional<at::Tensor>& grad_scales);
+CheckedUpdate check_lion_update_8bit_static_args(
     at::TensorList params, at::TensorList grads, at::TensorList codes, at::TensorList max1s,
-    at::TensorList new_max1s, const at::Tensor& qmap, const at::Tensor& lr, double beta1,
-    double beta2, double weight_decay, const std::optional<at::Tensor>& grad_scales);
+    at::TensorList new_max1s, const at::Tensor& qmap, const at::Tensor& lr,
+    const at::Tensor& beta1, const at::Tensor& beta2, const at::Tensor& weight_decay,
+    const std::optional<at::Tensor>& grad_scales);
 void check_quantize_blockwise_args(const at::Tensor& input, const at::Tensor& qmap,
                                    int64_t blocksize);
 void check_dequantize_blockwise_args(const at::Tensor& codes, const at::Tensor& absmax,
@@ -38,10 +55,13 @@ std::vector<int64_t> paged_like_strides(const at::Tensor& like,
 // prefetch_paged: dense tensors, all on one device. Returns that device (CPU if empty).
 at::Device check_prefetch_paged_args(at::TensorList tensors);
 
-// Checks what every update operator takes: hyperparameters, the lr tensor, and the
-// (param, grad) pairs. Throws a ValueError/TypeError naming the argument.
-void check_update_args(const char* op, at::TensorList params, at::TensorList grads,
-                       const at::Tensor& lr, double beta1, double beta2, double weight_decay);
+// Checks what every update operator takes: the hyperparameter tensors and the (param, grad)
+// pairs. Throws a ValueError/TypeError naming the argument. Returns the values of the
+// hyperparameters that are on the CPU.
+HostHyperparameters check_update_args(const char* op, at::TensorList params,
+                                      at::TensorList grads, const at::Tensor& lr,
+                                      const at::Tensor& beta1, const at::Tensor& beta2,
+                                      const at::Tensor& weight_decay);
 
 // How a per-param state tensor is shaped relative to its param.
 enum class StateShape {
@@ -77,8 +97,6 @@ void check_percentile_clipping_args(at::TensorList grads, at::TensorList gnorm_v
 // Checks the step counters of increment_steps: one-element float32 tensors on one device.
 void check_step_counters(at::TensorList steps);
 
-// The learning rate as a float, for an lr tensor that lives on the CPU.
-float host_learning_rate(const char* op, const at::Tensor& lr);
 
 // Makes the i-th tensor of every operand list walkable as a flat array, all in the same
 // element order. A group whose written tensors are dense and share strides is used in place

@@ -12,23 +12,25 @@
 TORCH_LIBRARY(lion, m) {
   m.set_python_module("lion_ops.ops");
 
-  // grad_scales (optional, every update op): float32 [len(params)], multiplies each grad.
+  // Every update op: lr, beta1, beta2, weight_decay are 0-dim floating tensors on the CPU (read
+  // on the host) or on the params' device (read by the kernel); grad_scales (optional):
+  // float32 [len(params)], multiplies each grad.
   // Lion step with fp32 momentum, in place, for lists of same-shaped params/grads/momenta on one device.
   m.def(
       "lion_update_32bit(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momenta, Tensor lr, "
-      "float beta1, float beta2, float weight_decay, Tensor? grad_scales=None) -> ()");
+      "Tensor beta1, Tensor beta2, Tensor weight_decay, Tensor? grad_scales=None) -> ()");
 
   // Lion step with blockwise 8-bit momentum: uint8 codes into qmap, one absmax per 256 elements.
   m.def(
       "lion_update_8bit_blockwise(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] codes, "
-      "Tensor(c!)[] absmaxes, Tensor qmap, Tensor lr, float beta1, float beta2, "
-      "float weight_decay, Tensor? grad_scales=None) -> ()");
+      "Tensor(c!)[] absmaxes, Tensor qmap, Tensor lr, Tensor beta1, Tensor beta2, "
+      "Tensor weight_decay, Tensor? grad_scales=None) -> ()");
 
   // Lion step with per-tensor ("static") 8-bit momentum: max1 is the codes' scale, new_max1 scratch.
   m.def(
       "lion_update_8bit_static(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] codes, "
-      "Tensor(c!)[] max1s, Tensor(d!)[] new_max1s, Tensor qmap, Tensor lr, float beta1, "
-      "float beta2, float weight_decay, Tensor? grad_scales=None) -> ()");
+      "Tensor(c!)[] max1s, Tensor(d!)[] new_max1s, Tensor qmap, Tensor lr, Tensor beta1, "
+      "Tensor beta2, Tensor weight_decay, Tensor? grad_scales=None) -> ()");
 
   // Percentile clipping (bitsandbytes 0.49): records ||g||^2 in each gnorm_vec at slot step % 100
   // (every slot at step 1 or while gnorm_vec[0] < 0) and returns the gradient scales, on the device.

@@ -12,6 +12,7 @@ from torch.library import opcheck
 import lion_ops
 from lion_ops import Lion, Lion8bit
 from lion_ops.quantization import dynamic_map
+from op_args import as_op_args
 from resources import free_memory_bytes
 from scalar_loops import put_special_values, raw_bits, run_with_scalar_loops
 
@@ -423,7 +424,7 @@ def _opcheck_samples(dtype, device):
 
 def test_opcheck_8bit_operators(device, dtype):
     for op, args in _opcheck_samples(dtype, device):
-        opcheck(op, args)
+        opcheck(op, as_op_args(args))
 
 
 _BAD_8BIT_INPUT = {

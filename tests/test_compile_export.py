@@ -100,6 +100,74 @@ def test_fullgraph_step_no_recompiles_when_a_float_lr_changes(device, cls, kwarg
     _eager_and_compiled_runs(device, lambda ps: cls(ps, lr=0.01, **kwargs), change_lr, 10)
 
 
+@pytest.mark.parametrize("cls, kwargs", [
+    (Lion, {}), (lion_ops.Lion8bit, {"min_8bit_size": 100}),
+    (lion_ops.Lion8bit, {"min_8bit_size": 100, "block_wise": False})])
+def test_fullgraph_step_no_recompiles_when_float_betas_and_weight_decay_change(device, cls,
+                                                                               kwargs):
+    # A momentum schedule written into param_groups as floats (OneCycleLR's cycle_momentum
+    # writes betas every step): betas and weight_decay used to be float operator arguments,
+    # which compiled graphs specialize on (a recompile per value; fullgraph failed at the 9th).
+    def change(opt, i):
+        group = opt.param_groups[0]
+        group["lr"] = 0.1 / (i + 3)
+        group["betas"] = (0.95 - 0.01 * i, group["betas"][1] - 0.001 * i)
+        group["weight_decay"] = 0.1 / (i + 2)
+
+    _eager_and_compiled_runs(device, lambda ps: cls(ps, lr=0.01, **kwargs), change, 10)
+
+
+def test_fullgraph_step_no_recompiles_when_tensor_betas_change_in_place(device):
+    # torch.optim's recipe for hyperparameters that change under compile: tensors, as for lr.
+    def change(opt, i):
+        group = opt.param_groups[0]
+        group["betas"][0].fill_(0.95 - 0.01 * i)
+        group["weight_decay"].fill_(0.1 / (i + 2))
+
+    def make(ps):
+        return lion_ops.Lion8bit(ps, lr=torch.tensor(0.01), min_8bit_size=100,
+                                 betas=(torch.tensor(0.9), torch.tensor(0.99, device=device)),
+                                 weight_decay=torch.tensor(0.0))
+
+    _eager_and_compiled_runs(device, make, change, 8)
+
+
+def test_one_cycle_momentum_schedule_compiles_once(device):
+    """OneCycleLR with cycle_momentum (its default: a new beta1 every step) under
+    torch.compile: the graphs compiled by the second step serve all the others."""
+    model = _model(device)
+    reference = copy.deepcopy(model)
+    opt = Lion(model.parameters(), lr=torch.tensor(0.01))
+    ref_opt = Lion(reference.parameters(), lr=torch.tensor(0.01))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01, total_steps=30)
+    ref_sched = torch.optim.lr_scheduler.OneCycleLR(ref_opt, max_lr=0.01, total_steps=30)
+    counter = CompileCounterWithBackend("aot_eager")
+
+    # Not fullgraph: the scheduler wraps optimizer.step in a function dynamo does not trace
+    # (torch's optimizers break there too).
+    @torch.compile(backend=counter)
+    def step():
+        opt.step()
+
+    betas_seen = set()
+    for i, batch in enumerate(_batches(device, 30)):
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            _loss(m, batch).backward()
+        step()
+        ref_opt.step()
+        sched.step()
+        ref_sched.step()
+        betas_seen.add(float(opt.param_groups[0]["betas"][0]))
+        if i == 1:
+            frames_after_two = counter.frame_count
+    assert len(betas_seen) > 20  # the schedule did move beta1
+    assert counter.frame_count == frames_after_two, "recompiled during the momentum schedule"
+    assert not _lion_graph_breaks()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_compiled_step_with_lr_scheduler_recipe(device):
     """PyTorch's recipe for compiled optimizers with LR schedulers, with a tensor lr."""
     model = _model(device)
@@ -222,6 +290,12 @@ class TestExport(expecttest.TestCase):
         if torch.__version__.startswith("2.14"):  # the printed graph is pinned for one torch
             self.assertExpectedInline(program.graph_module.code.strip(), """\
 def forward(self, b_weight, b_momentum, grad, lr):
-    lion_update_32bit = torch.ops.lion.lion_update_32bit.default([b_weight], [grad], [b_momentum], lr, 0.9, 0.99, 0.1);  grad = b_momentum = lr = lion_update_32bit = None
+    zeros = torch.ops.aten.zeros.default([], dtype = torch.float32, device = device(type='cpu'), pin_memory = False)
+    add = torch.ops.aten.add.Tensor(zeros, 0.9);  zeros = None
+    zeros_1 = torch.ops.aten.zeros.default([], dtype = torch.float32, device = device(type='cpu'), pin_memory = False)
+    add_1 = torch.ops.aten.add.Tensor(zeros_1, 0.99);  zeros_1 = None
+    zeros_2 = torch.ops.aten.zeros.default([], dtype = torch.float32, device = device(type='cpu'), pin_memory = False)
+    add_2 = torch.ops.aten.add.Tensor(zeros_2, 0.1);  zeros_2 = None
+    lion_update_32bit = torch.ops.lion.lion_update_32bit.default([b_weight], [grad], [b_momentum], lr, add, add_1, add_2);  grad = b_momentum = lr = add = add_1 = add_2 = lion_update_32bit = None
     mul = torch.ops.aten.mul.Tensor(b_weight, 1.0);  b_weight = None
     return (mul,)""")

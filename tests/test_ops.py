@@ -7,9 +7,10 @@ from torch.library import opcheck
 
 import lion_ops
 from reference import lion_reference_step
+from op_args import TensorHyperparameters, as_op_args
 from scalar_loops import put_special_values, raw_bits, run_with_scalar_loops
 
-op = torch.ops.lion.lion_update_32bit.default
+op = TensorHyperparameters(torch.ops.lion.lion_update_32bit.default)
 
 # Awkward sizes: empty, one element, no multiple of any vector width, several CPU chunks
 # (32768 elements) and several CUDA blocks (8192 elements) with a ragged tail.
@@ -155,11 +156,16 @@ def _opcheck_samples(dtype, device):
     yield ([], [], [], torch.tensor(1e-3), 0.9, 0.99, 0.0)
     params, grads, momenta = _lists([(5000,)], dtype, device)
     yield (params, grads, momenta, torch.tensor(1e-2, device=device), 0.0, 0.0, 0.0)
+    # Every hyperparameter on the params' device, of other floating dtypes.
+    params, grads, momenta = _lists([(300,), (7,)], dtype, device)
+    yield (params, grads, momenta, torch.tensor(1e-2, device=device, dtype=torch.float64),
+           torch.tensor(0.9, device=device, dtype=torch.bfloat16),
+           torch.tensor(0.99, device=device), torch.tensor(0.1, device=device, dtype=torch.half))
 
 
 def test_opcheck(device, dtype):
     for args in _opcheck_samples(dtype, device):
-        opcheck(op, args)
+        opcheck(op.overload, as_op_args(args))
 
 
 # ---- bad input: a clear error naming the argument, and nothing modified ------------------------
@@ -209,6 +215,15 @@ def _bad_calls(device):
     p, g, m = make()
     yield "lr must be a floating-point tensor", (p, g, m, torch.tensor(1), 0.9, 0.99, 0.0)
     p, g, m = make()
+    yield "beta2 must be a 0-dim tensor", (p, g, m, torch.tensor(0.1), 0.9,
+                                           torch.tensor([0.99]), 0.0)
+    p, g, m = make()
+    yield "weight_decay must be a floating-point tensor", (p, g, m, torch.tensor(0.1), 0.9, 0.99,
+                                                           torch.tensor(0))
+    p, g, m = make()  # read as the float32 the kernels use: 1 - 1e-9 rounds to 1
+    yield "beta1 must be in", (p, g, m, torch.tensor(0.1),
+                               torch.tensor(1 - 1e-9, dtype=torch.float64), 0.99, 0.0)
+    p, g, m = make()
     sparse = torch.zeros(6, device=device).to_sparse()
     yield "sparse gradients are not supported", (p, [g[0], sparse], m, torch.tensor(0.1), 0.9,
                                                   0.99, 0.0)
@@ -220,7 +235,7 @@ def _bad_calls(device):
         p, g, m, torch.tensor(0.1), 0.9, 0.99, 0.0, strided)
 
 
-@pytest.mark.parametrize("case", range(18))
+@pytest.mark.parametrize("case", range(21))
 def test_bad_input_is_refused_and_nothing_changes(device, case):
     message, args = list(_bad_calls(device))[case]
     snapshot = [[t.clone() for t in arg] for arg in args[:3]]
@@ -279,7 +294,7 @@ def test_a_tensor_written_twice_in_one_call_is_refused_and_nothing_changes(devic
     snapshot = [t.clone() for t in written]
     with pytest.raises(ValueError, match=message if "memory" in message
                        else message + " are the same memory"):
-        operator(*args)
+        operator(*as_op_args(args))
     for t, s in zip(written, snapshot):
         assert torch.equal(t, s)
 

@@ -55,6 +55,10 @@ def test_constructors_match_bitsandbytes():
     (dict(weight_decay=-0.1), "weight_decay"),
     (dict(weight_decay=float("inf")), "weight_decay"),
     (dict(lr=torch.tensor(1)), "1-element floating-point tensor"),
+    (dict(betas=(torch.tensor(1.0), 0.99)), "beta parameter at index 0"),
+    (dict(betas=(0.9, torch.tensor([0.5, 0.5]))), "tensor beta2 must be a 1-element"),
+    (dict(weight_decay=torch.tensor(-0.5)), "weight_decay"),
+    (dict(weight_decay=torch.tensor(1)), "tensor weight_decay must be a 1-element floating"),
     (dict(optim_bits=16), "optim_bits must be 8 or 32"),
     (dict(percentile_clipping=0), "percentile_clipping must be an int in 1..100"),
     (dict(percentile_clipping=101), "percentile_clipping must be an int in 1..100"),
@@ -1195,6 +1199,46 @@ def test_gnorm_vec_replaced_after_planned_steps_is_refused_and_nothing_changes()
                        r"float32 tensor of 100"):
         opt.step()
     _assert_unchanged(opt, params, snapshot)
+
+
+def test_tensor_betas_and_weight_decay_step_as_the_same_numbers():
+    """As torch's optimizers take them (so that a compiled step reads them as inputs): 0-dim
+    or 1-element tensors, of any floating dtype, on the CPU; changed in place between steps."""
+    runs = []
+    for as_tensor in (False, True):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(600)), torch.nn.Parameter(torch.randn(7))]
+        wrap = (lambda x, **kw: torch.tensor(x, **kw)) if as_tensor else (lambda x, **kw: x)
+        betas = (wrap(0.9), wrap([0.99], dtype=torch.float64) if as_tensor else 0.99)
+        opt = lion_ops.Lion8bit(params, lr=0.01, betas=betas, weight_decay=wrap(0.1),
+                                min_8bit_size=256)
+        for step in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+            if as_tensor:
+                opt.param_groups[0]["betas"][0].fill_(0.8)
+                opt.param_groups[0]["weight_decay"].fill_(0.05)
+            else:
+                opt.param_groups[0]["betas"] = (0.8, 0.99)
+                opt.param_groups[0]["weight_decay"] = 0.05
+        runs.append(params)
+    for p, q in zip(*runs):
+        assert torch.equal(p, q)
+
+
+def test_a_tensor_beta_broken_in_place_is_refused_before_any_group_steps():
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    beta1 = torch.tensor(0.9)
+    opt = Lion([{"params": [a]}, {"params": [b], "betas": (beta1, 0.99)}], lr=0.1)
+    a.grad, b.grad = torch.ones(3), torch.ones(3)
+    opt.step()
+    beta1.fill_(1.0)
+    before = [a.detach().clone(), b.detach().clone(), opt.state[a]["step"].clone()]
+    with pytest.raises(ValueError, match=r"param group 1\).*beta parameter at index 0"):
+        opt.step()
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+    assert torch.equal(opt.state[a]["step"], before[2])
 
 
 def test_a_one_element_lr_tensor_steps_as_a_0_dim_one():

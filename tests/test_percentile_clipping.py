@@ -11,6 +11,7 @@ from torch.library import opcheck
 import lion_ops
 from lion_ops import Lion, Lion8bit
 from reference import lion_reference_step
+from op_args import as_op_args
 from resources import free_memory_bytes
 from scalar_loops import run_with_scalar_loops
 
@@ -278,7 +279,7 @@ def test_opcheck_percentile_and_scaled_updates(device, dtype):
     momenta = [torch.zeros(g.shape, device=device) for g in grads]
     scales = torch.tensor([0.5, 1.0], device=device)
     opcheck(torch.ops.lion.lion_update_32bit.default,
-            (params, grads, momenta, torch.tensor(0.1), 0.9, 0.99, 0.0, scales))
+            as_op_args((params, grads, momenta, torch.tensor(0.1), 0.9, 0.99, 0.0, scales)))
 
 
 def test_bad_percentile_arguments_are_refused():

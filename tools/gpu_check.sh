@@ -159,7 +159,10 @@ for dtype, rel in ((torch.float32, 1e-6), (torch.bfloat16, 2.0 ** -8)):
     c = b1 * m64 + (1 - b1) * g64
     want_p = p64 * (1 - lr * wd) - lr * torch.sign(c)
     want_m = b2 * m64 + (1 - b2) * g64
-    torch.ops.lion.lion_update_32bit([p], [g], [m], torch.tensor(lr, device="cuda"), b1, b2, wd)
+    # lr and beta2 read by the kernel on the device, beta1 and wd on the host.
+    torch.ops.lion.lion_update_32bit([p], [g], [m], torch.tensor(lr, device="cuda"),
+                                     torch.tensor(b1), torch.tensor(b2, device="cuda"),
+                                     torch.tensor(wd))
     torch.cuda.synchronize()
     clear = c.abs() > 1e-5  # where fp32 rounding cannot flip the sign of c
     bad_p = ((p.double() - want_p).abs() > rel * want_p.abs() + 1e-7) & clear

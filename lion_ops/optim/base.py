@@ -114,38 +114,62 @@ def _unsupported_param(p: Tensor) -> str:
 
 def check_hyperparameters(lr: Any, betas: Any, weight_decay: Any, where: str) -> None:
     """Refuses out-of-range hyperparameters with an error naming them. Any real number will do
-    (NumPy scalars too, as torch's optimizers and bitsandbytes take them)."""
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1 or not lr.is_floating_point():
-            raise ValueError(f"{where}: a tensor lr must be a 1-element floating-point tensor, "
-                             f"got shape {tuple(lr.shape)} and dtype {lr.dtype}")
-        if lr.device.type == "cpu" and not torch.compiler.is_compiling():
-            # Read on the host (no device synchronization): checked here, before a step
-            # changes anything, rather than by the operator after earlier groups have stepped.
-            _check_tensor_lr_value(lr, where)
-    elif not isinstance(lr, numbers.Real) or not (0.0 <= lr <= _FLOAT32_MAX):
-        raise ValueError(f"{where}: invalid learning rate lr={lr!r}: must be a number >= 0, "
-                         "finite in float32")
+    (NumPy scalars too, as torch's optimizers and bitsandbytes take them), or a 1-element
+    floating-point tensor (as torch's optimizers take them: a compiled step then reads it as
+    a graph input). A tensor's value is read here only if it is on the CPU: one on a GPU is
+    read by the kernel (reading it here would synchronize the device)."""
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
-    for i, beta in enumerate(betas):
-        if not isinstance(beta, numbers.Real) or not 0.0 <= beta < 1.0:
-            raise ValueError(f"{where}: invalid beta parameter at index {i}: {beta!r}: "
-                             "must be in [0, 1)")
-    if not isinstance(weight_decay, numbers.Real) or not (0.0 <= weight_decay < math.inf):
-        raise ValueError(f"{where}: invalid weight_decay value: {weight_decay!r}: "
-                         "must be a finite number >= 0")
+    for name, value in (("lr", lr), ("beta1", betas[0]), ("beta2", betas[1]),
+                        ("weight_decay", weight_decay)):
+        if isinstance(value, Tensor):
+            if value.numel() != 1 or not value.is_floating_point():
+                raise ValueError(f"{where}: a tensor {name} must be a 1-element floating-point "
+                                 f"tensor, got shape {tuple(value.shape)} and dtype {value.dtype}")
+            if value.device.type == "cpu" and not torch.compiler.is_compiling():
+                # Checked here, before a step changes anything, rather than by the operator
+                # after earlier groups have stepped.
+                _check_hyperparameter_value(name, value, where)
+        elif not isinstance(value, numbers.Real):
+            raise ValueError(f"{where}: {_range_error(name, value)}")
+        else:
+            _check_hyperparameter_value(name, value, where)
 
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # the kernels take lr in float32
 
 
-def _check_tensor_lr_value(lr: Any, where: str) -> None:
-    # A host read: at construction and add_param_group, and in step() for CPU tensors only
-    # (an lr on a GPU is read by the kernel; reading it here would synchronize the device).
-    if isinstance(lr, Tensor) and not (0.0 <= float(lr) <= _FLOAT32_MAX):
-        raise ValueError(f"{where}: invalid learning rate lr={float(lr)!r}: must be >= 0 and "
-                         "finite in float32")
+def _range_error(name: str, value: Any) -> str:
+    if name == "lr":
+        return (f"invalid learning rate lr={value!r}: must be a number >= 0, finite in "
+                "float32")
+    if name == "weight_decay":
+        return f"invalid weight_decay value: {value!r}: must be a finite number >= 0"
+    return f"invalid beta parameter at index {int(name[-1]) - 1}: {value!r}: must be in [0, 1)"
+
+
+def _check_hyperparameter_value(name: str, value: Any, where: str) -> None:
+    # A host read of a tensor: at construction, add_param_group and overrides, and in step()
+    # for CPU tensors only.
+    number = float(value)
+    if name == "lr":
+        ok = 0.0 <= number <= _FLOAT32_MAX
+    elif name == "weight_decay":
+        ok = 0.0 <= number < math.inf
+    else:
+        ok = 0.0 <= number < 1.0
+    if not ok:
+        raise ValueError(f"{where}: {_range_error(name, number if isinstance(value, Tensor) else value)}")
+
+
+def _check_tensor_values(where: str, lr: Any = None, betas: Any = (), weight_decay: Any = None
+                         ) -> None:
+    """The values of tensor hyperparameters on any device (a host read: for construction,
+    add_param_group and overrides, not for steps)."""
+    for name, value in (("lr", lr), ("beta1", betas[0] if betas else None),
+                        ("beta2", betas[1] if betas else None), ("weight_decay", weight_decay)):
+        if isinstance(value, Tensor):
+            _check_hyperparameter_value(name, value, where)
 
 
 class LionOptimizerBase(torch.optim.Optimizer):
@@ -156,7 +180,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
                  is_paged=False):
         where = type(self).__name__
         check_hyperparameters(lr, betas, weight_decay, where)
-        _check_tensor_lr_value(lr, where)
+        _check_tensor_values(where, lr, betas, weight_decay)
         if args is not None:
             # As in bitsandbytes, an args object replaces the keyword configuration wholesale.
             optim_bits, min_8bit_size, percentile_clipping, block_wise = _read_args(args, where)
@@ -297,8 +321,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
                     value if key == "lr" else 0.0,
                     value if key == "betas" else (0.0, 0.0),
                     value if key == "weight_decay" else 0.0, where)
-                if key == "lr":
-                    _check_tensor_lr_value(value, where)
+                _check_tensor_values(where, **{key: value})
         with warnings.catch_warnings():
             # torch only warns about a param listed twice in a group; it is refused below.
             warnings.filterwarnings("ignore", message=".*duplicate parameters")
@@ -334,7 +357,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
         work = []
         adopted: dict[Tensor, dict] = {}  # states put in self.state in the saved layout
         strided, param_dtypes = torch.strided, ops.PARAM_DTYPES
-        self._check_override_lrs(where)
+        self._check_override_tensors(where)
         for group_index, group in enumerate(self.param_groups):
             check_hyperparameters(group["lr"], group["betas"], group["weight_decay"],
                                   f"{where} (param group {group_index})")
@@ -426,15 +449,21 @@ class LionOptimizerBase(torch.optim.Optimizer):
                             f"{_describe(self.param_groups[gi], gi, pi, first)}; a step would "
                             "update that memory twice (tie weights by sharing one Parameter)")
 
-    def _check_override_lrs(self, where: str) -> None:
-        """A GlobalOptimManager override's tensor lr, checked as a group's is: it may have
-        been changed in place since the override was made."""
+    def _check_override_tensors(self, where: str) -> None:
+        """A GlobalOptimManager override's CPU tensor hyperparameters, checked as a group's
+        are: they may have been changed in place since the override was made."""
+        if torch.compiler.is_compiling():
+            return
         for (group_index, index), (_, config) in self._overrides.items():
-            lr = config.get("lr")
-            if isinstance(lr, Tensor) and lr.device.type == "cpu" \
-                    and not torch.compiler.is_compiling():
-                _check_tensor_lr_value(lr, f"{where} (override of param {index} of param group "
-                                           f"{group_index})")
+            betas = config.get("betas", ())
+            for name, value in (("lr", config.get("lr")),
+                                ("beta1", betas[0] if betas else None),
+                                ("beta2", betas[1] if betas else None),
+                                ("weight_decay", config.get("weight_decay"))):
+                if isinstance(value, Tensor) and value.device.type == "cpu":
+                    _check_hyperparameter_value(
+                        name, value, f"{where} (override of param {index} of param group "
+                                     f"{group_index})")
 
     def _asked_state_kind(self, p: Tensor, config: dict) -> str:
         """The state the options ask for: 8-bit blockwise/static for large enough params."""
@@ -543,7 +572,8 @@ class LionOptimizerBase(torch.optim.Optimizer):
             steps_by_device[call.device].extend(call.steps)
         for steps in steps_by_device.values():
             ops.increment_steps(steps)
-        lrs: dict[tuple, Tensor] = {}  # one lr tensor per (device, lr source) for all the calls
+        # One set of hyperparameter tensors per (device, source) for all the calls.
+        hyperparameters: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         for call, call_grads in zip(calls, grads):
             config, device, states = call.config, call.device, call.states
             params, momenta, paged = call.params, call.momenta, call.paged
@@ -554,17 +584,19 @@ class LionOptimizerBase(torch.optim.Optimizer):
                 paged = [_local(t) for t in paged] if paged else paged
                 if scales is not None:  # a DTensor param's absmax is (rows, blocks per row)
                     scales = [_local(t).view(-1) for t in scales]
-            beta1, beta2 = config.get("betas", group["betas"])
-            wd = config.get("weight_decay", group["weight_decay"])
             percentile = config.get("percentile_clipping", self.percentile_clipping)
-            lr_value = config.get("lr", group["lr"])
-            # Keyed by where the lr comes from, never by its value: under torch.compile a float
-            # lr is symbolic after its first change, and hashing it would guard on its value
-            # (a recompile for every new lr, as a schedule written into param_groups makes).
-            lr_key = (device, id(config) if "lr" in config else None)
-            lr = lrs.get(lr_key)
-            if lr is None:
-                lr = lrs[lr_key] = self._lr_tensor(lr_value, device)
+            # Keyed by where the values come from, never by the values: under torch.compile a
+            # float that has changed is symbolic, and hashing it would guard on its value (a
+            # recompile for every new value, as a schedule written into param_groups makes).
+            source = id(config) if any(k in config for k in _HYPERPARAMETER_KEYS) else None
+            hyper = hyperparameters.get((device, source))
+            if hyper is None:
+                beta1, beta2 = config.get("betas", group["betas"])
+                hyper = hyperparameters[(device, source)] = tuple(
+                    _hyperparameter_tensor(value, device)
+                    for value in (config.get("lr", group["lr"]), beta1, beta2,
+                                  config.get("weight_decay", group["weight_decay"])))
+            lr, beta1, beta2, wd = hyper
             grad_scales = None
             if percentile < 100:
                 if any("gnorm_vec" not in s for s in states):
@@ -584,21 +616,6 @@ class LionOptimizerBase(torch.optim.Optimizer):
                 ops.lion_update_8bit_static(params, call_grads, momenta, scales,
                                             call.new_scales, call.qmap, lr, beta1, beta2, wd,
                                             grad_scales)
-
-    @staticmethod
-    def _lr_tensor(lr, device: torch.device) -> Tensor:
-        if isinstance(lr, Tensor):
-            # A CPU lr is read on the host (no sync); one on the params' device is read by the
-            # kernel. Anything else is moved, asynchronously, to the params' device.
-            if lr.dim() != 0:
-                lr = lr.reshape(())
-            return lr if lr.device.type == "cpu" or lr.device == device else lr.to(device)
-        if torch.compiler.is_compiling():
-            # A float lr that has changed is a symbolic graph input; torch.tensor() of it would
-            # specialize the graph on its value (a recompile per new lr), an addition does not.
-            # The same float32 rounding as below.
-            return torch.zeros((), dtype=torch.float32) + lr
-        return torch.tensor(float(lr), dtype=torch.float32)
 
     # ---- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -750,6 +767,35 @@ class LionOptimizerBase(torch.optim.Optimizer):
         return state
 
 
+_HYPERPARAMETER_KEYS = ("lr", "betas", "weight_decay")
+
+
+def _hyperparameter_tensor(value, device: torch.device) -> Tensor:
+    """A hyperparameter as the operators take it: a 0-dim tensor on the CPU (read on the host,
+    no sync) or on the params' device (read by the kernel)."""
+    if isinstance(value, Tensor):
+        if value.dim() != 0:
+            value = value.reshape(())
+        # Anything on another device is moved, asynchronously, to the params' device.
+        return value if value.device.type == "cpu" or value.device == device else value.to(device)
+    if torch.compiler.is_compiling():
+        return ops.hyperparameter(value)  # an addition: a changed float stays a graph input
+    number = float(value)
+    tensor = _NUMBER_TENSORS.get(number)
+    if tensor is None:
+        # Numbers that do not change (betas, weight decay) cost a dict lookup per step; a
+        # schedule's lr makes a new tensor each time.
+        if len(_NUMBER_TENSORS) >= 64:
+            _NUMBER_TENSORS.clear()
+        tensor = _NUMBER_TENSORS[number] = torch.tensor(number, dtype=torch.float32)
+    return tensor
+
+
+# Float32 CPU tensors of recent hyperparameter values. Only ever read (by the operators, on
+# the host), never handed out.
+_NUMBER_TENSORS: dict[float, Tensor] = {}
+
+
 def _fresh_gnorm_history(device: torch.device) -> Tensor:
     """A percentile-clipping history that has recorded nothing: its first record fills every
     slot (lion_math.h, records_in_every_slot), as at step 1, whatever the step counter says."""
@@ -845,7 +891,7 @@ class _StepPlan:
         all_grads = []
         where = f"{type(optimizer).__name__}.step"
         if self.overrides:
-            optimizer._check_override_lrs(where)
+            optimizer._check_override_tensors(where)
         for group_index, ((group, params, expected, calls), current) in enumerate(
                 zip(self.groups, optimizer.param_groups)):
             if current is not group:

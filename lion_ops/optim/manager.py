@@ -29,7 +29,7 @@ OVERRIDABLE_KEYS = ("lr", "betas", "weight_decay", "optim_bits", "min_8bit_size"
 
 def check_override(config: dict, where: str) -> dict:
     """Refuses unknown keys and out-of-range values; returns a copy of the config."""
-    from .base import check_hyperparameters
+    from .base import _check_tensor_values, check_hyperparameters
 
     if not isinstance(config, dict):
         raise TypeError(f"{where}: the override must be a dict, got {type(config).__name__}")
@@ -39,9 +39,8 @@ def check_override(config: dict, where: str) -> dict:
                          f"{list(OVERRIDABLE_KEYS)}")
     check_hyperparameters(config.get("lr", 0.0), config.get("betas", (0.0, 0.0)),
                           config.get("weight_decay", 0.0), where)
-    lr = config.get("lr")
-    if isinstance(lr, torch.Tensor) and not 0.0 <= float(lr) < math.inf:
-        raise ValueError(f"{where}: invalid learning rate lr={float(lr)!r}")
+    _check_tensor_values(where, config.get("lr"), config.get("betas", ()),
+                         config.get("weight_decay"))
     if "optim_bits" in config and config["optim_bits"] not in (8, 32):
         raise ValueError(f"{where}: optim_bits must be 8 or 32, got {config['optim_bits']!r}")
     if "min_8bit_size" in config and (not isinstance(config["min_8bit_size"], numbers.Integral)

@@ -107,10 +107,9 @@ const at::Tensor& check_on_cpu(const char* op, at::TensorList params) {
   return params[0];
 }
 
-LionCoefficients coefficients_from(const char* op, const at::Tensor& lr, double beta1,
-                                   double beta2, double weight_decay) {
-  return make_lion_coefficients(host_learning_rate(op, lr), static_cast<float>(beta1),
-                                static_cast<float>(beta2), static_cast<float>(weight_decay));
+// On the CPU every hyperparameter is a CPU tensor (the checks refuse others), read by them.
+LionCoefficients coefficients_from(const HostHyperparameters& h) {
+  return make_lion_coefficients(h.lr, h.beta1, h.beta2, h.weight_decay);
 }
 
 std::vector<int64_t> numels_of(const FlatOperands& flat) {
@@ -252,14 +251,16 @@ void lion_32bit_update_span(scalar_t* p, const scalar_t* g, float* m, int64_t n,
 }
 
 void lion_update_32bit_cpu(at::TensorList params, at::TensorList grads, at::TensorList momenta,
-                           const at::Tensor& lr, double beta1, double beta2, double weight_decay,
+                           const at::Tensor& lr, const at::Tensor& beta1,
+                           const at::Tensor& beta2, const at::Tensor& weight_decay,
                            const std::optional<at::Tensor>& grad_scales) {
   constexpr const char* op = "lion_update_32bit";
-  const float* scales = check_lion_update_32bit_args(params, grads, momenta, lr, beta1, beta2,
-                                                     weight_decay, grad_scales);
+  const CheckedUpdate checked = check_lion_update_32bit_args(
+      params, grads, momenta, lr, beta1, beta2, weight_decay, grad_scales);
+  const float* scales = checked.grad_scales;
   if (params.empty()) return;
   check_on_cpu(op, params);
-  const auto k = coefficients_from(op, lr, beta1, beta2, weight_decay);
+  const auto k = coefficients_from(checked.host);
   FlatOperands flat({params, grads, momenta}, {true, false, true});
 
   parallel_over_chunks(numels_of(flat), [&](size_t t, int64_t begin, int64_t end) {
@@ -620,15 +621,17 @@ void lion_8bit_update_span(scalar_t* p, const scalar_t* g, uint8_t* codes, int64
 
 void lion_update_8bit_blockwise_cpu(at::TensorList params, at::TensorList grads,
                                     at::TensorList codes, at::TensorList absmaxes,
-                                    const at::Tensor& qmap, const at::Tensor& lr, double beta1,
-                                    double beta2, double weight_decay,
+                                    const at::Tensor& qmap, const at::Tensor& lr,
+                                    const at::Tensor& beta1, const at::Tensor& beta2,
+                                    const at::Tensor& weight_decay,
                                     const std::optional<at::Tensor>& grad_scales) {
   constexpr const char* op = "lion_update_8bit_blockwise";
-  const float* scales = check_lion_update_8bit_blockwise_args(
+  const CheckedUpdate checked = check_lion_update_8bit_blockwise_args(
       params, grads, codes, absmaxes, qmap, lr, beta1, beta2, weight_decay, grad_scales);
+  const float* scales = checked.grad_scales;
   if (params.empty()) return;
   check_on_cpu(op, params);
-  const auto k = coefficients_from(op, lr, beta1, beta2, weight_decay);
+  const auto k = coefficients_from(checked.host);
   const float* map = qmap.const_data_ptr<float>();
   const auto table_holder = encode_table_for(map);
   const EncodeTable& table = *table_holder;
@@ -657,15 +660,16 @@ void lion_update_8bit_blockwise_cpu(at::TensorList params, at::TensorList grads,
 void lion_update_8bit_static_cpu(at::TensorList params, at::TensorList grads,
                                  at::TensorList codes, at::TensorList max1s,
                                  at::TensorList new_max1s, const at::Tensor& qmap,
-                                 const at::Tensor& lr, double beta1, double beta2,
-                                 double weight_decay,
+                                 const at::Tensor& lr, const at::Tensor& beta1,
+                                 const at::Tensor& beta2, const at::Tensor& weight_decay,
                                  const std::optional<at::Tensor>& grad_scales) {
   constexpr const char* op = "lion_update_8bit_static";
-  const float* scales = check_lion_update_8bit_static_args(
+  const CheckedUpdate checked = check_lion_update_8bit_static_args(
       params, grads, codes, max1s, new_max1s, qmap, lr, beta1, beta2, weight_decay, grad_scales);
+  const float* scales = checked.grad_scales;
   if (params.empty()) return;
   check_on_cpu(op, params);
-  const auto k = coefficients_from(op, lr, beta1, beta2, weight_decay);
+  const auto k = coefficients_from(checked.host);
   const float* map = qmap.const_data_ptr<float>();
   const auto table_holder = encode_table_for(map);
   const EncodeTable& table = *table_holder;

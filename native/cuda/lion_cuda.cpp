@@ -51,18 +51,27 @@ at::Tensor encode_table(const at::Tensor& qmap, cudaStream_t stream) {
   return table;
 }
 
-// Fills the lr fields of a batch: a CPU lr is read now (no sync); a device lr is read by the
-// kernel. Returns the float32 device tensor to keep alive until the launches are queued.
-template <typename Batch>
-at::Tensor set_learning_rate(const char* op, Batch& batch, const at::Tensor& lr) {
-  if (lr.device().is_cpu()) {
-    batch.lr = host_learning_rate(op, lr);
-    batch.lr_on_device = nullptr;
-    return at::Tensor();
-  }
-  at::Tensor lr32 = lr.scalar_type() == at::kFloat ? lr : lr.to(at::kFloat);
-  batch.lr_on_device = lr32.const_data_ptr<float>();
-  return lr32;
+// Fills the hyperparameters of a batch: those on the CPU were read by the checks (no sync);
+// those on the device are read by the kernel. Returns the float32 device tensors to keep
+// alive until the launches are queued.
+std::vector<at::Tensor> set_hyperparameters(cuda::Hyperparameters& hyper,
+                                            const HostHyperparameters& host, const at::Tensor& lr,
+                                            const at::Tensor& beta1, const at::Tensor& beta2,
+                                            const at::Tensor& weight_decay) {
+  std::vector<at::Tensor> alive;
+  const auto set = [&](cuda::DeviceOrHostFloat& field, const at::Tensor& t, float host_value) {
+    field.value = host_value;
+    field.on_device = nullptr;
+    if (t.device().is_cpu()) return;
+    at::Tensor t32 = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+    field.on_device = t32.const_data_ptr<float>();
+    alive.push_back(std::move(t32));
+  };
+  set(hyper.lr, lr, host.lr);
+  set(hyper.beta1, beta1, host.beta1);
+  set(hyper.beta2, beta2, host.beta2);
+  set(hyper.weight_decay, weight_decay, host.weight_decay);
+  return alive;
 }
 
 // Packs the tensors of `flat` into batches of at most kMaxTensorsPerLaunch tensors and one
@@ -99,11 +108,13 @@ void for_each_batch(Batch& batch, const FlatOperands& flat, int64_t elements_per
 }
 
 void lion_update_32bit_cuda(at::TensorList params, at::TensorList grads, at::TensorList momenta,
-                            const at::Tensor& lr, double beta1, double beta2,
-                            double weight_decay, const std::optional<at::Tensor>& grad_scales) {
+                            const at::Tensor& lr, const at::Tensor& beta1,
+                            const at::Tensor& beta2, const at::Tensor& weight_decay,
+                            const std::optional<at::Tensor>& grad_scales) {
   constexpr const char* op = "lion_update_32bit";
-  const float* scales = check_lion_update_32bit_args(params, grads, momenta, lr, beta1, beta2,
-                                                     weight_decay, grad_scales);
+  const CheckedUpdate checked = check_lion_update_32bit_args(
+      params, grads, momenta, lr, beta1, beta2, weight_decay, grad_scales);
+  const float* scales = checked.grad_scales;
   if (params.empty()) return;
   const at::Device device = check_on_cuda(op, params);
   c10::cuda::CUDAGuard guard(device);
@@ -111,10 +122,8 @@ void lion_update_32bit_cuda(at::TensorList params, at::TensorList grads, at::Ten
 
   // Kernel parameters are large; keep them off the host stack.
   auto batch = std::make_unique<cuda::Lion32bitBatch>();
-  batch->beta1 = static_cast<float>(beta1);
-  batch->beta2 = static_cast<float>(beta2);
-  batch->weight_decay = static_cast<float>(weight_decay);
-  const at::Tensor lr_alive = set_learning_rate(op, *batch, lr);
+  const auto hyper_alive =
+      set_hyperparameters(batch->hyper, checked.host, lr, beta1, beta2, weight_decay);
 
   FlatOperands flat({params, grads, momenta}, {true, false, true});
   for_each_batch(
@@ -130,20 +139,20 @@ void lion_update_32bit_cuda(at::TensorList params, at::TensorList grads, at::Ten
 void lion_update_8bit_cuda(const char* op, cuda::Scaling scaling, at::TensorList params,
                            at::TensorList grads, at::TensorList codes, at::TensorList scales,
                            at::TensorList new_scales, const at::Tensor& qmap,
-                           const at::Tensor& lr, double beta1, double beta2,
-                           double weight_decay, const float* grad_scales) {
+                           const CheckedUpdate& checked, const at::Tensor& lr,
+                           const at::Tensor& beta1, const at::Tensor& beta2,
+                           const at::Tensor& weight_decay) {
+  const float* grad_scales = checked.grad_scales;
   const at::Device device = check_on_cuda(op, params);
   c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
 
   auto batch = std::make_unique<cuda::Lion8bitBatch>();
-  batch->beta1 = static_cast<float>(beta1);
-  batch->beta2 = static_cast<float>(beta2);
-  batch->weight_decay = static_cast<float>(weight_decay);
   batch->qmap = qmap.const_data_ptr<float>();
   const at::Tensor table = encode_table(qmap, stream);
   batch->encode_table = table.const_data_ptr<uint8_t>();
-  const at::Tensor lr_alive = set_learning_rate(op, *batch, lr);
+  const auto hyper_alive =
+      set_hyperparameters(batch->hyper, checked.host, lr, beta1, beta2, weight_decay);
 
   FlatOperands flat({params, grads, codes}, {true, false, true});
   for_each_batch(
@@ -160,25 +169,26 @@ void lion_update_8bit_cuda(const char* op, cuda::Scaling scaling, at::TensorList
 
 void lion_update_8bit_blockwise_cuda(at::TensorList params, at::TensorList grads,
                                      at::TensorList codes, at::TensorList absmaxes,
-                                     const at::Tensor& qmap, const at::Tensor& lr, double beta1,
-                                     double beta2, double weight_decay,
+                                     const at::Tensor& qmap, const at::Tensor& lr,
+                                     const at::Tensor& beta1, const at::Tensor& beta2,
+                                     const at::Tensor& weight_decay,
                                      const std::optional<at::Tensor>& grad_scales) {
   constexpr const char* op = "lion_update_8bit_blockwise";
-  const float* scales = check_lion_update_8bit_blockwise_args(
+  const CheckedUpdate checked = check_lion_update_8bit_blockwise_args(
       params, grads, codes, absmaxes, qmap, lr, beta1, beta2, weight_decay, grad_scales);
   if (params.empty()) return;
   lion_update_8bit_cuda(op, cuda::Scaling::kBlockwise, params, grads, codes, absmaxes, {}, qmap,
-                        lr, beta1, beta2, weight_decay, scales);
+                        checked, lr, beta1, beta2, weight_decay);
 }
 
 void lion_update_8bit_static_cuda(at::TensorList params, at::TensorList grads,
                                   at::TensorList codes, at::TensorList max1s,
                                   at::TensorList new_max1s, const at::Tensor& qmap,
-                                  const at::Tensor& lr, double beta1, double beta2,
-                                  double weight_decay,
+                                  const at::Tensor& lr, const at::Tensor& beta1,
+                                  const at::Tensor& beta2, const at::Tensor& weight_decay,
                                   const std::optional<at::Tensor>& grad_scales) {
   constexpr const char* op = "lion_update_8bit_static";
-  const float* scales = check_lion_update_8bit_static_args(
+  const CheckedUpdate checked = check_lion_update_8bit_static_args(
       params, grads, codes, max1s, new_max1s, qmap, lr, beta1, beta2, weight_decay, grad_scales);
   if (params.empty()) return;
   // The launches skip empty tensors; their new scale is the max over no elements, 0, as on
@@ -190,7 +200,7 @@ void lion_update_8bit_static_cuda(at::TensorList params, at::TensorList grads,
     }
   }
   lion_update_8bit_cuda(op, cuda::Scaling::kStatic, params, grads, codes, max1s, new_max1s, qmap,
-                        lr, beta1, beta2, weight_decay, scales);
+                        checked, lr, beta1, beta2, weight_decay);
 }
 
 at::Tensor percentile_clipping_cuda(at::TensorList grads, at::TensorList gnorm_vecs,

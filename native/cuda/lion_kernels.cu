@@ -48,6 +48,15 @@ __device__ __forceinline__ void store_pack(T* __restrict__ dst, const float (&in
   *reinterpret_cast<Pack<T>*>(dst) = pack;
 }
 
+__device__ __forceinline__ float read_hyperparameter(const DeviceOrHostFloat& h) {
+  return h.on_device != nullptr ? *h.on_device : h.value;
+}
+
+__device__ __forceinline__ LionCoefficients coefficients_of(const Hyperparameters& h) {
+  return make_lion_coefficients(read_hyperparameter(h.lr), read_hyperparameter(h.beta1),
+                                read_hyperparameter(h.beta2), read_hyperparameter(h.weight_decay));
+}
+
 // The tensor that block `block` belongs to: the last t with first_block[t] <= block.
 __device__ __forceinline__ int tensor_of_block(const int32_t* first_block, int num_tensors,
                                                int32_t block) {
@@ -70,8 +79,7 @@ lion_32bit_kernel(const __grid_constant__ Lion32bitBatch batch) {
   const T* __restrict__ g = static_cast<const T*>(batch.grads[t]);
   float* __restrict__ m = batch.momenta[t];
 
-  const float lr = batch.lr_on_device != nullptr ? *batch.lr_on_device : batch.lr;
-  auto k = make_lion_coefficients(lr, batch.beta1, batch.beta2, batch.weight_decay);
+  auto k = coefficients_of(batch.hyper);
   if (batch.grad_scale[t] != nullptr) k.grad_scale = *batch.grad_scale[t];
 
   const bool aligned =
@@ -335,8 +343,7 @@ lion_8bit_kernel(const __grid_constant__ Lion8bitBatch batch) {
         threadIdx.x + 1 < kQuantMapSize ? map_midpoint(qmap, threadIdx.x) : 0.f;
     __syncthreads();
   }
-  const float lr = batch.lr_on_device != nullptr ? *batch.lr_on_device : batch.lr;
-  const auto k = make_lion_coefficients(lr, batch.beta1, batch.beta2, batch.weight_decay);
+  const auto k = coefficients_of(batch.hyper);
   update_virtual_block<T, S, P, kQuantBlocksPerWarp>(batch, blockIdx.x, k, qmap, midpoints,
                                                      batch.encode_table);
 }

@@ -18,6 +18,18 @@ constexpr int kMaxTensorsPerLaunch = 384;
 // Elements one thread block updates; a tensor of n elements gets ceil(n / this) blocks.
 constexpr int64_t kElementsPerBlock = 8192;
 
+// A hyperparameter as the kernels take it: read at on_device when that is set (a tensor on
+// the params' device, so that changing it needs no host synchronization), else value (read
+// on the host when the operator was called).
+struct DeviceOrHostFloat {
+  const float* on_device;
+  float value;
+};
+
+struct Hyperparameters {
+  DeviceOrHostFloat lr, beta1, beta2, weight_decay;
+};
+
 struct Lion32bitBatch {
   void* params[kMaxTensorsPerLaunch];
   const void* grads[kMaxTensorsPerLaunch];
@@ -27,9 +39,7 @@ struct Lion32bitBatch {
   // first_block[t] is the first block of tensor t; first_block[num_tensors] the total.
   int32_t first_block[kMaxTensorsPerLaunch + 1];
   int32_t num_tensors;
-  const float* lr_on_device;  // read on the device when set, so a changing lr costs no sync
-  float lr;                   // used when lr_on_device is null
-  float beta1, beta2, weight_decay;
+  Hyperparameters hyper;
 };
 
 void launch_lion_32bit(const Lion32bitBatch& batch, ParamType type, cudaStream_t stream);
@@ -53,9 +63,7 @@ struct Lion8bitBatch {
   int32_t num_tensors;
   const float* qmap;
   const uint8_t* encode_table;  // compact table, built by launch_build_encode_table from qmap
-  const float* lr_on_device;
-  float lr;
-  float beta1, beta2, weight_decay;
+  Hyperparameters hyper;
 };
 
 struct StepCounters {
