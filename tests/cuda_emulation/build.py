@@ -84,6 +84,20 @@ def rewrite_launches(source: str) -> tuple[str, int]:
     return "".join(out), count
 
 
+# `__shared__ T name[N]...;` (arrays or scalars), one declarator.
+_SHARED = re.compile(r"__shared__\s+(?P<type>[^;\[\]]+?)\s+(?P<name>\w+)\s*(?P<dims>(?:\[[^\]]*\]\s*)*);")
+
+
+def rewrite_shared(source: str) -> tuple[str, int]:
+    """Makes every __shared__ variable a static one that the runtime poisons per block."""
+    def replace(match):
+        name = match.group("name")
+        dims = "".join(match.group("dims").split())
+        return (f"static {match.group('type')} {name}{dims}; "
+                f"::lion_emu::declare_shared(&{name}, sizeof({name}));")
+    return _SHARED.subn(replace, source)
+
+
 def missing_prerequisites() -> str | None:
     """Why the emulation cannot be built here, or None."""
     for path in NEEDED_SOURCES:
@@ -126,28 +140,41 @@ def _write_if_changed(path: str, text: str) -> None:
         f.write(text)
 
 
+def _prepare(cuda_source: str, destination: str) -> str:
+    """Writes the C++ form of a CUDA source file (launches and __shared__ rewritten)."""
+    with open(cuda_source, encoding="utf-8") as f:
+        source = f.read()
+    launches = source.count("<<<")
+    rewritten, count = rewrite_launches(source)
+    if count != launches or "<<<" in rewritten or ">>>" in rewritten:
+        raise RuntimeError(f"cuda emulation: rewrote {count} of the {launches} launches "
+                           f"(`<<<`) in {cuda_source}")
+    shared = len(re.findall(r"\b__shared__\b", rewritten))
+    rewritten, count = rewrite_shared(rewritten)
+    if count != shared:
+        raise RuntimeError(f"cuda emulation: rewrote {count} of the {shared} __shared__ "
+                           f"declarations in {cuda_source}")
+    path = cuda_source.replace("\\", "/")
+    _write_if_changed(destination, f'#include "cuda_emu.h"\n#line 1 "{path}"\n{rewritten}')
+    return destination
+
+
 def build(build_dir: str, verbose: bool = False) -> None:
     """Builds (or reuses) the emulation library and loads it into torch.ops.lion_emu."""
     import torch
     from torch.utils import cpp_extension
 
     os.makedirs(build_dir, exist_ok=True)
-    with open(KERNELS, encoding="utf-8") as f:
-        source = f.read()
-    launches = source.count("<<<")
-    rewritten, count = rewrite_launches(source)
-    if count != launches or "<<<" in rewritten or ">>>" in rewritten:
-        raise RuntimeError(f"cuda emulation: rewrote {count} of the {launches} launches "
-                           f"(`<<<`) in {KERNELS}")
-    kernels = os.path.join(build_dir, "lion_kernels_emu.cpp")
-    kernels_path = KERNELS.replace("\\", "/")
-    _write_if_changed(kernels, f'#include "cuda_emu.h"\n#line 1 "{kernels_path}"\n{rewritten}')
+    kernels = _prepare(KERNELS, os.path.join(build_dir, "lion_kernels_emu.cpp"))
+    selftest = _prepare(os.path.join(HERE, "emu_selftest.cu"),
+                        os.path.join(build_dir, "emu_selftest_emu.cpp"))
 
     include = cuda_include_dir()
     cpp_extension.load(
         name=LIBRARY_NAME,
         sources=[
             kernels,
+            selftest,
             os.path.join(HERE, "emu_runtime.cpp"),
             os.path.join(HERE, "emu_host.cpp"),
             os.path.join(NATIVE, "lion_batch.cpp"),

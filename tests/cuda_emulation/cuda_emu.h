@@ -34,11 +34,14 @@
 #define __launch_bounds__(...)
 #undef __grid_constant__
 #define __grid_constant__
-// Blocks run one after another, so a function's static variable is the block's shared memory.
-// They all go into one section, which the runtime fills with 0xff bytes (NaN as floats)
-// before every block: a read of shared memory the block has not written shows up.
+// Blocks run one after another, so a function's static variable is the block's shared
+// memory. build.py rewrites each `__shared__ T name[N];` into a static array followed by
+// lion_emu::declare_shared(name): the first thread of a block to pass the declaration fills it
+// with 0xff bytes (NaN as floats), so a read of shared memory that the block has not written
+// shows up rather than the previous block's data. (A section attribute would be simpler, but
+// g++ ignores it for statics of function templates.)
 #undef __shared__
-#define __shared__ static __attribute__((section("lion_emu_shared")))
+#define __shared__ static
 
 #define threadIdx (::lion_emu::g_thread_idx)
 #define blockIdx (::lion_emu::g_block_idx)
@@ -46,14 +49,8 @@
 #define gridDim (::lion_emu::g_grid_dim)
 #define warpSize 32
 
-extern "C" char __start_lion_emu_shared[] __attribute__((weak));
-extern "C" char __stop_lion_emu_shared[] __attribute__((weak));
-
 namespace lion_emu {
 namespace {
-struct RegisterSharedSection {
-  RegisterSharedSection() { register_shared_region(__start_lion_emu_shared, __stop_lion_emu_shared); }
-} register_shared_section;
 
 template <typename T>
 inline uint32_t to_bits(T value) {

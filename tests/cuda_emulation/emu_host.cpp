@@ -21,6 +21,7 @@
 // those of the lion_ops library loaded in the same process.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -56,7 +57,18 @@ bool g_lr_as_device = false;
 #undef is_cuda
 #undef TORCH_LIBRARY_IMPL
 
+namespace lion_emu_selftest {
+void run(int which, float* out, int blocks);
+}
+
 namespace {
+
+// Self-test kernel `which` of emu_selftest.cu; returns what it wrote (-1 elsewhere).
+at::Tensor selftest(int64_t which, int64_t blocks) {
+  at::Tensor out = at::full({std::max<int64_t>(blocks, 128)}, -1.f, at::kFloat);
+  lion_emu_selftest::run(static_cast<int>(which), out.data_ptr<float>(), static_cast<int>(blocks));
+  return out;
+}
 
 void set_schedule(int64_t schedule, int64_t seed) {
   TORCH_CHECK_VALUE(schedule >= 0 && schedule <= 2, "set_schedule: 0 forward, 1 reverse, 2 shuffle");
@@ -103,4 +115,5 @@ TORCH_LIBRARY(lion_emu, m) {
   m.def("set_lr_as_device(bool on) -> ()", &set_lr_as_device);
   m.def("launch_count() -> int", &launch_count);
   m.def("take_launch_log() -> str", &take_launch_log);
+  m.def("selftest(int which, int blocks) -> Tensor", &selftest);
 }

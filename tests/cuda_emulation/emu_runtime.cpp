@@ -140,8 +140,7 @@ struct Scheduler {
   void (*body)(void*) = nullptr;
   void* body_context = nullptr;
   std::exception_ptr error;
-  char* shared_begin = nullptr;
-  char* shared_end = nullptr;
+  std::vector<void*> shared_declared;  // in the running block
 };
 
 Scheduler& scheduler() {
@@ -208,10 +207,7 @@ void order(std::vector<int>& items, Schedule schedule, std::mt19937_64& rng) {
 void run_block(Scheduler& s, const char* name, uint3 block, unsigned threads,
                std::mt19937_64& rng) {
   g_block_idx = block;
-  if (s.shared_begin != s.shared_end) {
-    // Uninitialized shared memory reads as NaN (0xff bytes), never as the last block's data.
-    std::memset(s.shared_begin, 0xff, static_cast<size_t>(s.shared_end - s.shared_begin));
-  }
+  s.shared_declared.clear();
   const dim3 dim = g_block_dim;
   for (unsigned t = 0; t < threads; ++t) {
     Fiber& f = s.fibers[t];
@@ -324,10 +320,15 @@ cudaStream_t dummy_stream() {
   return reinterpret_cast<cudaStream_t>(&marker);
 }
 
-void register_shared_region(char* begin, char* end) {
+void declare_shared(void* address, size_t bytes) {
   Scheduler& s = scheduler();
-  s.shared_begin = begin;
-  s.shared_end = end;
+  if (s.current < 0) fail("__shared__ variable outside of a kernel");
+  for (void* declared : s.shared_declared) {
+    if (declared == address) return;
+  }
+  // Uninitialized shared memory reads as NaN (0xff bytes), never as the last block's data.
+  std::memset(address, 0xff, bytes);
+  s.shared_declared.push_back(address);
 }
 
 void run_launch(const char* name, void (*body)(void*), void* context, dim3 grid, dim3 block,

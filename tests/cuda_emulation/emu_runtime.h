@@ -52,7 +52,8 @@ void syncwarp(uint32_t mask);
 // The 32-bit value of lane (own lane ^ lane_mask) of the warp, once all 32 lanes are there.
 uint32_t shuffle_xor_bits(uint32_t mask, uint32_t bits, int lane_mask, int width);
 
-// Bytes of the kernels' __shared__ variables (a linker section), poisoned before each block.
-void register_shared_region(char* begin, char* end);
+// Called by every thread at the declaration of a __shared__ variable: the first call of a
+// block fills it with 0xff bytes.
+void declare_shared(void* address, size_t bytes);
 
 }  // namespace lion_emu
