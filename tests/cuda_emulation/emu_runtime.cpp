@@ -351,7 +351,7 @@ void run_launch(const char* name, void (*body)(void*), void* context, dim3 grid,
     fail(std::string(name) + ": launched on a stream the emulation did not hand out");
   }
   ++s.launches;
-  s.log += std::string(name) + "[" + std::to_string(blocks) + "] ";
+  s.log += std::string(name) + "[" + std::to_string(blocks) + "]\n";
   while (s.fibers.size() < threads) {
     s.fibers.emplace_back();
     s.fibers.back().stack = allocate_stack();

@@ -22,7 +22,7 @@ enum class Schedule : int { kForward = 0, kReverse = 1, kShuffle = 2 };
 void set_schedule(Schedule schedule, uint64_t seed);
 // Launches run so far (for tests that check the emulated host code drives the kernels).
 int64_t launch_count();
-// A one-line record of the launches since the last call (name and grid), then cleared.
+// The launches since the last call, one a line (name[blocks]), then cleared.
 std::string take_launch_log();
 
 // The stream the emulated c10::cuda::getCurrentCUDAStream hands out.
