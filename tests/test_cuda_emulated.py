@@ -399,3 +399,175 @@ def test_update_8bit_all_infinite_momenta(emu, mode, cause):
     compare_runs(runs, params, "params")
     compare_runs(runs, scales, "scales")
     compare_runs(runs, codes, "codes")
+
+
+# ---- percentile_clipping / increment_steps -------------------------------------------------------
+
+def assert_close_tight(actual, expected, what, rtol=1e-5):
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=0, equal_nan=True, msg=what)
+
+
+@pytest.mark.parametrize("history", ["step1", "mid", "late", "fresh"])
+@pytest.mark.parametrize("percentile", [0, 5, 50, 99])
+def test_percentile_clipping(emu, history, percentile):
+    second = "reverse" if percentile % 2 else "shuffle"
+    runs = ("cpu", "forward", second)
+    g = torch.Generator().manual_seed(300 + percentile)
+    sizes = SIZES + [513, 70000]
+    dtypes = [dtype_of(i, percentile) for i in range(len(sizes))]
+    first_step = {"step1": 1.0, "mid": 37.0, "late": 250.0, "fresh": 12.0}[history]
+    vecs = []
+    for i in range(len(sizes)):
+        v = torch.rand(100, generator=g) * 1000 if history in ("mid", "late") else torch.zeros(100)
+        if history == "fresh":
+            v.fill_(-1.0)
+        vecs.append(Copies(runs, v, i % 4))
+    steps = [Copies(runs, torch.full((1,), first_step + (i % 3 if history == "late" else 0)),
+                    i % 2) for i in range(len(sizes))]
+    for round_ in range(3):
+        grads = grad_views(random_grads(sizes, dtypes, g, round_),
+                           [(i + round_) % 4 for i in range(len(sizes))])
+        if round_ == 2:
+            grads[3] = grads[3] * 0  # a zero norm
+        before = {run: [v[run].clone() for v in vecs] for run in runs}
+        result = call_all(emu, runs, cpu.percentile_clipping, emu.percentile_clipping,
+                          lambda run: (grads, [v[run] for v in vecs],
+                                       [s[run].view(()) for s in steps], percentile))
+        for run in runs:
+            for i, v in enumerate(vecs):
+                v.of[run].check(f"{run}: gnorm_vecs[{i}]")
+            if run == "cpu":
+                continue
+            assert result[run].dtype == torch.float32 and result[run].shape == (len(sizes),)
+            assert_close_tight(result[run], result["cpu"], f"round {round_}, {run}: scales")
+            for i, v in enumerate(vecs):
+                # Slots the CPU did not write are untouched, bit for bit; the written ones hold
+                # a squared norm summed in another order.
+                kept = _bits(v.of["cpu"].view) == _bits(before["cpu"][i])
+                assert_bitwise(v.of[run].view[kept], before[run][i][kept],
+                               f"round {round_}, {run}: gnorm_vecs[{i}] unwritten slots")
+                assert_close_tight(v.of[run].view, v.of["cpu"].view,
+                                   f"round {round_}, {run}: gnorm_vecs[{i}]")
+        # Next step: the counters advance, each side with its own increment_steps.
+        call_all(emu, runs, cpu.increment_steps, emu.increment_steps,
+                 lambda run: ([s[run] for s in steps],))
+        compare_runs(runs, steps, "steps")
+
+
+def test_percentile_clipping_more_tensors_than_one_launch_takes(emu):
+    runs = ("cpu", "forward", "shuffle")
+    g = torch.Generator().manual_seed(11)
+    sizes = [int(n) for n in torch.randint(1, 20000, (400,), generator=g)]
+    dtypes = [torch.float16 if i % 40 == 0 else torch.float32 for i in range(len(sizes))]
+    grads = random_grads(sizes, dtypes, g, 0)
+    vecs = [Copies(runs, torch.rand(100, generator=g) * 100) for _ in sizes]
+    steps = [torch.full((), 40.0 + i) for i in range(len(sizes))]
+    emu.take_launch_log()
+    result = call_all(emu, runs, cpu.percentile_clipping, emu.percentile_clipping,
+                      lambda run: (grads, [v[run] for v in vecs], steps, 7))
+    log = emu.take_launch_log().splitlines()
+    assert log.count("percentile_scales_kernel[384]") == 2, log
+    for run in runs[1:]:
+        assert_close_tight(result[run], result["cpu"], f"{run}: scales")
+        for i, v in enumerate(vecs):
+            v.of[run].check(f"{run}: gnorm_vecs[{i}]")
+            assert_close_tight(v.of[run].view, v.of["cpu"].view, f"{run}: gnorm_vecs[{i}]")
+
+
+def test_increment_steps(emu):
+    runs = ("cpu", "forward", "reverse")
+    g = torch.Generator().manual_seed(12)
+    values = torch.randint(0, 1000, (800,), generator=g).float()
+    values[:6] = torch.tensor([2.0**24, 2.0**24 - 1, float("inf"), float("nan"), -1.0, 0.5])
+    steps = [Copies(runs, values[i:i + 1], i % 3) for i in range(len(values))]
+    emu.take_launch_log()
+    for _ in range(2):
+        call_all(emu, runs, cpu.increment_steps, emu.increment_steps,
+                 lambda run: ([s[run] for s in steps],))
+        compare_runs(runs, steps, "steps")
+    assert emu.take_launch_log().splitlines() == (["increment_steps_kernel[2]"] * 2 + [
+        "increment_steps_kernel[1]"]) * 4
+
+
+# ---- quantize_blockwise / dequantize_blockwise ------------------------------------------------------
+
+@pytest.mark.parametrize("blocksize", [64, 256, 1000, 4096])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_quantize_dequantize(emu, blocksize, dtype):
+    g = torch.Generator().manual_seed(blocksize)
+    qmap = dynamic_map()
+    for i, n in enumerate([1, 63, 64, 65, 999, 1000, 1001, 4095, 4097, 60013]):
+        x = with_specials(torch.randn(n, generator=g) * 3, i, g).to(dtype)
+        if n > 2 * blocksize:
+            x[blocksize:2 * blocksize] = 0  # an all-zero block
+        if i == 8:
+            x = x.reshape(-1)[: n - n % 7].reshape(-1, 7)  # 2-D
+        view = Guarded(x, i % 4).view  # misaligned for i % 4 != 0
+        runs = ("cpu", "forward", "shuffle" if i % 2 else "reverse")
+        result = call_all(emu, runs, cpu.quantize_blockwise, emu.quantize_blockwise,
+                          lambda run: (view, qmap, blocksize))
+        for run in runs[1:]:
+            assert_bitwise(result[run][0], result["cpu"][0], f"n={n}, {run}: codes")
+            assert_bitwise(result[run][1], result["cpu"][1], f"n={n}, {run}: absmax")
+
+        codes = Guarded(torch.randint(0, 256, x.shape, generator=g, dtype=torch.uint8),
+                        (i + 1) % 4).view
+        absmax = torch.rand(result["cpu"][1].numel(), generator=g) * 10
+        absmax[0] = float("inf")
+        absmax[-1] = 0.0
+        if absmax.numel() > 2:
+            absmax[1] = float("nan")
+        absmax = Guarded(absmax, i % 3).view
+        out = call_all(emu, runs, cpu.dequantize_blockwise, emu.dequantize_blockwise,
+                       lambda run: (codes, absmax, qmap, blocksize))
+        for run in runs[1:]:
+            assert_bitwise(out[run], out["cpu"], f"n={n}, {run}: dequantized")
+
+
+# ---- the emulation itself -----------------------------------------------------------------------------
+
+def test_emulator_runs_barriers_and_catches_their_misuse(emu):
+    for schedule in SCHEDULES:
+        emu.set_schedule(*SCHEDULES[schedule])
+        total = emu.selftest(0, 3)  # shuffles and __syncthreads in 3 blocks of 128 threads
+        assert total[:3].tolist() == [128 * 129 / 2] * 3
+        with pytest.raises(RuntimeError, match="lane 31 .* is exited while lane 0 waits at "
+                                               "__shfl_xor_sync"):
+            emu.selftest(1, 2)
+        with pytest.raises(RuntimeError, match=r"__syncthreads is awaited .* thread \(5,0,0\) "
+                                               "has exited"):
+            emu.selftest(2, 2)
+        with pytest.raises(RuntimeError, match="lane 16 .* is at __syncthreads while lane 0 "
+                                               "waits at __shfl_xor_sync"):
+            emu.selftest(3, 1)
+        assert torch.isnan(emu.selftest(5, 2)[:128]).all()  # unwritten shared memory is NaN
+    # A missing barrier: the result depends on the schedule.
+    emu.set_schedule(0, 0)
+    forward = emu.selftest(4, 1)[0].item()
+    emu.set_schedule(1, 0)
+    reverse = emu.selftest(4, 1)[0].item()
+    assert {forward, reverse} == {7.0, 42.0}
+
+
+def test_launch_rewriting():
+    source = ("x;\n  k<T, A::b>\n<<<static_cast<unsigned>(n), 256,\n 0, s>>>(f(a, b),\n c);\n"
+              "m<<<1, 2>>>();\n")
+    out, count = emu_build.rewrite_launches(source)
+    assert count == 2 and "<<<" not in out and out.count("\n") == source.count("\n")
+    assert ('::lion_emu::launch("k<T, A::b>", [=] { k<T, A::b>(f(a, b),  c); }, '
+            "static_cast<unsigned>(n), 256,  0, s);") in out
+    assert '::lion_emu::launch("m", [=] { m(); }, 1, 2);' in out
+    shared, count = emu_build.rewrite_shared("__shared__ float a[4 * K];\n__shared__ int b;")
+    assert count == 2 and "__shared__" not in shared
+
+
+def test_emulated_ops_run_the_cuda_host_code(emu):
+    # The emulated op runs lion_cuda.cpp's batching and the kernels: one call with one dtype is
+    # one launch; and its argument checks are lion_batch.cpp's, with their messages.
+    p, gr, m = torch.zeros(10), torch.ones(10), torch.zeros(10)
+    before = emu.launch_count()
+    emu.lion_update_32bit([p], [gr], [m], torch.tensor(0.1), 0.9, 0.99, 0.0)
+    assert emu.launch_count() == before + 1
+    assert torch.equal(p, torch.full((10,), -0.1))
+    with pytest.raises(ValueError, match="lion_update_32bit: beta1 must be in"):
+        emu.lion_update_32bit([p], [gr], [m], torch.tensor(0.1), 1.5, 0.99, 0.0)
