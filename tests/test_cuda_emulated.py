@@ -22,6 +22,7 @@ import torch
 
 import lion_ops  # noqa: F401  (loads torch.ops.lion)
 from lion_ops.quantization import dynamic_map
+from op_args import as_op_args
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _spec = importlib.util.spec_from_file_location(
@@ -63,7 +64,7 @@ def _reset_emulation(request):
     yield
     if "emu" in request.fixturenames:
         torch.ops.lion_emu.set_schedule(0, 0)
-        torch.ops.lion_emu.set_lr_as_device(False)
+        torch.ops.lion_emu.set_hyperparameters_on_device(False)
 
 
 def run_emulated(emu, schedule, op, *args, **kwargs):
@@ -152,7 +153,7 @@ def call_all(emu, runs, cpu_op, emu_op, make_args):
     """cpu_op(*make_args("cpu")), then emu_op(*make_args(run)) under each schedule."""
     results = {}
     for run in runs:
-        args = make_args(run)
+        args = as_op_args(make_args(run))
         if run == "cpu":
             with torch.no_grad():
                 results[run] = cpu_op(*args)
@@ -210,7 +211,7 @@ def grad_views(grads, offsets):
 
 # ---- lion_update_32bit --------------------------------------------------------------------------
 
-def run_32bit(emu, second, sizes, dtypes, offsets, seed, lr_as_device=False, steps=3,
+def run_32bit(emu, second, sizes, dtypes, offsets, seed, hyperparameters_on_device=False, steps=3,
               expect_launches=None):
     runs = ("cpu", "forward", second)
     g = torch.Generator().manual_seed(seed)
@@ -220,7 +221,7 @@ def run_32bit(emu, second, sizes, dtypes, offsets, seed, lr_as_device=False, ste
                for n, off in zip(sizes, offsets)]
     grad_scales = torch.rand(len(sizes), generator=g) + 0.25
     grad_scales[0] = 1.0
-    emu.set_lr_as_device(lr_as_device)
+    emu.set_hyperparameters_on_device(hyperparameters_on_device)
     for step in range(steps):
         grads = grad_views(random_grads(sizes, dtypes, g, step), [off[1] for off in offsets])
         scales = grad_scales if step != 1 else None
@@ -242,7 +243,7 @@ def test_update_32bit(emu, second, layout, shift):
     dtypes = [dtype_of(i, shift) for i in range(len(SIZES))]
     offsets = [offsets_for(i, layout, shift, 3) for i in range(len(SIZES))]
     run_32bit(emu, second, SIZES, dtypes, offsets, seed=100 + shift,
-              lr_as_device=(shift == 1))
+              hyperparameters_on_device=(shift == 1))
 
 
 def test_update_32bit_more_tensors_than_one_launch_takes(emu):
@@ -268,7 +269,7 @@ def initial_codes(n, i, generator):
     return codes
 
 
-def run_8bit(emu, mode, second, sizes, dtypes, offsets, seed, lr_as_device=False, steps=3,
+def run_8bit(emu, mode, second, sizes, dtypes, offsets, seed, hyperparameters_on_device=False, steps=3,
              expect_launches=None, infinite_scales=False):
     runs = ("cpu", "forward", second)
     g = torch.Generator().manual_seed(seed)
@@ -291,7 +292,7 @@ def run_8bit(emu, mode, second, sizes, dtypes, offsets, seed, lr_as_device=False
     grad_scales[0] = 1.0
     cpu_op = getattr(cpu, f"lion_update_8bit_{mode}")
     emu_op = getattr(emu, f"lion_update_8bit_{mode}")
-    emu.set_lr_as_device(lr_as_device)
+    emu.set_hyperparameters_on_device(hyperparameters_on_device)
     for step in range(steps):
         grads = grad_views(random_grads(sizes, dtypes, g, step), [off[1] for off in offsets])
         gs = grad_scales if step != 1 else None
@@ -323,7 +324,7 @@ def test_update_8bit(emu, mode, second, layout, shift):
     dtypes = [dtype_of(i, shift) for i in range(len(SIZES))]
     offsets = [offsets_for(i, layout, shift, 3) for i in range(len(SIZES))]
     run_8bit(emu, mode, second, SIZES, dtypes, offsets, seed=200 + shift,
-             lr_as_device=(shift == 2))
+             hyperparameters_on_device=(shift == 2))
 
 
 @pytest.mark.parametrize("mode", ["blockwise", "static"])
@@ -566,8 +567,8 @@ def test_emulated_ops_run_the_cuda_host_code(emu):
     # one launch; and its argument checks are lion_batch.cpp's, with their messages.
     p, gr, m = torch.zeros(10), torch.ones(10), torch.zeros(10)
     before = emu.launch_count()
-    emu.lion_update_32bit([p], [gr], [m], torch.tensor(0.1), 0.9, 0.99, 0.0)
+    emu.lion_update_32bit(*as_op_args(([p], [gr], [m], torch.tensor(0.1), 0.9, 0.99, 0.0)))
     assert emu.launch_count() == before + 1
     assert torch.equal(p, torch.full((10,), -0.1))
     with pytest.raises(ValueError, match="lion_update_32bit: beta1 must be in"):
-        emu.lion_update_32bit([p], [gr], [m], torch.tensor(0.1), 1.5, 0.99, 0.0)
+        emu.lion_update_32bit(*as_op_args(([p], [gr], [m], torch.tensor(0.1), 1.5, 0.99, 0.0)))

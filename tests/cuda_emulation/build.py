@@ -159,6 +159,32 @@ def _prepare(cuda_source: str, destination: str) -> str:
     return destination
 
 
+EMULATED_OPERATORS = ("lion_update_32bit", "lion_update_8bit_blockwise", "lion_update_8bit_static",
+                      "percentile_clipping", "increment_steps", "quantize_blockwise",
+                      "dequantize_blockwise")
+
+
+def operator_schemas() -> dict[str, str]:
+    """The schema strings of native/registration.cpp's m.def calls (adjacent string literals
+    joined), by operator name, so the emulated ops take exactly the real arguments."""
+    with open(os.path.join(NATIVE, "registration.cpp"), encoding="utf-8") as f:
+        source = f.read()
+    schemas = {}
+    for call in re.finditer(r"m\.def\(\s*((?:\"[^\"]*\"\s*)+)\)", source):
+        schema = "".join(re.findall(r'"([^"]*)"', call.group(1)))
+        schemas[schema.split("(", 1)[0]] = schema
+    missing = [name for name in EMULATED_OPERATORS if name not in schemas]
+    if missing:
+        raise RuntimeError(f"cuda emulation: no schema for {missing} in native/registration.cpp")
+    return schemas
+
+
+def _write_schemas(destination: str) -> None:
+    schemas = operator_schemas()
+    lines = [f'#define LION_EMU_SCHEMA_{name} "{schemas[name]}"' for name in EMULATED_OPERATORS]
+    _write_if_changed(destination, "#pragma once\n" + "\n".join(lines) + "\n")
+
+
 def build(build_dir: str, verbose: bool = False) -> None:
     """Builds (or reuses) the emulation library and loads it into torch.ops.lion_emu."""
     import torch
@@ -168,6 +194,7 @@ def build(build_dir: str, verbose: bool = False) -> None:
     kernels = _prepare(KERNELS, os.path.join(build_dir, "lion_kernels_emu.cpp"))
     selftest = _prepare(os.path.join(HERE, "emu_selftest.cu"),
                         os.path.join(build_dir, "emu_selftest_emu.cpp"))
+    _write_schemas(os.path.join(build_dir, "emu_schemas.h"))
 
     include = cuda_include_dir()
     cpp_extension.load(
@@ -180,7 +207,7 @@ def build(build_dir: str, verbose: bool = False) -> None:
             os.path.join(NATIVE, "lion_batch.cpp"),
         ],
         # The c10/cuda shims first; native/cuda for lion_kernels.cu's "../lion_math.h".
-        extra_include_paths=[os.path.join(HERE, "include"), HERE, NATIVE,
+        extra_include_paths=[os.path.join(HERE, "include"), HERE, build_dir, NATIVE,
                              os.path.join(NATIVE, "cuda"), include],
         extra_cflags=CFLAGS,
         build_directory=build_dir,

@@ -9,10 +9,11 @@
 //    text only.
 //  * check_on_cuda tests params[0].device().is_cuda(); `is_cuda()` is redefined to test for
 //    a CPU tensor, so the host code takes CPU tensors (and only those) as device tensors.
-//  * set_learning_rate reads a CPU lr on the host and passes any other to the kernel as a
-//    device pointer. `is_cpu()` is redefined as `is_cpu() == !g_lr_as_device`, so that with the
-//    knob set (lion_emu::set_lr_as_device) the CPU lr tensor takes the device path and the
-//    kernels read it through lr_on_device.
+//  * set_hyperparameters reads CPU hyperparameters (lr, betas, weight decay) on the host and
+//    passes any other to the kernel as a device pointer. `is_cpu()` is redefined as
+//    `is_cpu() == !g_hyperparameters_on_device`, so that with the knob set
+//    (lion_emu::set_hyperparameters_on_device) the CPU tensors take the device path and the
+//    kernels read them through DeviceOrHostFloat::on_device.
 //  * Its TORCH_LIBRARY_IMPL(lion, CUDA / SparseCUDA) blocks become unused static functions
 //    (they still compile, so the registered signatures are checked), so nothing is registered
 //    for the `lion` library from here. The ops are registered below as `lion_emu`.
@@ -35,12 +36,13 @@
 #include <vector>
 
 #include "emu_runtime.h"
+#include "emu_schemas.h"
 #include "lion_batch.h"
 #include "lion_kernels.cuh"
 #include "lion_math.h"
 
 namespace lion_emu_host {
-bool g_lr_as_device = false;
+bool g_hyperparameters_on_device = false;
 }
 
 #define LION_EMU_CAT2(a, b) a##b
@@ -49,7 +51,7 @@ bool g_lr_as_device = false;
 #define TORCH_LIBRARY_IMPL(ns, key, m) \
   [[maybe_unused]] static void LION_EMU_CAT(lion_emu_unregistered_impl_, __LINE__)(torch::Library & m)
 #define is_cuda() type() == c10::DeviceType::CPU
-#define is_cpu() is_cpu() == !::lion_emu_host::g_lr_as_device
+#define is_cpu() is_cpu() == !::lion_emu_host::g_hyperparameters_on_device
 
 #include "cuda/lion_cuda.cpp"
 
@@ -75,7 +77,7 @@ void set_schedule(int64_t schedule, int64_t seed) {
   lion_emu::set_schedule(static_cast<lion_emu::Schedule>(schedule), static_cast<uint64_t>(seed));
 }
 
-void set_lr_as_device(bool on) { lion_emu_host::g_lr_as_device = on; }
+void set_hyperparameters_on_device(bool on) { lion_emu_host::g_hyperparameters_on_device = on; }
 
 int64_t launch_count() { return lion_emu::launch_count(); }
 
@@ -83,36 +85,19 @@ std::string take_launch_log() { return lion_emu::take_launch_log(); }
 
 }  // namespace
 
-// The schemas of native/registration.cpp, for the emulated CUDA host functions.
+// The schemas of native/registration.cpp (extracted from it by build.py into emu_schemas.h),
+// for the emulated CUDA host functions.
 TORCH_LIBRARY(lion_emu, m) {
-  m.def(
-      "lion_update_32bit(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momenta, Tensor lr, "
-      "float beta1, float beta2, float weight_decay, Tensor? grad_scales=None) -> ()",
-      &lion::lion_update_32bit_cuda);
-  m.def(
-      "lion_update_8bit_blockwise(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] codes, "
-      "Tensor(c!)[] absmaxes, Tensor qmap, Tensor lr, float beta1, float beta2, "
-      "float weight_decay, Tensor? grad_scales=None) -> ()",
-      &lion::lion_update_8bit_blockwise_cuda);
-  m.def(
-      "lion_update_8bit_static(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] codes, "
-      "Tensor(c!)[] max1s, Tensor(d!)[] new_max1s, Tensor qmap, Tensor lr, float beta1, "
-      "float beta2, float weight_decay, Tensor? grad_scales=None) -> ()",
-      &lion::lion_update_8bit_static_cuda);
-  m.def(
-      "percentile_clipping(Tensor[] grads, Tensor(a!)[] gnorm_vecs, Tensor[] steps, "
-      "int percentile) -> Tensor",
-      &lion::percentile_clipping_cuda);
-  m.def("increment_steps(Tensor(a!)[] steps) -> ()", &lion::increment_steps_cuda);
-  m.def("quantize_blockwise(Tensor input, Tensor qmap, int blocksize=256) -> (Tensor, Tensor)",
-        &lion::quantize_blockwise_cuda);
-  m.def(
-      "dequantize_blockwise(Tensor codes, Tensor absmax, Tensor qmap, int blocksize=256) "
-      "-> Tensor",
-      &lion::dequantize_blockwise_cuda);
+  m.def(LION_EMU_SCHEMA_lion_update_32bit, &lion::lion_update_32bit_cuda);
+  m.def(LION_EMU_SCHEMA_lion_update_8bit_blockwise, &lion::lion_update_8bit_blockwise_cuda);
+  m.def(LION_EMU_SCHEMA_lion_update_8bit_static, &lion::lion_update_8bit_static_cuda);
+  m.def(LION_EMU_SCHEMA_percentile_clipping, &lion::percentile_clipping_cuda);
+  m.def(LION_EMU_SCHEMA_increment_steps, &lion::increment_steps_cuda);
+  m.def(LION_EMU_SCHEMA_quantize_blockwise, &lion::quantize_blockwise_cuda);
+  m.def(LION_EMU_SCHEMA_dequantize_blockwise, &lion::dequantize_blockwise_cuda);
   // Knobs of the emulation.
   m.def("set_schedule(int schedule, int seed=0) -> ()", &set_schedule);
-  m.def("set_lr_as_device(bool on) -> ()", &set_lr_as_device);
+  m.def("set_hyperparameters_on_device(bool on) -> ()", &set_hyperparameters_on_device);
   m.def("launch_count() -> int", &launch_count);
   m.def("take_launch_log() -> str", &take_launch_log);
   m.def("selftest(int which, int blocks) -> Tensor", &selftest);
