@@ -232,6 +232,33 @@ def test_8bit_update_matches_fp64_reference(device, dtype, blockwise):
                                    msg=f"params[{i}]")
 
 
+@pytest.mark.parametrize("block_wise", [True, False])
+def test_a_block_of_only_infinite_momenta_keeps_their_signs(device, dtype, block_wise):
+    """Infinite gradients on zero momentum make a block (static: a tensor) whose momenta are
+    all infinite: its scale, the largest finite magnitude, is 0, and each momentum is stored
+    as its own sign's extreme code. The CPU's AVX2 encoder turned m * (1 / 0 -> 0) = NaN into
+    code 0 for all of them, flipping the positive ones (found by the CUDA emulation)."""
+    n = 1024
+    signs = torch.where(torch.rand(n) < 0.5, 1.0, -1.0)
+    p = torch.randn(n, device=device).to(dtype)
+    g = (signs * float("inf")).to(device=device, dtype=dtype)
+    codes = torch.full((n,), 127, dtype=torch.uint8, device=device)  # zero momentum
+    if block_wise:
+        scales = [torch.rand(4, device=device)]
+        step = lion_ops.ops.lion_update_8bit_blockwise
+        g[256:] = torch.randn(n - 256, device=device).to(dtype)  # only block 0 is all infinite
+        args = ([p], [g], [codes], scales)
+    else:
+        scales = [torch.rand(1, device=device)]
+        step = lion_ops.ops.lion_update_8bit_static
+        args = ([p], [g], [codes], scales, [torch.zeros(1, device=device)])
+    step(*args, QMAP.to(device), torch.tensor(0.01), 0.9, 0.99, 0.0)
+    expected = torch.where(signs > 0, 255, 0).to(torch.uint8)
+    covered = slice(0, 256) if block_wise else slice(0, n)
+    assert torch.equal(codes[covered].cpu(), expected[covered])
+    assert float(scales[0][0]) == 0.0
+
+
 _SCALAR_PATH_SCRIPT = """
 import sys, torch, lion_ops
 from lion_ops.quantization import dynamic_map

@@ -324,7 +324,7 @@ def test_update_8bit(emu, mode, second, layout, shift):
     dtypes = [dtype_of(i, shift) for i in range(len(SIZES))]
     offsets = [offsets_for(i, layout, shift, 3) for i in range(len(SIZES))]
     run_8bit(emu, mode, second, SIZES, dtypes, offsets, seed=200 + shift,
-             hyperparameters_on_device=(shift == 2))
+             hyperparameters_on_device=(shift == 2), infinite_scales=True)
 
 
 @pytest.mark.parametrize("mode", ["blockwise", "static"])
@@ -352,23 +352,12 @@ def test_update_8bit_more_tensors_than_one_launch_takes(emu, mode):
              expect_launches=expect)
 
 
-CPU_AVX2_ZERO_SCALE_BUG = (
-    "CPU operator bug (native/cpu/lion_cpu.cpp, AVX2 loops), not CUDA: a block (static: a "
-    "tensor) whose momenta are all infinite gets the new scale 0, so inverse_scale is 0 and "
-    "m * inverse is NaN. lion_math.h's scaled_for_encoding maps that to the momentum's own "
-    "sign (+inf -> code 255, -inf -> code 0), which the CUDA kernels and the CPU scalar loops "
-    "(LION_OPS_NO_AVX2=1) do; encode_span / update_and_encode_blocks_avx2 / the static path "
-    "take the AVX2 Encoder8 whenever the scale is finite (is_finite_scale(0) is true) and "
-    "encode every such NaN (negative on x86) as code 0, so +inf momenta become the most "
-    "negative code. Fix: take the vector encoder only for scales > 0 (or handle a zero "
-    "inverse in Encoder8 as scaled_for_encoding does)."
-)
-
-
-@pytest.mark.xfail(reason=CPU_AVX2_ZERO_SCALE_BUG, strict=False)
 @pytest.mark.parametrize("cause", ["loaded_infinite_scale", "infinite_grads"])
 @pytest.mark.parametrize("mode", ["blockwise", "static"])
 def test_update_8bit_all_infinite_momenta(emu, mode, cause):
+    """A block (static: a tensor) whose momenta are all infinite has the new scale 0: each
+    momentum takes its own sign's extreme code (the CPU's AVX2 encoder gave them all code 0
+    until the emulation found it)."""
     runs = ("cpu", "forward", "reverse")
     g = torch.Generator().manual_seed(9)
     qmap = dynamic_map()

@@ -465,15 +465,26 @@ struct Encoder8 {
   const uint32_t* folded;
   __m256 inverse;
   __m256i top_bit, low_byte, low_16, byte_shift;
+  // A zero inverse (a block whose finite momenta are all 0, next to infinite ones): m * 0 is
+  // NaN for an infinite m, which scaled_for_encoding turns into its own sign's 1.0.
+  bool zero_inverse;
 
   LION_AVX2 Encoder8(const EncodeTable& table, float inverse_scale)
       : folded(table.folded.data()), inverse(_mm256_set1_ps(inverse_scale)),
         top_bit(_mm256_set1_epi32(static_cast<int>(0x80000000u))),
         low_byte(_mm256_set1_epi32(0xff)), low_16(_mm256_set1_epi32(0xffff)),
-        byte_shift(_mm256_set1_epi32(8)) {}
+        byte_shift(_mm256_set1_epi32(8)), zero_inverse(inverse_scale == 0.f) {}
 
   LION_AVX2 void operator()(const float* m, uint8_t* codes) const {
-    const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(m), inverse);
+    const __m256 mv = _mm256_loadu_ps(m);
+    __m256 x = _mm256_mul_ps(mv, inverse);
+    if (zero_inverse) {  // scaled_for_encoding, for 8 lanes
+      const __m256 infinite_m = _mm256_and_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q),
+                                              _mm256_cmp_ps(mv, mv, _CMP_ORD_Q));
+      const __m256 signed_one = _mm256_or_ps(
+          _mm256_and_ps(mv, _mm256_castsi256_ps(top_bit)), _mm256_set1_ps(1.f));
+      x = _mm256_blendv_ps(x, signed_one, infinite_m);
+    }
     const __m256i bits = _mm256_castps_si256(x);
     const __m256i key = _mm256_xor_si256(bits, _mm256_or_si256(_mm256_srai_epi32(bits, 31), top_bit));
     const __m256i entry = lookup8(folded, _mm256_srli_epi32(key, 16));
