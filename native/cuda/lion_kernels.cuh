@@ -5,14 +5,16 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace lion::cuda {
 
 enum class ParamType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// Tensors per launch. Kernel parameters may take up to 32 KiB since CUDA 12.1 on sm_70+;
-// this keeps Lion32bitBatch near 14 KiB. Longer lists take several launches.
+// Tensors per launch. Kernel parameters may take up to 32764 bytes since CUDA 12.1 on sm_70+
+// (checked below for every batch); the largest batch, Lion8bitBatch, takes about 23 KB.
+// Longer lists take several launches.
 constexpr int kMaxTensorsPerLaunch = 384;
 
 // Elements one thread block updates; a tensor of n elements gets ceil(n / this) blocks.
@@ -97,6 +99,12 @@ void launch_build_encode_table(const float* qmap, uint8_t* table, cudaStream_t s
 // Blockwise: one launch. Static: four (zero new_max1, reduce it, update, max1 = new_max1).
 void launch_lion_8bit(const Lion8bitBatch& batch, ParamType type, Scaling scaling,
                       cudaStream_t stream);
+
+constexpr size_t kMaxKernelParameterBytes = 32764;
+static_assert(sizeof(Lion32bitBatch) <= kMaxKernelParameterBytes);
+static_assert(sizeof(Lion8bitBatch) <= kMaxKernelParameterBytes);
+static_assert(sizeof(GradNormBatch) <= kMaxKernelParameterBytes);
+static_assert(sizeof(StepCounters) <= kMaxKernelParameterBytes);
 
 // Blockwise quantization of n float32 values (for inspection and tests).
 void launch_quantize_blockwise(const float* input, const uint8_t* encode_table,
