@@ -29,8 +29,8 @@ def hyperparameter(value: float | Tensor) -> Tensor:
         # A float that has changed between compiled calls is a symbolic graph input, and
         # torch.tensor() of it would specialize the graph on its value (a recompile for each
         # new value); an addition keeps it an input. The same float32 rounding as below.
-        return torch.zeros((), dtype=torch.float32) + value
-    return torch.tensor(float(value), dtype=torch.float32)
+        return torch.zeros((), dtype=torch.float32, device="cpu") + value
+    return torch.tensor(float(value), dtype=torch.float32, device="cpu")
 
 
 def _check_hyperparameters(op: str, lr: Tensor, beta1: Tensor, beta2: Tensor,

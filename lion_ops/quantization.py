@@ -19,7 +19,7 @@ def dynamic_map(device: torch.device | str | None = None) -> Tensor:
     """
     values = [0.0, 1.0]
     for i in range(7):
-        points = torch.linspace(0.1, 1.0, 2**i + 1, dtype=torch.float32)
+        points = torch.linspace(0.1, 1.0, 2**i + 1, dtype=torch.float32, device="cpu")
         midpoints = (points[:-1] + points[1:]) / 2.0 * (10.0 ** (i - 6))
         values += midpoints.tolist() + (-midpoints).tolist()
     return torch.tensor(sorted(values), dtype=torch.float32, device=device)

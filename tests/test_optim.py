@@ -1373,3 +1373,33 @@ def test_an_integer_tensor_lr_is_refused_before_anything_changes():
     with pytest.raises(ValueError, match="1-element floating-point"):
         opt.step()
     assert int(opt.state[p]["step"]) == 1
+
+
+@pytest.mark.parametrize("cls, kwargs", [
+    (Lion, {}), (lion_ops.Lion8bit, {"min_8bit_size": 256}),
+    (lion_ops.Lion8bit, {"min_8bit_size": 256, "block_wise": False, "percentile_clipping": 50})])
+def test_a_default_device_other_than_the_params_does_not_leak_in(cls, kwargs):
+    """torch.set_default_device (meta here, as a stand-in for "cuda" with CPU params): the
+    optimizer's own tensors (the 8-bit map, hyperparameter tensors) are made where they are
+    used. They followed the default device, and every step failed."""
+    torch.manual_seed(0)
+    grads = [torch.randn(600) for _ in range(3)]
+    p, q = torch.nn.Parameter(torch.randn(600)), None
+    q = torch.nn.Parameter(p.detach().clone())
+    reference = cls([q], lr=0.1, betas=(0.9, 0.99), **kwargs)
+    for g in grads:
+        q.grad = g
+        reference.step()
+    torch.set_default_device("meta")
+    try:
+        opt = cls([p], lr=0.1, betas=(0.9, 0.99), **kwargs)
+        for g in grads[:2]:
+            p.grad = g
+            opt.step()
+        opt.load_state_dict(opt.state_dict())
+        p.grad = grads[2]
+        opt.step()
+    finally:
+        torch.set_default_device(None)
+    assert torch.equal(p, q)
+    assert all(t.device.type == "cpu" for t in opt.state[p].values() if torch.is_tensor(t))

@@ -214,7 +214,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
         self._note_paging_devices(self.param_groups)
         # The 8-bit map, built here (eagerly: building it does not trace) and copied to each
         # device on first use.
-        self._qmaps: dict[torch.device, Tensor] = {torch.device("cpu"): dynamic_map()}
+        self._qmaps: dict[torch.device, Tensor] = {torch.device("cpu"): dynamic_map("cpu")}
         # Per-param overrides from GlobalOptimManager, resolved eagerly: (group index, param
         # index) -> (config id, config). Params with equal overrides share a config id, so they
         # still share operator calls.
@@ -787,7 +787,7 @@ def _hyperparameter_tensor(value, device: torch.device) -> Tensor:
         # schedule's lr makes a new tensor each time.
         if len(_NUMBER_TENSORS) >= 64:
             _NUMBER_TENSORS.clear()
-        tensor = _NUMBER_TENSORS[number] = torch.tensor(number, dtype=torch.float32)
+        tensor = _NUMBER_TENSORS[number] = torch.tensor(number, dtype=torch.float32, device="cpu")
     return tensor
 
 
@@ -1042,7 +1042,7 @@ def _state_problem(p: Tensor, state: dict, kind: str | None, loading: bool = Fal
     qmap = state.get("qmap1")
     if not isinstance(qmap, Tensor) or qmap.shape != (ops.QUANT_MAP_SIZE,):
         return "'qmap1' must be the 256-entry quantization map"
-    if loading and not torch.equal(qmap.detach().float().cpu(), dynamic_map()):
+    if loading and not torch.equal(qmap.detach().float().cpu(), dynamic_map("cpu")):
         return "'qmap1' is not the signed dynamic map that lion_ops and bitsandbytes use"
     keys = {"absmax1": (ops.blockwise_absmax_count(p.numel()),)} if kind == BLOCKWISE \
         else {"max1": (1,), "new_max1": (1,)}
