@@ -20,20 +20,27 @@ _native.load()
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def hyperparameter(value: float | Tensor) -> Tensor:
+def hyperparameter(value: float | Tensor, device: torch.device | str = "cpu") -> Tensor:
     """A hyperparameter (lr, beta1, beta2, weight_decay) as the update operators take it: a
-    tensor as it is, a number as a 0-dim float32 CPU tensor (read on the host)."""
+    tensor as it is, a number as a 0-dim float32 CPU tensor (read on the host); under
+    torch.compile, one on `device` (the params' device: a graph with CPU tensors in it is not
+    captured in a CUDA graph by mode="reduce-overhead")."""
     if isinstance(value, Tensor):
         return value
     if torch.compiler.is_compiling():
         # A float that has changed between compiled calls is a symbolic graph input, and
         # torch.tensor() of it would specialize the graph on its value (a recompile for each
         # new value); an addition keeps it an input. The same float32 rounding as below.
-        return torch.zeros((), dtype=torch.float32, device="cpu") + value
+        return torch.zeros((), dtype=torch.float32, device=device) + value
     return torch.tensor(float(value), dtype=torch.float32, device="cpu")
 
 
-def _check_hyperparameters(op: str, lr: Tensor, beta1: Tensor, beta2: Tensor,
+def _hyperparameters(params, *values) -> list[Tensor]:
+    device = params[0].device if len(params) else "cpu"
+    return [hyperparameter(value, device) for value in values]
+
+
+def _check_hyperparameters(op: str, params, lr: Tensor, beta1: Tensor, beta2: Tensor,
                            weight_decay: Tensor) -> None:
     for name, value in (("lr", lr), ("beta1", beta1), ("beta2", beta2),
                         ("weight_decay", weight_decay)):
@@ -41,6 +48,11 @@ def _check_hyperparameters(op: str, lr: Tensor, beta1: Tensor, beta2: Tensor,
             raise ValueError(f"{op}: {name} must be a 0-dim tensor, got shape {tuple(value.shape)}")
         if not value.is_floating_point():
             raise TypeError(f"{op}: {name} must be a floating-point tensor, got {value.dtype}")
+        if value.layout != torch.strided:
+            raise ValueError(f"{op}: {name} must be a dense tensor, got layout {value.layout}")
+        if params and value.device.type != "cpu" and value.device != params[0].device:
+            raise ValueError(f"{op}: {name} must be on the CPU or on {params[0].device}, got "
+                             f"{value.device}")
 
 
 def _check_lion_update_32bit(
@@ -92,8 +104,8 @@ def lion_update_32bit(
     wherever the grad appears (percentile clipping's scales; see percentile_clipping).
     """
     torch.ops.lion.lion_update_32bit.default(
-        list(params), list(grads), list(momenta), hyperparameter(lr), hyperparameter(beta1),
-        hyperparameter(beta2), hyperparameter(weight_decay), grad_scales)
+        list(params), list(grads), list(momenta), *_hyperparameters(params, lr, beta1, beta2,
+                                                                    weight_decay), grad_scales)
 
 
 def _check_grad_scales(op: str, grad_scales, params) -> None:
@@ -106,7 +118,7 @@ def _check_grad_scales(op: str, grad_scales, params) -> None:
 @torch.library.register_fake("lion::lion_update_32bit")
 def _lion_update_32bit_fake(params, grads, momenta, lr, beta1, beta2, weight_decay,
                             grad_scales=None) -> None:
-    _check_hyperparameters("lion_update_32bit", lr, beta1, beta2, weight_decay)
+    _check_hyperparameters("lion_update_32bit", params, lr, beta1, beta2, weight_decay)
     _check_lion_update_32bit(params, grads, momenta)
     _check_grad_scales("lion_update_32bit", grad_scales, params)
     return None
@@ -173,8 +185,8 @@ def lion_update_8bit_blockwise(
     sorted float32 values (lion_ops.quantization.dynamic_map()).
     """
     torch.ops.lion.lion_update_8bit_blockwise.default(
-        list(params), list(grads), list(codes), list(absmaxes), qmap, hyperparameter(lr),
-        hyperparameter(beta1), hyperparameter(beta2), hyperparameter(weight_decay), grad_scales)
+        list(params), list(grads), list(codes), list(absmaxes), qmap,
+        *_hyperparameters(params, lr, beta1, beta2, weight_decay), grad_scales)
 
 
 @torch.library.register_fake("lion::lion_update_8bit_blockwise")
@@ -182,7 +194,7 @@ def _lion_update_8bit_blockwise_fake(params, grads, codes, absmaxes, qmap, lr, b
                                      weight_decay, grad_scales=None) -> None:
     op = "lion_update_8bit_blockwise"
     _check_grad_scales(op, grad_scales, params)
-    _check_hyperparameters(op, lr, beta1, beta2, weight_decay)
+    _check_hyperparameters(op, params, lr, beta1, beta2, weight_decay)
     _check_param_grad_lists(op, params, grads)
     _check_state_list(op, "codes", params, codes, torch.uint8, lambda p: None)
     _check_state_list(op, "absmaxes", params, absmaxes, torch.float32,
@@ -213,8 +225,7 @@ def lion_update_8bit_static(
     """
     torch.ops.lion.lion_update_8bit_static.default(
         list(params), list(grads), list(codes), list(max1s), list(new_max1s), qmap,
-        hyperparameter(lr), hyperparameter(beta1), hyperparameter(beta2),
-        hyperparameter(weight_decay), grad_scales)
+        *_hyperparameters(params, lr, beta1, beta2, weight_decay), grad_scales)
 
 
 @torch.library.register_fake("lion::lion_update_8bit_static")
@@ -222,7 +233,7 @@ def _lion_update_8bit_static_fake(params, grads, codes, max1s, new_max1s, qmap, 
                                   weight_decay, grad_scales=None) -> None:
     op = "lion_update_8bit_static"
     _check_grad_scales(op, grad_scales, params)
-    _check_hyperparameters(op, lr, beta1, beta2, weight_decay)
+    _check_hyperparameters(op, params, lr, beta1, beta2, weight_decay)
     _check_param_grad_lists(op, params, grads)
     _check_state_list(op, "codes", params, codes, torch.uint8, lambda p: None)
     _check_state_list(op, "max1s", params, max1s, torch.float32, lambda p: 1)

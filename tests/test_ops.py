@@ -220,6 +220,9 @@ def _bad_calls(device):
     p, g, m = make()
     yield "weight_decay must be a floating-point tensor", (p, g, m, torch.tensor(0.1), 0.9, 0.99,
                                                            torch.tensor(0))
+    p, g, m = make()  # dispatched to the fake, which did nothing
+    yield "beta1 must be on the CPU or on", (p, g, m, torch.tensor(0.1),
+                                             torch.tensor(0.9, device="meta"), 0.99, 0.0)
     p, g, m = make()  # read as the float32 the kernels use: 1 - 1e-9 rounds to 1
     yield "beta1 must be in", (p, g, m, torch.tensor(0.1),
                                torch.tensor(1 - 1e-9, dtype=torch.float64), 0.99, 0.0)
@@ -235,7 +238,7 @@ def _bad_calls(device):
         p, g, m, torch.tensor(0.1), 0.9, 0.99, 0.0, strided)
 
 
-@pytest.mark.parametrize("case", range(21))
+@pytest.mark.parametrize("case", range(22))
 def test_bad_input_is_refused_and_nothing_changes(device, case):
     message, args = list(_bad_calls(device))[case]
     snapshot = [[t.clone() for t in arg] for arg in args[:3]]

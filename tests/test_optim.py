@@ -56,6 +56,12 @@ def test_constructors_match_bitsandbytes():
     (dict(weight_decay=float("inf")), "weight_decay"),
     (dict(lr=torch.tensor(1)), "1-element floating-point tensor"),
     (dict(betas=(torch.tensor(1.0), 0.99)), "beta parameter at index 0"),
+    # In range as a double, not as the float32 the kernels take: 1.0 and inf there.
+    (dict(betas=(0.9, 1 - 1e-9)), "beta parameter at index 1.*in float32"),
+    (dict(betas=(torch.tensor(1 - 1e-9, dtype=torch.float64), 0.99)), "beta parameter at index 0"),
+    (dict(weight_decay=1e39), "weight_decay.*finite in float32"),
+    (dict(betas=(torch.tensor(0.9, device="meta"), 0.99)), "tensor beta1 must be a dense tensor"),
+    (dict(weight_decay=torch.tensor(0.1).to_sparse()), "tensor weight_decay must be a dense"),
     (dict(betas=(0.9, torch.tensor([0.5, 0.5]))), "tensor beta2 must be a 1-element"),
     (dict(weight_decay=torch.tensor(-0.5)), "weight_decay"),
     (dict(weight_decay=torch.tensor(1)), "tensor weight_decay must be a 1-element floating"),
@@ -1403,3 +1409,22 @@ def test_a_default_device_other_than_the_params_does_not_leak_in(cls, kwargs):
         torch.set_default_device(None)
     assert torch.equal(p, q)
     assert all(t.device.type == "cpu" for t in opt.state[p].values() if torch.is_tensor(t))
+
+
+def test_a_step_under_fake_tensor_mode_leaves_later_steps_real():
+    """A step traced under FakeTensorMode (a memory or FLOP estimate) made fake hyperparameter
+    tensors, which a cache of them kept: every later eager step of any optimizer with the same
+    values then ran the fake kernel, and the params silently stayed as they were."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    q = torch.nn.Parameter(torch.ones(4))
+    q.grad = torch.ones(4)
+    fake_opt = Lion([q], lr=0.0123, betas=(0.91, 0.991), weight_decay=0.0456)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake_opt.step()
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = Lion([p], lr=0.0123, betas=(0.91, 0.991), weight_decay=0.0456)
+    p.grad = torch.ones(4)
+    opt.step()
+    expected = 1.0 * (1 - 0.0123 * 0.0456) - 0.0123
+    torch.testing.assert_close(p.detach(), torch.full((4,), expected), rtol=1e-6, atol=0)
+

@@ -391,3 +391,24 @@ def test_register_parameters_takes_param_groups():
 def test_register_parameters_of_nothing():
     GlobalOptimManager.get_instance().register_parameters([])
     GlobalOptimManager.get_instance().register_parameters(iter(()))
+
+
+def test_override_tensors_that_print_alike_stay_apart():
+    """Per-param overrides with distinct beta tensors: params whose tensors printed alike
+    (0.90001 and 0.90004 both print as 0.9000) were put in one operator call, the second param
+    stepping with the first one's tensors."""
+    a, b = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+    manager = GlobalOptimManager.get_instance()
+    manager.register_parameters([a, b])
+    beta_b = (torch.tensor(0.90004), torch.tensor(0.99))
+    manager.override_config(a, "betas", (torch.tensor(0.90001), torch.tensor(0.99)))
+    manager.override_config(b, "betas", beta_b)
+    opt = Lion([a, b], lr=0.1)
+    a.grad, b.grad = torch.ones(4), torch.ones(4)
+    opt.step()  # both to -0.1, momentum 0.01
+    beta_b[0].fill_(0.0)  # b's next direction is its grad's alone
+    a.grad, b.grad = -0.05 * torch.ones(4), -0.05 * torch.ones(4)
+    opt.step()
+    # a: 0.90001 * 0.01 + 0.09999 * -0.05 > 0, down again; b: -0.05 < 0, back up.
+    torch.testing.assert_close(a.detach(), torch.full((4,), -0.2))
+    torch.testing.assert_close(b.detach(), torch.full((4,), 0.0))

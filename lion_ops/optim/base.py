@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import struct
 import sys
 import warnings
 from collections import defaultdict
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import ops
 from ..quantization import dynamic_map
@@ -126,6 +128,9 @@ def check_hyperparameters(lr: Any, betas: Any, weight_decay: Any, where: str) ->
             if value.numel() != 1 or not value.is_floating_point():
                 raise ValueError(f"{where}: a tensor {name} must be a 1-element floating-point "
                                  f"tensor, got shape {tuple(value.shape)} and dtype {value.dtype}")
+            if value.layout != torch.strided or value.device.type == "meta":
+                raise ValueError(f"{where}: a tensor {name} must be a dense tensor holding a "
+                                 f"value, got layout {value.layout} on {value.device}")
             if value.device.type == "cpu" and not torch.compiler.is_compiling():
                 # Checked here, before a step changes anything, rather than by the operator
                 # after earlier groups have stepped.
@@ -144,18 +149,31 @@ def _range_error(name: str, value: Any) -> str:
         return (f"invalid learning rate lr={value!r}: must be a number >= 0, finite in "
                 "float32")
     if name == "weight_decay":
-        return f"invalid weight_decay value: {value!r}: must be a finite number >= 0"
-    return f"invalid beta parameter at index {int(name[-1]) - 1}: {value!r}: must be in [0, 1)"
+        return (f"invalid weight_decay value: {value!r}: must be a number >= 0, finite in "
+                "float32")
+    return (f"invalid beta parameter at index {int(name[-1]) - 1}: {value!r}: must be in "
+            "[0, 1) in float32, as the kernels take it")
+
+
+def _as_float32(number: float) -> float:
+    """number rounded to float32, as the kernels take it (inf beyond float32's range)."""
+    try:
+        return struct.unpack("f", struct.pack("f", number))[0]
+    except OverflowError:
+        return math.copysign(math.inf, number)
 
 
 def _check_hyperparameter_value(name: str, value: Any, where: str) -> None:
     # A host read of a tensor: at construction, add_param_group and overrides, and in step()
-    # for CPU tensors only.
+    # for CPU tensors only. The value is checked as the kernels use it, rounded to float32
+    # (a beta of 1 - 1e-9 is 1.0 there, which they refuse), except for a float that is a
+    # symbolic input of a compiled step, which only the comparisons below can look at (each
+    # a guard).
     number = float(value)
-    if name == "lr":
+    if not torch.compiler.is_compiling():
+        number = _as_float32(number)
+    if name in ("lr", "weight_decay"):
         ok = 0.0 <= number <= _FLOAT32_MAX
-    elif name == "weight_decay":
-        ok = 0.0 <= number < math.inf
     else:
         ok = 0.0 <= number < 1.0
     if not ok:
@@ -301,8 +319,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
             for pi, p in enumerate(group["params"]):
                 config = self._manager.config_for(gi, pi, p)
                 if config:
-                    key = repr(sorted((k, v if not isinstance(v, Tensor) else id(v))
-                                      for k, v in config.items()))
+                    key = repr(sorted((k, _override_key(v)) for k, v in config.items()))
                     overrides[(gi, pi)] = (ids.setdefault(key, len(ids)), config)
         self._overrides = overrides
 
@@ -674,6 +691,8 @@ class LionOptimizerBase(torch.optim.Optimizer):
                                  f"the state dict's {len(saved['params'])}")
             check_hyperparameters(saved.get("lr"), saved.get("betas"), saved.get("weight_decay"),
                                   f"{where} (param group {i})")
+            _check_tensor_values(f"{where} (param group {i})", saved.get("lr"),
+                                 saved.get("betas"), saved.get("weight_decay"))
         id_to_param = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
                                chain.from_iterable(g["params"] for g in groups)))
         param_to_where = {id(p): (gi, pi, g) for gi, g in enumerate(groups)
@@ -770,6 +789,16 @@ class LionOptimizerBase(torch.optim.Optimizer):
 _HYPERPARAMETER_KEYS = ("lr", "betas", "weight_decay")
 
 
+def _override_key(value: Any) -> Any:
+    """An override's value as part of the key that decides which params share a config: a
+    tensor (lr, or one inside betas) by identity, since two tensors may print alike."""
+    if isinstance(value, Tensor):
+        return ("tensor", id(value))
+    if isinstance(value, (tuple, list)):
+        return tuple(_override_key(v) for v in value)
+    return value
+
+
 def _hyperparameter_tensor(value, device: torch.device) -> Tensor:
     """A hyperparameter as the operators take it: a 0-dim tensor on the CPU (read on the host,
     no sync) or on the params' device (read by the kernel)."""
@@ -779,8 +808,10 @@ def _hyperparameter_tensor(value, device: torch.device) -> Tensor:
         # Anything on another device is moved, asynchronously, to the params' device.
         return value if value.device.type == "cpu" or value.device == device else value.to(device)
     if torch.compiler.is_compiling():
-        return ops.hyperparameter(value)  # an addition: a changed float stays a graph input
+        return ops.hyperparameter(value, device)  # a changed float stays a graph input
     number = float(value)
+    if _get_current_dispatch_mode() is not None:  # e.g. FakeTensorMode: no real tensor to keep
+        return torch.tensor(number, dtype=torch.float32, device="cpu")
     tensor = _NUMBER_TENSORS.get(number)
     if tensor is None:
         # Numbers that do not change (betas, weight decay) cost a dict lookup per step; a
