@@ -514,6 +514,58 @@ def test_quantize_dequantize(emu, blocksize, dtype):
             assert_bitwise(out[run], out["cpu"], f"n={n}, {run}: dequantized")
 
 
+# ---- empty inputs and launches of exactly kMaxTensorsPerLaunch -----------------------------------
+
+def test_nothing_to_do_launches_nothing(emu):
+    """Work that needs no block launches no kernel (CUDA refuses a grid of 0 blocks, and so
+    does the emulation): a dtype whose gradients are all empty in percentile clipping, exactly
+    384 or 768 step counters (whole launches, no empty last one), and empty (de)quantization."""
+    g = torch.Generator().manual_seed(13)
+    runs = ("cpu", "forward", "reverse")
+    # Percentile clipping: float32 grads all empty, bfloat16 one empty and one not, float16 none.
+    grads = [torch.zeros(0), torch.zeros(0, 3), torch.zeros(0, dtype=torch.bfloat16),
+             torch.randn(300, generator=g).to(torch.bfloat16)]
+    vecs = [Copies(runs, torch.rand(100, generator=g) * 10, i % 3) for i in range(len(grads))]
+    steps = [torch.full((), 5.0 + i) for i in range(len(grads))]
+    emu.take_launch_log()
+    result = call_all(emu, runs, cpu.percentile_clipping, emu.percentile_clipping,
+                      lambda run: (grads, [v[run] for v in vecs], steps, 5))
+    assert emu.take_launch_log().splitlines() == [
+        "percentile_scales_kernel[2]", "grad_norm_partials_kernel<__nv_bfloat16>[1]",
+        "percentile_scales_kernel[2]"] * 2
+    for run in runs[1:]:
+        assert_close_tight(result[run], result["cpu"], f"{run}: scales")
+        for i, v in enumerate(vecs):
+            v.of[run].check(f"{run}: gnorm_vecs[{i}]")
+            assert_close_tight(v.of[run].view, v.of["cpu"].view, f"{run}: gnorm_vecs[{i}]")
+
+    # Step counters: one launch per 384, none for an empty remainder.
+    for count, grids in ((384, [2]), (768, [2, 2])):
+        counters = [Copies(runs, torch.randint(0, 100, (1,), generator=g).float(), i % 2)
+                    for i in range(count)]
+        emu.take_launch_log()
+        call_all(emu, runs, cpu.increment_steps, emu.increment_steps,
+                 lambda run: ([c[run] for c in counters],))
+        compare_runs(runs, counters, f"{count} steps")
+        assert emu.take_launch_log().splitlines() == [
+            f"increment_steps_kernel[{b}]" for b in grids] * 2
+
+    # (De)quantization of nothing: empty results, no launch but the encode table's.
+    qmap = dynamic_map()
+    for shape in ((0,), (0, 5)):
+        x = torch.zeros(shape)
+        emu.take_launch_log()
+        result = call_all(emu, runs, cpu.quantize_blockwise, emu.quantize_blockwise,
+                          lambda run: (x, qmap, 256))
+        out = call_all(emu, runs, cpu.dequantize_blockwise, emu.dequantize_blockwise,
+                       lambda run: (result["cpu"][0], result["cpu"][1], qmap, 256))
+        assert emu.take_launch_log().splitlines() == ["build_encode_table_kernel[26]"] * 2
+        for run in runs[1:]:
+            assert_bitwise(result[run][0], result["cpu"][0], f"{shape}, {run}: codes")
+            assert_bitwise(result[run][1], result["cpu"][1], f"{shape}, {run}: absmax")
+            assert_bitwise(out[run], out["cpu"], f"{shape}, {run}: dequantized")
+
+
 # ---- the emulation itself -----------------------------------------------------------------------------
 
 def test_emulator_runs_barriers_and_catches_their_misuse(emu):

@@ -30,9 +30,14 @@ NEEDED_CUDA_HEADERS = ["cuda_runtime_api.h", "cuda_bf16.h", "cuda_fp16.h", "vect
 LIBRARY_NAME = "lion_cuda_emulation"
 # The CPU library's flags (CMakeLists.txt: -O3 -ffp-contract=off -fno-trapping-math; the CUDA
 # build uses --fmad=false), so neither side fuses multiply-adds. -O2 builds faster.
+# -fsanitize=alignment traps (SIGILL, no runtime library) on an access through a pointer not
+# aligned for its type, as a GPU faults on a misaligned vector access (uint2, a Pack): the CPU
+# would tolerate it and a wrong alignment test in the kernels would go unseen.
 CFLAGS = [
     "-O2",
     "-ffp-contract=off",
+    "-fsanitize=alignment",
+    "-fsanitize-undefined-trap-on-error",
     "-fno-trapping-math",
     "-fvisibility=hidden",
     "-fvisibility-inlines-hidden",
