@@ -393,7 +393,7 @@ def test_update_8bit_all_infinite_momenta(emu, mode, cause):
 
 # ---- percentile_clipping / increment_steps -------------------------------------------------------
 
-def assert_close_tight(actual, expected, what, rtol=1e-5):
+def assert_close_tight(actual, expected, what, rtol=1.2e-7):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=0, equal_nan=True, msg=what)
 
 
@@ -419,6 +419,8 @@ def test_percentile_clipping(emu, history, percentile):
                            [(i + round_) % 4 for i in range(len(sizes))])
         if round_ == 2:
             grads[3] = grads[3] * 0  # a zero norm
+        if round_ == 1:  # squares below float32's normal range (they vanished in fp32 sums)
+            grads[8] = grads[8] * 1e-21
         before = {run: [v[run].clone() for v in vecs] for run in runs}
         result = call_all(emu, runs, cpu.percentile_clipping, emu.percentile_clipping,
                           lambda run: (grads, [v[run] for v in vecs],

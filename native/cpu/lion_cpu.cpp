@@ -791,7 +791,7 @@ at::Tensor percentile_clipping_cpu(at::TensorList grads, at::TensorList gnorm_ve
     });
   });
   for (size_t t = 0; t < grads.size(); ++t) {
-    double sum = 0.0;  // (CUDA adds in fp32, in its own fixed order: close, not bit-identical)
+    double sum = 0.0;  // (CUDA adds in fp64 too, in its own fixed order: nearly always the same float)
     for (int64_t c = first_chunk[t]; c < first_chunk[t + 1]; ++c) sum += partials[c];
     const float squared = static_cast<float>(sum);
     float* history = gnorm_vecs[t].data_ptr<float>();

@@ -219,7 +219,8 @@ at::Tensor percentile_clipping_cuda(at::TensorList grads, at::TensorList gnorm_v
     contiguous.push_back(g.contiguous());
     total_blocks += blocks_for(g.numel(), cuda::kElementsPerBlock);
   }
-  at::Tensor partials = at::empty({std::max<int64_t>(total_blocks, 1)}, options);
+  at::Tensor partials =
+      at::empty({std::max<int64_t>(total_blocks, 1)}, options.dtype(at::kDouble));
   auto batch = std::make_unique<cuda::GradNormBatch>();
   batch->percentile = static_cast<int32_t>(percentile);
   int64_t partial_offset = 0;
@@ -243,7 +244,7 @@ at::Tensor percentile_clipping_cuda(at::TensorList grads, at::TensorList gnorm_v
         batch->first_block[s + 1] =
             batch->first_block[s] + blocks_for(contiguous[t].numel(), cuda::kElementsPerBlock);
       }
-      batch->partial_sums = partials.data_ptr<float>() + partial_offset;
+      batch->partial_sums = partials.data_ptr<double>() + partial_offset;
       partial_offset += batch->first_block[count];
       cuda::launch_percentile_clipping(*batch, param_type_of(dtype), stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

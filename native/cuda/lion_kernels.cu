@@ -373,14 +373,15 @@ void launch_8bit_typed(const Lion8bitBatch& batch, Scaling scaling, cudaStream_t
 }
 
 // Block sum of one value per thread, in a fixed order.
-__device__ float block_sum(float value, float* scratch /* kThreads / kWarpSize */) {
+template <typename Acc>
+__device__ Acc block_sum(Acc value, Acc* scratch /* kThreads / kWarpSize */) {
 #pragma unroll
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
     value += __shfl_xor_sync(0xffffffffu, value, offset);
   }
   if (threadIdx.x % kWarpSize == 0) scratch[threadIdx.x / kWarpSize] = value;
   __syncthreads();
-  float total = 0.f;
+  Acc total = 0;
 #pragma unroll
   for (int w = 0; w < kThreads / kWarpSize; ++w) total += scratch[w];
   __syncthreads();
@@ -390,28 +391,30 @@ __device__ float block_sum(float value, float* scratch /* kThreads / kWarpSize *
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 grad_norm_partials_kernel(const __grid_constant__ GradNormBatch batch) {
-  __shared__ float scratch[kThreads / kWarpSize];
+  __shared__ double scratch[kThreads / kWarpSize];
   const int t = tensor_of_block(batch.first_block, batch.num_tensors, blockIdx.x);
   const int64_t n = batch.numels[t];
   const int64_t begin = static_cast<int64_t>(blockIdx.x - batch.first_block[t]) * kElementsPerBlock;
   const int64_t end = min(n, begin + kElementsPerBlock);
   const T* g = static_cast<const T*>(batch.grads[t]);
-  float sum = 0.f;
+  // In float64, as on the CPU: squares of floats are exact there (in float32 those below
+  // about 1e-23 vanish), so only the additions round, and the norms agree with the CPU's.
+  double sum = 0.0;
   for (int64_t e = begin + threadIdx.x; e < end; e += kThreads) {
-    const float x = to_float(g[e]);
+    const double x = to_float(g[e]);
     sum += x * x;
   }
-  const float total = block_sum(sum, scratch);
+  const double total = block_sum(sum, scratch);
   if (threadIdx.x == 0) batch.partial_sums[blockIdx.x] = total;
 }
 
 // One block per tensor: its squared norm, the history update, and its scale.
 __global__ void __launch_bounds__(kThreads)
 percentile_scales_kernel(const __grid_constant__ GradNormBatch batch) {
-  __shared__ float scratch[kThreads / kWarpSize];
+  __shared__ double scratch[kThreads / kWarpSize];
   __shared__ float history[kGnormHistory];
   const int t = blockIdx.x;
-  float sum = 0.f;
+  double sum = 0.0;
   for (int b = batch.first_block[t] + threadIdx.x; b < batch.first_block[t + 1]; b += kThreads) {
     sum += batch.partial_sums[b];
   }
@@ -419,7 +422,7 @@ percentile_scales_kernel(const __grid_constant__ GradNormBatch batch) {
   const float step = *batch.steps[t];
   // Read by every thread before any writes below (block_sum ends with a barrier).
   const bool every_slot = records_in_every_slot(step, gnorm[0]);
-  const float squared = block_sum(sum, scratch);
+  const float squared = static_cast<float>(block_sum(sum, scratch));
   if (threadIdx.x < kGnormHistory) {
     const bool write = every_slot || threadIdx.x == gnorm_slot(step);
     if (write) gnorm[threadIdx.x] = squared;

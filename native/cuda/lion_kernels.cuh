@@ -73,9 +73,9 @@ struct StepCounters {
   int32_t count;
 };
 
-// Percentile clipping over a batch of gradients: squared norms (per-block partial sums,
-// then summed per tensor in a fixed order, so results are deterministic), the gnorm history,
-// and one scale per tensor.
+// Percentile clipping over a batch of gradients: squared norms (float64 per-block partial
+// sums, then summed per tensor in a fixed order, so results are deterministic), the gnorm
+// history, and one scale per tensor.
 struct GradNormBatch {
   const void* grads[kMaxTensorsPerLaunch];
   float* gnorm_vecs[kMaxTensorsPerLaunch];
@@ -85,7 +85,7 @@ struct GradNormBatch {
   int32_t num_tensors;
   int32_t percentile;
   float* scale_of[kMaxTensorsPerLaunch];  // where each tensor's scale goes
-  float* partial_sums;  // one per block
+  double* partial_sums;  // one per block
 };
 
 void launch_percentile_clipping(const GradNormBatch& batch, ParamType type, cudaStream_t stream);

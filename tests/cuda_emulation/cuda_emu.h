@@ -85,8 +85,18 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize) {
   asm volatile("" ::: "memory");
-  const T result = ::lion_emu::from_bits<T>(
-      ::lion_emu::shuffle_xor_bits(mask, ::lion_emu::to_bits(var), lane_mask, width));
+  T result;
+  if constexpr (sizeof(T) == 8) {  // as CUDA does for double: two 32-bit shuffles
+    uint32_t halves[2];
+    std::memcpy(halves, &var, 8);
+    for (uint32_t& half : halves) {
+      half = ::lion_emu::shuffle_xor_bits(mask, half, lane_mask, width);
+    }
+    std::memcpy(&result, halves, 8);
+  } else {
+    result = ::lion_emu::from_bits<T>(
+        ::lion_emu::shuffle_xor_bits(mask, ::lion_emu::to_bits(var), lane_mask, width));
+  }
   asm volatile("" ::: "memory");
   return result;
 }
