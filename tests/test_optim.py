@@ -105,12 +105,33 @@ def test_numpy_scalar_hyperparameters_work_as_python_numbers():
                                                       expected_opt.state[q].values()))
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.complex64, torch.int32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex64])
 def test_unsupported_param_dtypes_are_refused_at_construction(dtype):
-    p = torch.nn.Parameter(torch.zeros(3, dtype=dtype), requires_grad=dtype.is_floating_point
-                           or dtype.is_complex)
+    p = torch.nn.Parameter(torch.zeros(3, dtype=dtype))
     with pytest.raises(TypeError, match="group 0, index 0"):
         Lion([p])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int8, torch.int32])
+def test_frozen_params_of_other_dtypes_are_skipped_as_in_bitsandbytes(dtype):
+    """Lion(model.parameters()) on a model with frozen params that no kernel here takes
+    (int8 quantized weights, a float64 constant) works, as in torch and bitsandbytes: they get
+    no gradient, so no step touches them. One that gets a gradient later is refused by the
+    step, naming it, before anything changes."""
+    model = torch.nn.Linear(4, 3)
+    model.register_parameter("frozen", torch.nn.Parameter(torch.ones(5, dtype=dtype),
+                                                          requires_grad=False))
+    opt = lion_ops.Lion8bit(model.named_parameters(), lr=0.1, min_8bit_size=1)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    assert model.frozen not in opt.state and len(opt.state) == 2
+    assert torch.equal(model.frozen, torch.ones(5, dtype=dtype))
+    before = [p.detach().clone() for p in model.parameters()]
+    model.frozen.grad = torch.ones(5, dtype=dtype)
+    with pytest.raises(TypeError, match=r"parameter 'frozen' \(group 0, index 2"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert [int(opt.state[p]["step"]) for p in (model.weight, model.bias)] == [1, 1]
 
 
 def test_state_dict_hooks_see_the_saved_layout():

@@ -354,7 +354,10 @@ class LionOptimizerBase(torch.optim.Optimizer):
                     f"param at index {first} of the same group again (a tied weight listed "
                     "twice?); a step would update it twice. List each param once "
                     "(module.parameters() does)")
-            problem = _unsupported_param(p)
+            # Only params that can get a gradient: a frozen param of another dtype (int8
+            # quantized weights, a float64 constant) is skipped by every step, as in torch and
+            # bitsandbytes; should it get a gradient later, the step refuses it.
+            problem = _unsupported_param(p) if p.requires_grad else ""
             if problem:
                 self.param_groups.pop()  # refused as a whole: the optimizer stays as it was
                 raise TypeError(f"{where}: {_describe(group, len(self.param_groups), index, p)} "
