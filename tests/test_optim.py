@@ -105,6 +105,54 @@ def test_numpy_scalar_hyperparameters_work_as_python_numbers():
                                                       expected_opt.state[q].values()))
 
 
+def test_betas_from_any_two_element_sequence_work_as_a_tuple():
+    """torch's optimizers and bitsandbytes take betas as any indexable pair: a Hydra config's
+    omegaconf ListConfig (a MutableSequence, not a list), a NumPy array. The constructor,
+    add_param_group and override_config store them as a tuple."""
+    import collections.abc
+    np = pytest.importorskip("numpy")
+
+    class ListConfig(collections.abc.MutableSequence):  # omegaconf's, stripped down
+        def __init__(self, items):
+            self._items = list(items)
+
+        def __getitem__(self, i):
+            return self._items[i]
+
+        def __setitem__(self, i, value):
+            self._items[i] = value
+
+        def __delitem__(self, i):
+            del self._items[i]
+
+        def __len__(self):
+            return len(self._items)
+
+        def insert(self, i, value):
+            self._items.insert(i, value)
+
+    steps = []
+    for betas in (ListConfig([0.5, 0.8]), np.array([0.5, 0.8]), (0.5, 0.8)):
+        torch.manual_seed(0)
+        a, b, c = (torch.nn.Parameter(torch.randn(300)) for _ in range(3))
+        opt = Lion([a], lr=0.1, betas=betas)
+        opt.add_param_group({"params": [b], "betas": betas})
+        opt.add_param_group({"params": [c], "betas": (0.0, 0.0)})
+        lion_ops.optim.GlobalOptimManager.get_instance().override_config(c, "betas", betas)
+        assert opt.defaults["betas"] == opt.param_groups[1]["betas"] == (0.5, 0.8)
+        assert type(opt.defaults["betas"]) is tuple
+        for _ in range(3):
+            for p in (a, b, c):
+                p.grad = torch.randn_like(p)
+            opt.step()
+        steps.append([a, b, c])
+    for run in steps[:2]:
+        assert all(torch.equal(p, q) for p, q in zip(run, steps[2]))
+    for bad in ("ab", {0.5, 0.8}, np.array(0.5), (0.5,)):
+        with pytest.raises(ValueError, match="betas must be a pair"):
+            Lion([torch.nn.Parameter(torch.zeros(3))], betas=bad)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex64])
 def test_unsupported_param_dtypes_are_refused_at_construction(dtype):
     p = torch.nn.Parameter(torch.zeros(3, dtype=dtype))

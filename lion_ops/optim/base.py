@@ -120,7 +120,7 @@ def check_hyperparameters(lr: Any, betas: Any, weight_decay: Any, where: str) ->
     floating-point tensor (as torch's optimizers take them: a compiled step then reads it as
     a graph input). A tensor's value is read here only if it is on the CPU: one on a GPU is
     read by the kernel (reading it here would synchronize the device)."""
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+    if not _is_pair(betas):
         raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
     for name, value in (("lr", lr), ("beta1", betas[0]), ("beta2", betas[1]),
                         ("weight_decay", weight_decay)):
@@ -139,6 +139,20 @@ def check_hyperparameters(lr: Any, betas: Any, weight_decay: Any, where: str) ->
             raise ValueError(f"{where}: {_range_error(name, value)}")
         else:
             _check_hyperparameter_value(name, value, where)
+
+
+def _is_pair(betas: Any) -> bool:
+    """Whether betas is a sequence of two values: a tuple or list, or any other indexable
+    sequence that torch's optimizers and bitsandbytes take (an omegaconf ListConfig from a
+    Hydra config, a NumPy array, a 1-d tensor), which is stored as a tuple."""
+    if isinstance(betas, (tuple, list)):
+        return len(betas) == 2
+    if isinstance(betas, (str, bytes, dict)) or not hasattr(type(betas), "__getitem__"):
+        return False
+    try:
+        return len(betas) == 2
+    except TypeError:  # a 0-dim tensor or array
+        return False
 
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # the kernels take lr in float32
@@ -184,8 +198,9 @@ def _check_tensor_values(where: str, lr: Any = None, betas: Any = (), weight_dec
                          ) -> None:
     """The values of tensor hyperparameters on any device (a host read: for construction,
     add_param_group and overrides, not for steps)."""
-    for name, value in (("lr", lr), ("beta1", betas[0] if betas else None),
-                        ("beta2", betas[1] if betas else None), ("weight_decay", weight_decay)):
+    for name, value in (("lr", lr), ("beta1", betas[0] if len(betas) else None),
+                        ("beta2", betas[1] if len(betas) else None),
+                        ("weight_decay", weight_decay)):
         if isinstance(value, Tensor):
             _check_hyperparameter_value(name, value, where)
 
