@@ -53,6 +53,7 @@ never as codes:
 
 from __future__ import annotations
 
+import inspect
 import io
 from dataclasses import dataclass, field
 from functools import partial
@@ -419,6 +420,24 @@ def test_state_dict_layout_is_bitsandbytes(bnb):
         assert {"lr", "betas", "weight_decay", "eps", "params"} <= set(group)
         assert set(group) == set(ref_group)
         assert group == ref_group
+
+
+@pytest.mark.parametrize("move_to_device", [True, False])
+def test_load_state_dict_takes_bitsandbytes_move_to_device(bnb, move_to_device):
+    """Calls written for bitsandbytes' load_state_dict(state_dict, move_to_device=...) work;
+    the state goes to the param's device either way (the only place a step can use it)."""
+    assert inspect.signature(lion_ops.Lion.load_state_dict).parameters.keys() \
+        == inspect.signature(bnb.optim.Lion.load_state_dict).parameters.keys()
+    initial = make_params([(7,), (4097,)], torch.float32, torch.device("cpu"))
+    ours, theirs = twins(initial)
+    run = Lockstep(lion_ops.Lion(ours), bnb.optim.Lion(theirs))
+    run.step()
+    saved = run.opt_b.state_dict()
+    run.opt_a.load_state_dict(saved, move_to_device=move_to_device)
+    run.opt_a.load_state_dict(saved, move_to_device)  # positional, as bitsandbytes takes it
+    assert step_of(run.opt_a, ours[1]) == 1
+    assert run.opt_a.state[ours[1]]["state1"].device == ours[1].device
+    run.step()
 
 
 # ---- 4. lion_ops.Lion vs lion_pytorch.Lion --------------------------------------------------

@@ -682,9 +682,14 @@ class LionOptimizerBase(torch.optim.Optimizer):
                 state_dict = result
         return state_dict
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict, move_to_device: bool = True) -> None:
         """Loads a state_dict saved by this class or by bitsandbytes (nested or flat layout).
-        Everything is checked before the optimizer is changed."""
+        Everything is checked before the optimizer is changed.
+
+        move_to_device is bitsandbytes' argument, taken so that calls written for it work:
+        the state always goes to its param's device, the only place a step can use it (in
+        bitsandbytes, state left elsewhere by move_to_device=False is moved there by the first
+        step after construction, and fails a later step)."""
         if isinstance(state_dict, dict):
             state_dict = dict(state_dict)  # pre-hooks get a shallow copy, as in torch
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
