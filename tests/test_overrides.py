@@ -3,6 +3,7 @@ know them, against plain-PyTorch references."""
 
 import gc
 import types
+import warnings
 import weakref
 
 import pytest
@@ -85,6 +86,37 @@ def test_hf_trainer_pattern_keeps_embeddings_32bit(register_before_optimizer):
     assert opt.state[model.embed.weight]["state1"].dtype == torch.float32
     assert opt.state[model.proj.weight]["state1"].dtype == torch.uint8
     assert opt.state[model.proj.bias]["state1"].dtype == torch.float32  # under min_8bit_size
+
+
+def test_overrides_left_in_bitsandbytes_manager_are_warned_about():
+    """Code switched from bitsandbytes by changing only the optimizer's import keeps
+    registering with bitsandbytes' manager, which lion_ops does not read: the first step says
+    so, once, rather than silently keeping the embeddings 8-bit."""
+    bnb = pytest.importorskip("bitsandbytes")
+    bnb_manager = bnb.optim.GlobalOptimManager.get_instance()
+    bnb_manager.initialize()
+    try:
+        model = TinyModel()
+        opt = Lion8bit(model.parameters(), lr=1e-3, min_8bit_size=1000)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model(torch.tensor([1, 2, 3])).backward()
+            opt.step()  # nothing registered there: no warning
+        model, other = TinyModel(), TinyModel()
+        bnb_manager.register_module_override(model.embed, "weight", {"optim_bits": 32})
+        bnb_manager.override_config(other.proj.weight, "optim_bits", 32)  # not this optimizer's
+        opt = Lion8bit(model.parameters(), lr=1e-3, min_8bit_size=1000)
+        model(torch.tensor([1, 2, 3])).backward()
+        with pytest.warns(UserWarning, match="bitsandbytes.optim.GlobalOptimManager holds "
+                                             "overrides for 1 of this optimizer's params") as seen:
+            opt.step()
+        assert seen[0].filename == __file__
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt.step()  # once
+        assert opt.state[model.embed.weight]["state1"].dtype == torch.uint8
+    finally:
+        bnb_manager.initialize()
 
 
 def test_override_hyperparameters_per_param_match_reference():

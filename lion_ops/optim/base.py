@@ -570,6 +570,9 @@ class LionOptimizerBase(torch.optim.Optimizer):
         plan = None if compiling else getattr(self, "_step_plan", None)
         if plan is not None and plan.run(self):
             return loss
+        if not compiling and not self.__dict__.get("_checked_bitsandbytes_overrides"):
+            self._checked_bitsandbytes_overrides = True
+            _warn_about_bitsandbytes_overrides(self)
         self._step_plan = None
         work = self._check_step_inputs()
         plans = []
@@ -986,6 +989,28 @@ class _StepPlan:
 # The state entries a plan's calls hold: replacing or removing any of them sends the step to
 # the full check.
 _PLAN_STATE_KEYS = ("step", "state1", "absmax1", "max1", "new_max1", "gnorm_vec")
+
+
+def _warn_about_bitsandbytes_overrides(optimizer: LionOptimizerBase) -> None:
+    """Warns, at an optimizer's first step, when bitsandbytes' own GlobalOptimManager holds
+    overrides for its params: code switched from bitsandbytes by changing only the optimizer's
+    import would lose them silently (embeddings kept 32-bit, say), as lion_ops reads only
+    lion_ops.optim.GlobalOptimManager. Reads bitsandbytes only if it was imported."""
+    module = sys.modules.get("bitsandbytes.optim.optimizer")
+    manager = getattr(getattr(module, "GlobalOptimManager", None), "_instance", None)
+    if manager is None:
+        return
+    ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    overridden = set(getattr(manager, "pid2config", None) or ()) & ids
+    for owner, name, _ in getattr(manager, "module_weight_config_triple", None) or ():
+        if id(getattr(owner, name, None)) in ids:
+            overridden.add(id(getattr(owner, name)))
+    if overridden:
+        warnings.warn(
+            f"{type(optimizer).__name__}: bitsandbytes.optim.GlobalOptimManager holds overrides "
+            f"for {len(overridden)} of this optimizer's params, which lion_ops does not read; "
+            "register them with lion_ops.optim.GlobalOptimManager.get_instance() instead",
+            UserWarning, stacklevel=5)  # the caller of step(), past torch's wrappers
 
 
 def _read_args(args, where: str) -> tuple:
