@@ -288,6 +288,30 @@ def test_overrides_compile_without_recompiles():
     torch._dynamo.reset()
 
 
+def test_a_tensor_override_compiles_once_and_steps_with_its_current_value():
+    """A CPU tensor override, changed in place between compiled steps: its check (a host
+    read, done by eager steps) stays out of the compiled step, which neither breaks the graph
+    nor recompiles, and reads the tensor's current value."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    p, q = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+    override_lr = torch.tensor(0.5)
+    GlobalOptimManager.get_instance().override_config(q, "lr", override_lr)
+    opt = Lion([p, q], lr=torch.tensor(0.25))
+    counter = CompileCounterWithBackend("aot_eager")
+    step = torch.compile(opt.step, backend=counter, fullgraph=True)
+    moves = []
+    for lr in (0.5, 0.125, 0.0625):
+        override_lr.fill_(lr)
+        before = q.detach().clone()
+        p.grad, q.grad = torch.ones(4), torch.ones(4)
+        step()
+        moves.append((before - q.detach()).abs().max().item())
+    assert moves == [0.5, 0.125, 0.0625]
+    assert counter.frame_count == 2  # the first step (state made) and the later ones
+    torch._dynamo.reset()
+
+
 def test_initialize_keeps_optimizers_attached():
     """initialize() forgets the overrides; optimizers made before it drop theirs and see the
     ones registered after it (as in bitsandbytes, whose optimizers look overrides up)."""
