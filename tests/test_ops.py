@@ -84,6 +84,20 @@ def test_lr_dtype_and_empty_list(device):
     op([], [], [], torch.tensor(0.5), 0.9, 0.99, 0.0)  # nothing to do, no error
 
 
+@pytest.mark.parametrize("hyper_dtype", [torch.float64, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_hyperparameter_tensors_of_any_floating_dtype_are_read_as_their_value(device,
+                                                                             hyper_dtype):
+    """CPU hyperparameter tensors of every floating dtype are read on the host as the float32
+    of their value: values exact in every dtype step exactly as float32 tensors of them."""
+    values = (0.0625, 0.875, 0.9375, 0.25)  # lr, beta1, beta2, weight_decay
+    params, grads, momenta = _lists([(100,)], torch.float32, device)
+    expected = [p.clone() for p in params], [m.clone() for m in momenta]
+    op(expected[0], grads, expected[1], *(torch.tensor(v) for v in values))
+    op(params, grads, momenta, *(torch.tensor(v, dtype=hyper_dtype) for v in values))
+    assert torch.equal(params[0], expected[0][0]) and torch.equal(momenta[0], expected[1][0])
+
+
 def test_nan_gradient_propagates_to_the_param(device):
     p = torch.ones(4, device=device)
     g = torch.tensor([float("nan"), 1.0, -1.0, 0.0], device=device)
