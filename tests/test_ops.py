@@ -84,6 +84,20 @@ def test_lr_dtype_and_empty_list(device):
     op([], [], [], torch.tensor(0.5), 0.9, 0.99, 0.0)  # nothing to do, no error
 
 
+@pytest.mark.parametrize("hyper_dtype", [torch.float64, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_hyperparameter_tensors_of_any_floating_dtype_are_read_as_their_value(device,
+                                                                             hyper_dtype):
+    """CPU hyperparameter tensors of every floating dtype are read on the host as the float32
+    of their value: values exact in every dtype step exactly as float32 tensors of them."""
+    values = (0.0625, 0.875, 0.9375, 0.25)  # lr, beta1, beta2, weight_decay
+    params, grads, momenta = _lists([(100,)], torch.float32, device)
+    expected = [p.clone() for p in params], [m.clone() for m in momenta]
+    op(expected[0], grads, expected[1], *(torch.tensor(v) for v in values))
+    op(params, grads, momenta, *(torch.tensor(v, dtype=hyper_dtype) for v in values))
+    assert torch.equal(params[0], expected[0][0]) and torch.equal(momenta[0], expected[1][0])
+
+
 def test_nan_gradient_propagates_to_the_param(device):
     p = torch.ones(4, device=device)
     g = torch.tensor([float("nan"), 1.0, -1.0, 0.0], device=device)
@@ -438,6 +452,79 @@ def test_percentile_clipping_fake_refuses_what_the_kernel_refuses(case):
         grads, [torch.zeros(100, device="meta") for _ in grads],
         [torch.ones((), device="meta") for _ in grads], 99)
     assert scales.device.type == "meta" and scales.shape == (2,) and scales.dtype == torch.float32
+
+
+def _update_args(operator, device, lr, beta1, beta2, weight_decay):
+    """Arguments of an update operator for two params on `device` with these hyperparameters."""
+    params = [torch.zeros(600, device=device), torch.zeros(7, device=device)]
+    grads = [torch.zeros_like(p) for p in params]
+    qmap = torch.zeros(256, device=device)
+    hyper = (lr, beta1, beta2, weight_decay)
+    if operator == "lion_update_32bit":
+        return params, grads, [torch.zeros_like(p) for p in params], *hyper
+    codes = [torch.zeros(p.shape, dtype=torch.uint8, device=device) for p in params]
+    if operator == "lion_update_8bit_blockwise":
+        absmaxes = [torch.zeros(3, device=device), torch.zeros(1, device=device)]
+        return params, grads, codes, absmaxes, qmap, *hyper
+    scales = [torch.zeros(1, device=device) for _ in params]
+    return params, grads, codes, scales, [s.clone() for s in scales], qmap, *hyper
+
+
+UPDATE_OPERATORS = ["lion_update_32bit", "lion_update_8bit_blockwise", "lion_update_8bit_static"]
+
+
+@pytest.mark.parametrize("operator", UPDATE_OPERATORS)
+@pytest.mark.parametrize("name, bad, error, message", [
+    ("lr", torch.tensor([0.1]), ValueError, r"lr must be a 0-dim tensor, got shape \(1,\)"),
+    ("beta1", torch.tensor(1), TypeError,
+     "beta1 must be a floating-point tensor, got torch.int64"),
+    ("beta2", torch.tensor(0.99, device="meta"), ValueError,
+     "beta2 must be on the CPU or on cpu, got meta"),
+    ("weight_decay", torch.tensor(0.1).to_sparse(), ValueError,
+     "weight_decay must be a dense tensor, got layout torch.sparse_coo"),
+])
+def test_update_fakes_refuse_the_hyperparameter_tensors_the_kernels_refuse(
+        operator, name, bad, error, message):
+    """torch.compile and torch.export trace the update operators with their fakes, under
+    FakeTensorMode: a hyperparameter tensor the kernels would refuse is refused there, when
+    the call is traced, with the kernels' message."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    hyper = {"lr": torch.tensor(0.1), "beta1": torch.tensor(0.9), "beta2": torch.tensor(0.99),
+             "weight_decay": torch.tensor(0.0)}
+    hyper[name] = bad
+    with FakeTensorMode() as mode:
+        args = _update_args(operator, "cpu", *(mode.from_tensor(hyper[k]) for k in
+                                               ("lr", "beta1", "beta2", "weight_decay")))
+        with pytest.raises(error, match=f"^{operator}: {message}"):
+            getattr(torch.ops.lion, operator).default(*args)
+
+
+@pytest.mark.parametrize("operator", UPDATE_OPERATORS)
+def test_update_fakes_take_cpu_hyperparameters_with_params_elsewhere(operator):
+    """0-dim CPU hyperparameter tensors go with params on any device (the kernels read them on
+    the host): as under torch.compile with CUDA params, meta params here."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        hyper = [mode.from_tensor(torch.tensor(v)) for v in (0.1, 0.9, 0.99, 0.0)]
+        args = _update_args(operator, "meta", *hyper)
+        assert getattr(torch.ops.lion, operator).default(*args) is None
+
+
+def test_number_hyperparameters_are_cpu_tensors_whatever_the_default_device():
+    """The Python wrappers take numbers and make them 0-dim float32 CPU tensors (read on the
+    host), not tensors on torch's default device (meta here, a stand-in for "cuda" with CPU
+    params), which the operators would refuse."""
+    p, g, m = _lists([(9,)], torch.float32, "cpu")
+    expected = [t.clone() for t in p], [t.clone() for t in m]
+    op(expected[0], g, expected[1], torch.tensor(0.0625), 0.875, 0.96875, 0.125)
+    assert lion_ops.ops.hyperparameter(0.875).device.type == "cpu"
+    torch.set_default_device("meta")
+    try:
+        assert lion_ops.ops.hyperparameter(0.875).device.type == "cpu"
+        lion_ops.ops.lion_update_32bit(p, g, m, 0.0625, 0.875, 0.96875, 0.125)
+    finally:
+        torch.set_default_device(None)
+    assert torch.equal(p[0], expected[0][0]) and torch.equal(m[0], expected[1][0])
 
 
 # empty tensors between others.

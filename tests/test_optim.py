@@ -71,10 +71,58 @@ def test_constructors_match_bitsandbytes():
     (dict(percentile_clipping=True), "percentile_clipping must be an int in 1..100"),
     (dict(min_8bit_size=-1), "min_8bit_size"),
     (dict(is_paged="yes"), "is_paged must be a bool"),
+    # Exact messages: what is refused, named as the user wrote it (a tensor's value as the
+    # float32 the kernels would read).
+    (dict(betas=(0.9, 0.99, 0.999)), r"Lion: betas must be a pair \(beta1, beta2\), got "
+                                     r"\(0.9, 0.99, 0.999\)"),
+    (dict(betas=torch.tensor([0.9, 0.99])), r"Lion: betas must be a pair \(beta1, beta2\)"),
+    (dict(lr=torch.zeros(0)), r"Lion: a tensor lr must be a 1-element floating-point tensor, "
+                              r"got shape \(0,\) and dtype torch.float32"),
+    (dict(weight_decay=torch.tensor([1, 2])), r"tensor weight_decay must be a 1-element "
+                                              r"floating-point tensor, got shape \(2,\) and "
+                                              r"dtype torch.int64"),
+    (dict(lr="0.1"), r"Lion: invalid learning rate lr='0.1': must be a number >= 0, finite in "
+                     r"float32"),
+    (dict(lr=None), r"Lion: invalid learning rate lr=None"),
+    (dict(betas=(0.9, 1j)), r"Lion: invalid beta parameter at index 1: 1j: must be in \[0, 1\)"),
+    (dict(weight_decay=1e39), r"Lion: invalid weight_decay value: 1e\+39: must be a number >= 0, "
+                              r"finite in float32"),
+    (dict(lr=1e39), r"Lion: invalid learning rate lr=1e\+39: must be a number >= 0, finite in "
+                    r"float32"),
+    # Beyond float32's range, a tensor's value reads as infinite, with its sign.
+    (dict(lr=torch.tensor(-1e39, dtype=torch.float64)), r"Lion: invalid learning rate lr=-inf:"),
+    (dict(weight_decay=torch.tensor(1e39, dtype=torch.float64)),
+     r"Lion: invalid weight_decay value: inf:"),
+    # 1 - 2**-25 is halfway between float32's largest value below 1 and 1: it rounds to 1.
+    (dict(betas=(1 - 2**-25, 0.99)), r"Lion: invalid beta parameter at index 0: "
+                                     r"0.99999997\d*: must be in \[0, 1\) in float32"),
 ])
 def test_out_of_range_hyperparameters_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Lion([torch.nn.Parameter(torch.zeros(3))], **kwargs)
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(lr=0.0), dict(lr=_FLOAT32_MAX), dict(lr=torch.tensor(_FLOAT32_MAX)),
+    dict(weight_decay=0.0), dict(weight_decay=1.5), dict(weight_decay=_FLOAT32_MAX),
+    dict(weight_decay=torch.tensor(_FLOAT32_MAX, dtype=torch.float64)),
+    dict(betas=(0.0, 0.0)), dict(betas=(torch.tensor(0.0), torch.tensor(0.0))),
+    dict(betas=(1 - 2**-24, 1 - 2**-24)),  # float32's largest value below 1
+    dict(betas=(0.9, torch.tensor(1 - 2**-24))),
+], ids=lambda kwargs: repr(kwargs))
+def test_hyperparameters_at_the_ends_of_their_ranges_are_accepted(kwargs):
+    """lr and weight_decay in [0, float32 max], betas in [0, 1) as float32: the ends that are
+    in range are taken, at construction and by a step (which the operators check again)."""
+    settings = dict(lr=0.0, betas=(0.9, 0.99), weight_decay=0.0)
+    settings.update(kwargs)
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = Lion([p], **settings)
+    p.grad = torch.ones(3)
+    opt.step()
+    assert int(opt.state[p]["step"]) == 1
 
 
 def test_numpy_scalar_hyperparameters_work_as_python_numbers():
@@ -232,6 +280,25 @@ def test_a_refused_param_group_leaves_the_optimizer_as_it_was():
     good.grad = torch.randn(4)
     opt.step()  # still works, on the one group it has
     assert int(opt.state[good]["step"]) == 1
+
+
+@pytest.mark.parametrize("group, message", [
+    ({"lr": -1.0}, r"invalid learning rate lr=-1.0"),
+    ({"lr": torch.tensor(float("nan"))}, r"invalid learning rate lr=nan"),
+    ({"weight_decay": float("inf")}, r"invalid weight_decay value: inf"),
+    ({"weight_decay": torch.tensor(-0.5)}, r"invalid weight_decay value: -0.5"),
+    ({"betas": (0.9, 1.0)}, r"invalid beta parameter at index 1: 1.0"),
+    ({"betas": (torch.tensor(-0.5), 0.9)}, r"invalid beta parameter at index 0: -0.5"),
+    ({"lr": torch.tensor(1)}, r"a tensor lr must be a 1-element floating-point tensor"),
+])
+def test_a_param_group_with_a_bad_hyperparameter_is_refused(group, message):
+    """add_param_group checks each hyperparameter the group sets, as the constructor does,
+    and the optimizer keeps its groups as they were."""
+    opt = Lion([torch.nn.Parameter(torch.randn(4))], lr=0.1)
+    new = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match=r"^Lion.add_param_group: " + message):
+        opt.add_param_group(dict(group, params=[new]))
+    assert len(opt.param_groups) == 1 and all(p is not new for p in opt.param_groups[0]["params"])
 
 
 @pytest.mark.parametrize("cls", [Lion, Lion32bit, lion_ops.Lion8bit])
@@ -688,6 +755,41 @@ def test_grad_scaler_steps_with_the_unscaled_grads(optim_bits):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("where", ["constructor", "add_param_group", "override",
+                                   "load_state_dict"])
+def test_a_bad_hyperparameter_tensor_on_the_device_is_refused_where_it_is_given(where):
+    """A hyperparameter tensor on the GPU is read by the kernels, not by each step (that would
+    synchronize): its value is checked, with one host read, where it is given."""
+    bad = torch.tensor(1.0, device="cuda")  # as beta2
+    message = r"invalid beta parameter at index 1: 1.0: must be in \[0, 1\)"
+    p = torch.nn.Parameter(torch.randn(4, device="cuda"))
+    if where == "constructor":
+        with pytest.raises(ValueError, match=r"^Lion: " + message):
+            Lion([p], betas=(0.9, bad))
+        with pytest.raises(ValueError, match=r"^Lion: invalid learning rate lr=-0.5"):
+            Lion([p], lr=torch.tensor(-0.5, device="cuda"))
+    elif where == "add_param_group":
+        opt = Lion([p], lr=0.1)
+        with pytest.raises(ValueError, match=r"^Lion.add_param_group: " + message):
+            opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3, device="cuda"))],
+                                 "betas": (0.9, bad)})
+        assert len(opt.param_groups) == 1
+    elif where == "override":
+        manager = lion_ops.optim.GlobalOptimManager.get_instance()
+        with pytest.raises(ValueError, match=r"^GlobalOptimManager.override_config: " + message):
+            manager.override_config(p, "betas", (0.9, bad))
+        assert manager.config_for(0, 0, p) == {}
+    else:
+        opt = Lion([p], lr=0.1)
+        saved = opt.state_dict()
+        saved["param_groups"][0]["betas"] = (0.9, bad)
+        with pytest.raises(ValueError, match=r"^Lion.load_state_dict \(param group 0\): "
+                           + message):
+            opt.load_state_dict(saved)
+        assert opt.param_groups[0]["betas"] == (0.9, 0.99)
+
+
+@pytest.mark.cuda
 def test_tensor_lr_on_the_device():
     params = _params(torch.float32, "cuda", [(64,)], False)
     lr = torch.tensor(0.25, device="cuda")
@@ -953,16 +1055,26 @@ def _corruptions():
         sd["param_groups"].append(dict(sd["param_groups"][0]))
     def unknown_param(sd):
         sd["state"][1234] = sd["state"][0]
+    def missing_lr(sd):
+        del sd["param_groups"][0]["lr"]
+    def negative_tensor_weight_decay(sd):
+        sd["param_groups"][0]["weight_decay"] = torch.tensor(-1.0)
+    def integer_tensor_beta(sd):
+        sd["param_groups"][0]["betas"] = (0.9, torch.tensor(1))
     return [(wrong_shape, "expected a floating-point tensor of shape"), (missing_momentum, "no momentum"),
             (eight_bit_codes, "8-bit"), (bad_step, "'step' must be a finite number >= 0"),
             (nan_step, "'step' must be a finite number >= 0, got nan"),
             (infinite_step, "'step' must be a finite number >= 0, got inf"),
             (negative_step, "'step' must be a finite number >= 0, got -3"),
             (bad_beta, "beta parameter at index 0"), (extra_group, "param groups"),
-            (unknown_param, "param id 1234")]
+            (unknown_param, "param id 1234"),
+            (missing_lr, r"load_state_dict \(param group 0\): invalid learning rate lr=None"),
+            (negative_tensor_weight_decay,
+             r"load_state_dict \(param group 0\): invalid weight_decay value: -1.0"),
+            (integer_tensor_beta, r"a tensor beta2 must be a 1-element floating-point tensor")]
 
 
-@pytest.mark.parametrize("case", range(10))
+@pytest.mark.parametrize("case", range(len(_corruptions())))
 def test_corrupt_state_dict_is_refused_and_optimizer_unchanged(case):
     corrupt, message = _corruptions()[case]
     model, opt = _make_model_and_opt("cpu")
@@ -1022,6 +1134,30 @@ def test_hyperparameter_broken_after_construction_is_refused_and_nothing_changes
     with pytest.raises(ValueError, match=r"param group 1.*index 1"):
         opt.step()
     _assert_unchanged(opt, params, snapshot)
+
+
+@pytest.mark.parametrize("key, bad, message", [
+    ("lr", float("nan"), r"invalid learning rate lr=nan"),
+    ("weight_decay", -1.0, r"invalid weight_decay value: -1.0"),
+    ("beta2", 1.0, r"invalid beta parameter at index 1: 1.0"),
+])
+def test_a_hyperparameter_broken_before_the_first_step_is_refused_and_nothing_changes(
+        key, bad, message):
+    """The first step (the full check, with no plan yet) refuses a CPU tensor hyperparameter
+    changed in place since construction before any group steps or any state is made."""
+    params = _params(torch.float32, "cpu", [(5,), (6,)], False)
+    values = {"lr": torch.tensor(0.1), "weight_decay": torch.tensor(0.1),
+              "beta2": torch.tensor(0.99)}
+    opt = Lion([{"params": params[:1]},
+                {"params": params[1:], "lr": values["lr"], "betas": (0.9, values["beta2"]),
+                 "weight_decay": values["weight_decay"]}], lr=0.1)
+    values[key].fill_(bad)
+    _set_random_grads(params)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"^Lion.step \(param group 1\): " + message):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert not opt.state
 
 
 def test_param_replaced_after_first_step_is_refused_and_nothing_changes():
@@ -1328,6 +1464,24 @@ def test_a_one_element_lr_tensor_steps_as_a_0_dim_one():
     assert torch.equal(a, b)
 
 
+def test_the_cache_of_number_hyperparameters_stays_small_and_exact():
+    """A schedule gives lr a new number at every step: the float32 CPU tensors kept for
+    numbers (so that constant betas and weight decay cost no new tensor per step) stay at most
+    64, each holding its own number."""
+    from lion_ops.optim import base
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = Lion([p], lr=0.1, weight_decay=0.01)
+    for i in range(150):
+        opt.param_groups[0]["lr"] = 1e-3 * (1 + i / 1000)
+        p.grad = torch.ones(3)
+        opt.step()
+        assert len(base._NUMBER_TENSORS) <= 64
+    assert 1e-3 * (1 + 149 / 1000) in base._NUMBER_TENSORS
+    for number, tensor in base._NUMBER_TENSORS.items():
+        assert tensor.device.type == "cpu" and tensor.dim() == 0
+        assert tensor.item() == torch.tensor(number, dtype=torch.float32).item()
+
+
 def _one_rank_mesh():
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -1478,6 +1632,27 @@ def test_a_default_device_other_than_the_params_does_not_leak_in(cls, kwargs):
         torch.set_default_device(None)
     assert torch.equal(p, q)
     assert all(t.device.type == "cpu" for t in opt.state[p].values() if torch.is_tensor(t))
+
+
+def test_number_hyperparameters_are_made_on_the_cpu_whatever_the_default_device():
+    """With no tensor for the step's numbers kept from an earlier step, a step under another
+    default device (meta here, a stand-in for "cuda" with CPU params) still makes them as 0-dim
+    float32 CPU tensors, and steps exactly as without it."""
+    from lion_ops.optim import base
+    runs = []
+    for default_device in (None, "meta"):
+        base._NUMBER_TENSORS.clear()
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 8))
+        opt = Lion([p], lr=0.0625, betas=(0.875, 0.9375), weight_decay=0.25)
+        p.grad = torch.linspace(1, -1, 8)
+        torch.set_default_device(default_device)
+        try:
+            opt.step()
+        finally:
+            torch.set_default_device(None)
+        assert all(t.device.type == "cpu" for t in base._NUMBER_TENSORS.values())
+        runs.append(p)
+    assert torch.equal(runs[0], runs[1])
 
 
 def test_a_step_under_fake_tensor_mode_leaves_later_steps_real():

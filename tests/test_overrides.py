@@ -48,6 +48,19 @@ def test_args_replace_the_keyword_configuration():
     assert "gnorm_vec" in opt.state[params[0]] and opt.state[params[0]]["state1"].dtype == torch.float32
 
 
+def test_args_without_the_optional_options_take_their_defaults():
+    """Only optim_bits and min_8bit_size are required of args; percentile_clipping,
+    block_wise, max_unorm and skip_zeros default to 100, True, 0.0 and False, as in
+    bitsandbytes."""
+    params = [torch.nn.Parameter(torch.randn(200))]
+    opt = Lion(params, lr=1e-3, percentile_clipping=5, block_wise=False,
+               args=types.SimpleNamespace(optim_bits=8, min_8bit_size=100))
+    assert (opt.optim_bits, opt.min_8bit_size, opt.percentile_clipping, opt.block_wise) == \
+        (8, 100, 100, True)
+    _step(opt, params)
+    assert "absmax1" in opt.state[params[0]] and "gnorm_vec" not in opt.state[params[0]]
+
+
 @pytest.mark.parametrize("args, error, message", [
     (types.SimpleNamespace(optim_bits=8), ValueError, "args has no attribute 'min_8bit_size'"),
     (_args(max_unorm=1.0), NotImplementedError, "max_unorm"),
@@ -259,6 +272,13 @@ def test_index_based_overrides_follow_positions():
     ({"lr": -1.0}, "invalid learning rate"),
     ({"min_8bit_size": True}, "min_8bit_size"),
     ({"percentile_clipping": True}, "percentile_clipping"),
+    ({"weight_decay": -0.5}, r"invalid weight_decay value: -0.5: must be a number >= 0"),
+    ({"weight_decay": float("inf")}, r"invalid weight_decay value: inf"),
+    ({"weight_decay": torch.tensor(float("nan"))}, r"invalid weight_decay value: nan"),
+    ({"betas": (0.9, 1 - 1e-9)}, r"invalid beta parameter at index 1: .*in float32"),
+    ({"betas": (0.9,)}, r"betas must be a pair"),
+    ({"lr": torch.tensor(1)}, r"a tensor lr must be a 1-element floating-point tensor"),
+    ({"lr": "0.1"}, r"invalid learning rate lr='0.1'"),
 ])
 def test_bad_overrides_are_refused(config, message):
     p = torch.nn.Parameter(torch.zeros(3))
@@ -297,6 +317,30 @@ def test_overrides_compile_without_recompiles():
         opt.param_groups[0]["lr"].fill_(1e-3 / (i + 2))
     assert counter.frame_count == 2
     assert opt.state[model.embed.weight]["state1"].dtype == torch.float32
+    torch._dynamo.reset()
+
+
+def test_a_tensor_override_compiles_once_and_steps_with_its_current_value():
+    """A CPU tensor override, changed in place between compiled steps: its check (a host
+    read, done by eager steps) stays out of the compiled step, which neither breaks the graph
+    nor recompiles, and reads the tensor's current value."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    p, q = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+    override_lr = torch.tensor(0.5)
+    GlobalOptimManager.get_instance().override_config(q, "lr", override_lr)
+    opt = Lion([p, q], lr=torch.tensor(0.25))
+    counter = CompileCounterWithBackend("aot_eager")
+    step = torch.compile(opt.step, backend=counter, fullgraph=True)
+    moves = []
+    for lr in (0.5, 0.125, 0.0625):
+        override_lr.fill_(lr)
+        before = q.detach().clone()
+        p.grad, q.grad = torch.ones(4), torch.ones(4)
+        step()
+        moves.append((before - q.detach()).abs().max().item())
+    assert moves == [0.5, 0.125, 0.0625]
+    assert counter.frame_count == 2  # the first step (state made) and the later ones
     torch._dynamo.reset()
 
 
@@ -444,3 +488,38 @@ def test_override_tensors_that_print_alike_stay_apart():
     # a: 0.90001 * 0.01 + 0.09999 * -0.05 > 0, down again; b: -0.05 < 0, back up.
     torch.testing.assert_close(a.detach(), torch.full((4,), -0.2))
     torch.testing.assert_close(b.detach(), torch.full((4,), 0.0))
+
+
+@pytest.mark.parametrize("steps_before", [0, 2], ids=["first step", "planned step"])
+@pytest.mark.parametrize("key, bad, message", [
+    ("lr", -1.0, r"invalid learning rate lr=-1.0"),
+    ("beta1", 1.0, r"invalid beta parameter at index 0: 1.0"),
+    ("beta2", float("nan"), r"invalid beta parameter at index 1: nan"),
+    ("weight_decay", float("inf"), r"invalid weight_decay value: inf"),
+])
+def test_an_override_tensor_broken_in_place_is_refused_before_anything_changes(
+        steps_before, key, bad, message):
+    """An override's CPU tensor hyperparameter changed in place after override_config is
+    checked by every step, the first (the full check) and planned ones, naming it and its
+    param, before any param, counter or momentum changes."""
+    params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(6))]
+    values = {"lr": torch.tensor(0.01), "beta1": torch.tensor(0.9),
+              "beta2": torch.tensor(0.99), "weight_decay": torch.tensor(0.1)}
+    GlobalOptimManager.get_instance().override_config(params[1], key_value_dict={
+        "lr": values["lr"], "betas": (values["beta1"], values["beta2"]),
+        "weight_decay": values["weight_decay"]})
+    opt = Lion([{"params": params[:1]}, {"params": params[1:]}], lr=0.1)
+    for _ in range(steps_before):
+        _step(opt, params)
+    values[key].fill_(bad)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in params]
+    states = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    with pytest.raises(ValueError, match=r"^Lion.step \(override of param 0 of param group 1\): "
+                       + message):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    for p, state in zip(params, states):
+        assert opt.state[p].keys() == state.keys()
+        assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
