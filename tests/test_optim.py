@@ -75,7 +75,9 @@ def test_constructors_match_bitsandbytes():
     # float32 the kernels would read).
     (dict(betas=(0.9, 0.99, 0.999)), r"Lion: betas must be a pair \(beta1, beta2\), got "
                                      r"\(0.9, 0.99, 0.999\)"),
-    (dict(betas=torch.tensor([0.9, 0.99])), r"Lion: betas must be a pair \(beta1, beta2\)"),
+    (dict(betas=torch.tensor([0.9, 0.99, 0.999])), r"Lion: betas must be a pair \(beta1, beta2\)"),
+    (dict(betas=torch.tensor(0.9)), r"Lion: betas must be a pair \(beta1, beta2\)"),
+    (dict(betas="ab"), r"Lion: betas must be a pair \(beta1, beta2\), got 'ab'"),
     (dict(lr=torch.zeros(0)), r"Lion: a tensor lr must be a 1-element floating-point tensor, "
                               r"got shape \(0,\) and dtype torch.float32"),
     (dict(weight_decay=torch.tensor([1, 2])), r"tensor weight_decay must be a 1-element "
