@@ -370,21 +370,21 @@ FlatOperands::FlatOperands(std::vector<at::TensorList> lists, std::vector<bool> 
     for (size_t l = 0; l < lists.size(); ++l) {
       const at::Tensor& t = lists[l][i];
       if (in_place ? t.strides() == first.strides() : t.is_contiguous()) {
-        flat_[l].push_back(t);
+        flat_[l].push_back(&t);
       } else if (in_place) {  // read-only: a copy in the first one's layout
-        flat_[l].push_back(
-            at::empty_strided(first.sizes(), first.strides(), t.options()).copy_(t));
+        flat_[l].push_back(&copies_.emplace_back(
+            at::empty_strided(first.sizes(), first.strides(), t.options()).copy_(t)));
       } else {
-        at::Tensor copy = t.contiguous();
-        if (mutated[l]) pending_.emplace_back(t, copy);
-        flat_[l].push_back(std::move(copy));
+        const at::Tensor* copy = &copies_.emplace_back(t.contiguous());
+        if (mutated[l]) pending_.emplace_back(&t, copy);
+        flat_[l].push_back(copy);
       }
     }
   }
 }
 
 void FlatOperands::write_back() {
-  for (auto& [original, copy] : pending_) original.copy_(copy);
+  for (auto& [original, copy] : pending_) original->copy_(*copy);
   pending_.clear();
 }
 

@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <deque>
 #include <initializer_list>
 #include <optional>
 #include <utility>
@@ -102,17 +103,21 @@ void check_step_counters(at::TensorList steps);
 // element order. A group whose written tensors are dense and share strides is used in place
 // (a transposed param with a transposed momentum is fine), read-only ones laid out otherwise
 // being copied into that layout; any other group is replaced by contiguous copies, and
-// write_back() copies the mutated ones back.
+// write_back() copies the mutated ones back. Tensors used in place are referred to, not
+// copied (the lists outlive the operator call): no reference counting per tensor.
 class FlatOperands {
  public:
   FlatOperands(std::vector<at::TensorList> lists, std::vector<bool> mutated);
-  const at::Tensor& get(size_t list, size_t index) const { return flat_[list][index]; }
+  FlatOperands(const FlatOperands&) = delete;  // flat_ points into copies_
+  FlatOperands& operator=(const FlatOperands&) = delete;
+  const at::Tensor& get(size_t list, size_t index) const { return *flat_[list][index]; }
   size_t size() const { return flat_.empty() ? 0 : flat_[0].size(); }
   void write_back();
 
  private:
-  std::vector<std::vector<at::Tensor>> flat_;
-  std::vector<std::pair<at::Tensor, at::Tensor>> pending_;  // (original, contiguous copy)
+  std::vector<std::vector<const at::Tensor*>> flat_;
+  std::deque<at::Tensor> copies_;  // the copies flat_ points to (a deque: they never move)
+  std::vector<std::pair<const at::Tensor*, const at::Tensor*>> pending_;  // (original, copy)
 };
 
 }  // namespace lion

@@ -77,33 +77,39 @@ constexpr const char* kInPlaceOperators[] = {"lion_update_32bit", "lion_update_8
                                              "lion_update_8bit_static", "percentile_clipping",
                                              "increment_steps", "prefetch_paged"};
 
-// The tensors of the arguments the schema marks as written (Tensor(a!) and Tensor(a!)[]).
-std::vector<at::Tensor> written_tensors(const c10::OperatorHandle& op,
-                                        const torch::jit::Stack& stack) {
+// The arguments the schema marks as written (Tensor(a!) and Tensor(a!)[]), as IValues: a
+// list is kept by one reference to it, not by a copy of each of its tensors.
+std::vector<c10::IValue> written_arguments(const c10::OperatorHandle& op,
+                                           const torch::jit::Stack& stack) {
   const auto& arguments = op.schema().arguments();
   const size_t first = stack.size() - arguments.size();
-  std::vector<at::Tensor> written;
+  std::vector<c10::IValue> written;
   for (size_t i = 0; i < arguments.size(); ++i) {
     const auto* alias = arguments[i].alias_info();
-    if (alias == nullptr || !alias->isWrite()) continue;
-    const c10::IValue& value = stack[first + i];
-    if (value.isTensor()) {
-      written.push_back(value.toTensor());
-    } else if (value.isTensorList()) {
-      for (const at::Tensor& t : value.toTensorList()) written.push_back(t);
-    }
+    if (alias != nullptr && alias->isWrite()) written.push_back(stack[first + i]);
   }
   return written;
+}
+
+template <typename Visit>
+void for_each_tensor(const std::vector<c10::IValue>& values, const Visit& visit) {
+  for (const c10::IValue& value : values) {
+    if (value.isTensor()) {
+      visit(value.toTensor());
+    } else if (value.isTensorList()) {
+      for (const c10::IValue& element : value.toListRef()) visit(element.toTensor());
+    }
+  }
 }
 
 void refuse_writing_tensors_that_require_grad(const c10::OperatorHandle& op,
                                               c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   if (at::GradMode::is_enabled()) {
-    for (const at::Tensor& t : written_tensors(op, *stack)) {
+    for_each_tensor(written_arguments(op, *stack), [&](const at::Tensor& t) {
       TORCH_CHECK(!t.requires_grad(), op.schema().name(), ": writes a tensor that requires "
                   "grad, and has no derivative; call it under torch.no_grad(), as an "
                   "optimizer step does");
-    }
+    });
   }
   at::AutoDispatchBelowAutograd below;
   op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
@@ -111,12 +117,12 @@ void refuse_writing_tensors_that_require_grad(const c10::OperatorHandle& op,
 
 void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                            torch::jit::Stack* stack) {
-  const std::vector<at::Tensor> written = written_tensors(op, *stack);
+  const std::vector<c10::IValue> written = written_arguments(op, *stack);
   {
     at::AutoDispatchBelowADInplaceOrView below;
     op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
   }
-  for (const at::Tensor& t : written) torch::autograd::impl::bump_version(t);
+  for_each_tensor(written, [](const at::Tensor& t) { torch::autograd::impl::bump_version(t); });
 }
 
 // quantize_blockwise and dequantize_blockwise have no derivative (codes are integers, and
