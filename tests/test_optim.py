@@ -1299,6 +1299,98 @@ def test_bad_input_after_planned_steps_is_refused_and_nothing_changes(corrupt):
     _assert_unchanged(opt, params, snapshot)
 
 
+@pytest.mark.parametrize("kind", ["32-bit", "8-bit blockwise", "8-bit static"])
+@pytest.mark.parametrize("corrupt", ["grad dtype", "grad shape", "grad of equal numel",
+                                     "sparse grad", "complex grad", "param resized",
+                                     "no grad"])
+def test_bad_grad_in_the_call_whose_operator_checks_it_is_refused_naming_the_param(kind, corrupt):
+    # A planned step leaves the grads of its largest call (here the second group's) to that
+    # call's operator, which runs first: a bad one must get the full check's error and
+    # change nothing, counters included.
+    shapes = [(600,), (5,), (700,), (33, 17), (900,)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    groups = [{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.2}]
+    kwargs = {"32-bit": {}, "8-bit blockwise": {"min_8bit_size": 500},
+              "8-bit static": {"min_8bit_size": 500, "block_wise": False}}[kind]
+    opt = Lion8bit(groups, lr=0.1, **kwargs) if kwargs else Lion(groups, lr=0.1)
+    for _ in range(2):
+        _set_random_grads(params)
+        opt.step()
+    plan = opt._step_plan
+    group, _, _, calls, checks = plan.groups[plan.order[0]]
+    assert plan.order[0] == 1 and group is opt.param_groups[1]
+    assert checks[0].checked_by_operator and any(p is params[3] for p in calls[0].params)
+    _set_random_grads(params)
+    target = params[3]
+    message = r"index 1,.*gradient of shape"
+    # torch refuses most bad grads at assignment; these get past it, as they can in training.
+    if corrupt == "grad dtype":  # allowed by grad_dtype = None
+        target.grad_dtype = None
+        target.grad = torch.randn(33, 17, dtype=torch.bfloat16)
+    elif corrupt == "grad shape":
+        target.grad.set_(torch.randn(33, 18))
+    elif corrupt == "grad of equal numel":
+        target.grad.set_(torch.randn(17, 33))
+    elif corrupt == "sparse grad":
+        target.grad = torch.randn(33, 17).to_sparse()
+        message = r"index 1,.*sparse gradient"
+    elif corrupt == "complex grad":
+        target.grad.data = torch.randn(33, 17, dtype=torch.complex64)
+    elif corrupt == "param resized":
+        target.data = torch.randn(34, 17)
+        target.grad = torch.randn(34, 17)
+        message = r"index 1,.*does not fit"
+    else:  # a param of the call without a grad: the step takes the full check, and skips it
+        target.grad = None
+        message = None
+    snapshot = _snapshot(opt, params)
+    if message is None:
+        opt.step()
+        assert torch.equal(target, snapshot[0][3]) and not torch.equal(params[2], snapshot[0][2])
+        assert int(opt.state[target]["step"]) == 2 and int(opt.state[params[2]]["step"]) == 3
+        return
+    with pytest.raises((RuntimeError, TypeError, ValueError), match=message):
+        opt.step()
+    _assert_unchanged(opt, params, snapshot)
+    assert opt._step_plan is None
+    if corrupt != "param resized":  # with a good grad again, the step goes on
+        target.grad = None
+        target.grad_dtype = torch.float32
+        target.grad = torch.randn(33, 17)
+        opt.step()
+        assert int(opt.state[target]["step"]) == 3 and not torch.equal(target, snapshot[0][3])
+
+
+@pytest.mark.parametrize("cls", [Lion, Lion8bit])
+def test_param_given_another_dtype_after_planned_steps_steps_as_without_a_plan(cls):
+    # The operator-checked call's params are not checked in Python: a param turned bfloat16
+    # through .data (with a bfloat16 grad) is updated in that call as the full path's own
+    # bfloat16 call would.
+    shapes = [(600,), (5,), (33, 17)]
+    torch.manual_seed(3)
+    planned = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    full = [torch.nn.Parameter(p.detach().clone()) for p in planned]
+    opts = [cls(ps, lr=0.1, min_8bit_size=500) for ps in (planned, full)]
+    for step in range(4):
+        grads = [torch.randn(s) for s in shapes]
+        if step == 2:
+            for ps in (planned, full):
+                ps[2].data = ps[2].data.to(torch.bfloat16)
+                ps[2].grad = None
+                ps[2].grad_dtype = None
+        for ps in (planned, full):
+            for p, g in zip(ps, grads):
+                p.grad = g.to(p.dtype)
+        opts[1]._step_plan = None
+        for opt in opts:
+            opt.step()
+        assert opts[0]._step_plan.first_call_checks_its_grads
+        for p, q in zip(planned, full):
+            assert p.dtype == q.dtype and torch.equal(p, q), step
+            for key, value in opts[1].state[q].items():
+                assert torch.equal(opts[0].state[p][key], value), (step, key)
+
+
 @pytest.mark.parametrize("corrupt", ["step int64", "step of two elements", "gnorm_vec float64",
                                      "gnorm_vec not contiguous", "absmax1 not contiguous",
                                      "max1 float64", "momentum expanded",

@@ -15,7 +15,8 @@ import sys
 import warnings
 from collections import defaultdict
 from copy import deepcopy
-from itertools import chain
+from itertools import chain, repeat
+from operator import attrgetter, eq, is_
 from typing import Any
 
 import torch
@@ -600,19 +601,25 @@ class LionOptimizerBase(torch.optim.Optimizer):
         return [_Call(self, kind, device, self._config(group_index, members[0][0]), members)
                 for (device, _, kind, _), members in buckets.items()]
 
-    def _run_group(self, group: dict, calls: list[_Call], grads: list[list[Tensor]]) -> None:
+    def _run_group(self, group: dict, calls: list[_Call], grads: list[list[Tensor]],
+                   first_call_checks_its_grads: bool = False) -> None:
         """Issues a group's calls (grads[i]: the grads of calls[i]'s params), reading the
         hyperparameters that may change between steps (lr, betas, weight_decay,
-        percentile_clipping) now."""
-        # Every step counter of the group's params, one call (one launch) per device.
-        steps_by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
-        for call in calls:
-            steps_by_device[call.device].extend(call.steps)
-        for steps in steps_by_device.values():
-            ops.increment_steps(steps)
+        percentile_clipping) now. With first_call_checks_its_grads (a planned step), the first
+        call's params and grads were not checked in Python: its operator, which checks every
+        input before writing anything, is the first thing to modify anything, and a refusal
+        is explained by the full check."""
+        percentiles = [call.config.get("percentile_clipping", self.percentile_clipping)
+                       for call in calls]
+        # Percentile clipping reads the step counters (the history slot), so they are counted
+        # first; otherwise after the updates, so that the first kernel is launched as early as
+        # possible and a refused update leaves the counters as they were.
+        clipping = any(percentile < 100 for percentile in percentiles)
+        if clipping:
+            self._increment_steps(calls)
         # One set of hyperparameter tensors per (device, source) for all the calls.
         hyperparameters: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
-        for call, call_grads in zip(calls, grads):
+        for index, (call, call_grads, percentile) in enumerate(zip(calls, grads, percentiles)):
             config, device, states = call.config, call.device, call.states
             params, momenta, paged = call.params, call.momenta, call.paged
             scales = call.scales
@@ -622,7 +629,6 @@ class LionOptimizerBase(torch.optim.Optimizer):
                 paged = [_local(t) for t in paged] if paged else paged
                 if scales is not None:  # a DTensor param's absmax is (rows, blocks per row)
                     scales = [_local(t).view(-1) for t in scales]
-            percentile = config.get("percentile_clipping", self.percentile_clipping)
             # Keyed by where the values come from, never by the values: under torch.compile a
             # float that has changed is symbolic, and hashing it would guard on its value (a
             # recompile for every new value, as a schedule written into param_groups makes).
@@ -644,16 +650,39 @@ class LionOptimizerBase(torch.optim.Optimizer):
                     call_grads, [s["gnorm_vec"] for s in states], call.steps, percentile)
             if paged:  # back from host memory, if the driver paged any of it out
                 ops.prefetch_paged(paged)
-            if call.kind == FP32:
-                ops.lion_update_32bit(params, call_grads, momenta, lr, beta1, beta2, wd,
-                                      grad_scales)
-            elif call.kind == BLOCKWISE:
-                ops.lion_update_8bit_blockwise(params, call_grads, momenta, scales,
-                                               call.qmap, lr, beta1, beta2, wd, grad_scales)
+            if index == 0 and first_call_checks_its_grads:
+                try:
+                    _update(call, params, call_grads, momenta, scales, lr, beta1, beta2, wd,
+                            grad_scales)
+                except Exception:
+                    # Nothing has been modified: the full check names the param at fault,
+                    # with the error a step without a plan raises.
+                    self._step_plan = None
+                    explained = None
+                    try:
+                        self._check_step_inputs()
+                    except Exception as error:
+                        explained = error
+                    if explained is None:
+                        raise
+                    raise explained from None
             else:
-                ops.lion_update_8bit_static(params, call_grads, momenta, scales,
-                                            call.new_scales, call.qmap, lr, beta1, beta2, wd,
-                                            grad_scales)
+                _update(call, params, call_grads, momenta, scales, lr, beta1, beta2, wd,
+                        grad_scales)
+        if not clipping:
+            self._increment_steps(calls)
+
+    @staticmethod
+    def _increment_steps(calls: list[_Call]) -> None:
+        """Every step counter of the calls' params, one call (one launch) per device."""
+        if len(calls) == 1:
+            ops.increment_steps(calls[0].steps)
+            return
+        steps_by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+        for call in calls:
+            steps_by_device[call.device].extend(call.steps)
+        for steps in steps_by_device.values():
+            ops.increment_steps(steps)
 
     # ---- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -876,6 +905,19 @@ def _read_step_counters(counters) -> list[int | None]:
     return values
 
 
+def _update(call: _Call, params, grads, momenta, scales, lr, beta1, beta2, wd,
+            grad_scales) -> None:
+    """The update operator of the call's state kind."""
+    if call.kind == FP32:
+        ops.lion_update_32bit(params, grads, momenta, lr, beta1, beta2, wd, grad_scales)
+    elif call.kind == BLOCKWISE:
+        ops.lion_update_8bit_blockwise(params, grads, momenta, scales, call.qmap, lr, beta1,
+                                       beta2, wd, grad_scales)
+    else:
+        ops.lion_update_8bit_static(params, grads, momenta, scales, call.new_scales, call.qmap,
+                                    lr, beta1, beta2, wd, grad_scales)
+
+
 class _Call:
     """One operator call of a step: the params of one (device, dtype, state kind, override
     config) bucket of a param group, and their state tensors."""
@@ -910,33 +952,50 @@ class _StepPlan:
     """The calls of the last step, for the next one to reuse when nothing they depend on has
     changed: the same params, with grads on the same params, every param and grad with the
     dtype, shape and device the state was checked against, the same state tensors and the
-    same overrides. That is checked on every step, a few attribute reads per param, and
-    anything else sends the step to the full check (which raises the error naming the
-    param, if there is one). Eager mode only: a compiled step is traced from the full path.
+    same overrides. That is checked on every step, a few attribute reads per param (mapped
+    over each call's lists, so that the interpreter's loop does not cost more than the
+    reads), and anything else sends the step to the full check (which raises the error
+    naming the param, if there is one). Eager mode only: a compiled step is traced from the
+    full path.
+
+    One call's params and grads are checked by its operator instead: the call with the most
+    params among groups without percentile clipping runs first, so that nothing is modified
+    before its operator has checked every param and grad against the others and the state
+    (layout, dtype, shape, device), and a refusal sends the step to the full check for its
+    error. Where the operator takes what the Python check would not (a param moved to
+    another supported dtype through `.data`, with a grad of that dtype: a list may mix
+    dtypes), it computes what the full path's calls would.
     """
 
-    __slots__ = ("state", "overrides", "groups")
+    __slots__ = ("state", "overrides", "groups", "order", "first_call_checks_its_grads")
 
     def __init__(self, optimizer: LionOptimizerBase, plans: list[tuple]):
         self.state, self.overrides = optimizer.state, optimizer._overrides
         self.groups = []
-        for group, calls in plans:
-            # Per param of the group, in order: None if it had no grad, else what it is
-            # checked against and the position of its grad in its call's grad list.
-            expected: list[tuple | None] = [None] * len(group["params"])
-            positions = {}
-            for c, call in enumerate(calls):
-                for i, p in enumerate(call.params):
-                    positions[id(p)] = (c, i)
-            for index, p in enumerate(group["params"]):
-                if id(p) in positions:
-                    dtype, shape, device = p.dtype, p.shape, p.device
-                    state = optimizer.state[p]
-                    held = tuple((k, state[k]) for k in _PLAN_STATE_KEYS if k in state)
-                    if _is_dtensor(p):  # its grads must keep being sharded as it is
-                        held += (("grad sharding", (p.device_mesh, p.placements)),)
-                    expected[index] = (dtype, shape, device, state, held, *positions[id(p)])
-            self.groups.append((group, list(group["params"]), expected, calls))
+        largest = None  # (params, group position) of the call its operator checks
+        for position, (group, calls) in enumerate(plans):
+            with_grad = {id(p) for call in calls for p in call.params}
+            params = list(group["params"])
+            without_grad = [p for p in params if id(p) not in with_grad]
+            checks = [_PlannedCall(optimizer, call) for call in calls]
+            clipping = any(call.config.get("percentile_clipping", optimizer.percentile_clipping)
+                           < 100 for call in calls)
+            for i, call in enumerate(calls):
+                if not clipping and not call.sharded and (
+                        largest is None or len(call.params) > largest[0]):
+                    largest = (len(call.params), position, i)
+            self.groups.append((group, params, without_grad, calls, checks))
+        self.order = list(range(len(self.groups)))
+        self.first_call_checks_its_grads = largest is not None
+        if largest is not None:  # its group first, and it first in its group
+            _, position, i = largest
+            group, params, without_grad, calls, checks = self.groups[position]
+            calls = [calls[i]] + calls[:i] + calls[i + 1:]
+            checks = [checks[i]] + checks[:i] + checks[i + 1:]
+            checks[0].checked_by_operator = True
+            self.groups[position] = (group, params, without_grad, calls, checks)
+            self.order.remove(position)
+            self.order.insert(0, position)
 
     def run(self, optimizer: LionOptimizerBase) -> bool:
         """Runs the step if the plan still holds; False (nothing done) if it does not."""
@@ -944,45 +1003,89 @@ class _StepPlan:
                 or len(optimizer.param_groups) != len(self.groups):
             return False
         state_of = optimizer.state.get
-        strided = torch.strided
-        all_grads = []
         where = f"{type(optimizer).__name__}.step"
         if self.overrides:
             optimizer._check_override_tensors(where)
-        for group_index, ((group, params, expected, calls), current) in enumerate(
+        all_grads = []
+        for group_index, ((group, params, without_grad, calls, checks), current) in enumerate(
                 zip(self.groups, optimizer.param_groups)):
             if current is not group:
                 return False
             check_hyperparameters(group["lr"], group["betas"], group["weight_decay"],
                                   f"{where} (param group {group_index})")
             current_params = group["params"]
-            if len(current_params) != len(params):
+            if len(current_params) != len(params) or not all(map(is_, current_params, params)):
                 return False
-            grads = [[None] * len(call.params) for call in calls]
-            for p, q, entry in zip(current_params, params, expected):
-                if p is not q:
+            if without_grad and not all(map(is_, map(_grad_of, without_grad), repeat(None))):
+                return False
+            grads = []
+            for call, check in zip(calls, checks):
+                call_grads = list(map(_grad_of, call.params))
+                if not check.holds(call_grads, state_of):
                     return False
-                g = p.grad
-                if entry is None:
-                    if g is not None:
-                        return False
-                    continue
-                dtype, shape, device, state, held, c, i = entry
-                if (g is None or g.layout is not strided or p.dtype is not dtype
-                        or g.dtype is not dtype or p.shape != shape or g.shape != shape
-                        or p.device != device or g.device != device
-                        or state_of(p) is not state):
-                    return False
-                for key, tensor in held:
-                    if key == "grad sharding":
-                        if not _is_dtensor(g) or (g.device_mesh, g.placements) != tensor:
-                            return False
-                    elif state.get(key) is not tensor:
-                        return False
-                grads[c][i] = g
+                grads.append(call_grads)
             all_grads.append(grads)
-        for (group, _, _, calls), grads in zip(self.groups, all_grads):
-            optimizer._run_group(group, calls, grads)
+        first = self.first_call_checks_its_grads
+        for position in self.order:
+            group, _, _, calls, _ = self.groups[position]
+            optimizer._run_group(group, calls, all_grads[position], first)
+            first = False
+        return True
+
+
+_grad_of = attrgetter("grad")
+_dtype_of = attrgetter("dtype")
+_device_of = attrgetter("device")
+_shape_of = attrgetter("shape")
+_layout_of = attrgetter("layout")
+
+
+class _PlannedCall:
+    """What a planned step checks of one call: that its params have grads and the same state
+    (the same dict holding the same state tensors), and unless its operator checks them,
+    the params' dtype, shape and device and their grads'."""
+
+    __slots__ = ("params", "states", "held", "dtype", "device", "shapes", "shardings",
+                 "checked_by_operator")
+
+    def __init__(self, optimizer: LionOptimizerBase, call: _Call):
+        self.params, self.states = call.params, call.states
+        # Per state entry any of the call's states holds: each state's tensor (None: absent).
+        self.held = [(key, [state.get(key) for state in call.states])
+                     for key in _PLAN_STATE_KEYS
+                     if any(key in state for state in call.states)]
+        # A call's params share one dtype and one device (the call's bucket).
+        self.dtype, self.device = call.params[0].dtype, call.device
+        self.shapes = [p.shape for p in call.params]
+        # DTensor params: their grads must keep being sharded as they are.
+        self.shardings = [(p.device_mesh, p.placements) for p in call.params] \
+            if call.sharded else None
+        self.checked_by_operator = False
+
+    def holds(self, grads: list, state_of) -> bool:
+        if any(map(is_, grads, repeat(None))):
+            return False
+        params, states = self.params, self.states
+        if not all(map(is_, map(state_of, params), states)):
+            return False
+        for key, tensors in self.held:
+            if not all(map(is_, map(dict.get, states, repeat(key)), tensors)):
+                return False
+        if self.checked_by_operator:
+            return True
+        dtype, device = self.dtype, self.device
+        if not (all(map(is_, map(_dtype_of, params), repeat(dtype)))
+                and all(map(eq, map(_device_of, params), repeat(device)))
+                and all(map(is_, map(_layout_of, grads), repeat(torch.strided)))
+                and all(map(is_, map(_dtype_of, grads), repeat(dtype)))
+                and all(map(eq, map(_device_of, grads), repeat(device)))
+                and list(map(_shape_of, grads)) == self.shapes
+                and list(map(_shape_of, params)) == self.shapes):
+            return False
+        if self.shardings is not None:
+            for g, sharding in zip(grads, self.shardings):
+                if not _is_dtensor(g) or (g.device_mesh, g.placements) != sharding:
+                    return False
         return True
 
 
