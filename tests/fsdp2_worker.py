@@ -76,7 +76,7 @@ def main(out_dir, optim_bits):
                "shards": [tuple(p.to_local().shape) for p in model.parameters()]}
     if dist.get_rank() == 0:
         torch.save(results, f"{out_dir}/results.pt")
-    # Every rank done with its collectives before the group goes. One CI run (of dozens) had
+    # Every rank done with its collectives before the group goes. One CI run (at 5d74ca1) had
     # a rank abort with "terminate called without an active exception" and no Python error,
     # where in the run is not known; this rules out gloo's teardown racing a peer still in a
     # collective.
