@@ -16,7 +16,7 @@ import warnings
 from collections import defaultdict
 from copy import deepcopy
 from itertools import chain, repeat
-from operator import attrgetter, eq, is_
+from operator import attrgetter, is_
 from typing import Any
 
 import torch
@@ -1034,10 +1034,8 @@ class _StepPlan:
 
 
 _grad_of = attrgetter("grad")
-_dtype_of = attrgetter("dtype")
-_device_of = attrgetter("device")
-_shape_of = attrgetter("shape")
-_layout_of = attrgetter("layout")
+_param_metadata = attrgetter("dtype", "device", "shape")
+_grad_metadata = attrgetter("dtype", "device", "layout", "shape")
 
 
 class _PlannedCall:
@@ -1045,7 +1043,7 @@ class _PlannedCall:
     (the same dict holding the same state tensors), and unless its operator checks them,
     the params' dtype, shape and device and their grads'."""
 
-    __slots__ = ("params", "states", "held", "dtype", "device", "shapes", "shardings",
+    __slots__ = ("params", "states", "held", "param_metadata", "grad_metadata", "shardings",
                  "checked_by_operator")
 
     def __init__(self, optimizer: LionOptimizerBase, call: _Call):
@@ -1055,8 +1053,9 @@ class _PlannedCall:
                      for key in _PLAN_STATE_KEYS
                      if any(key in state for state in call.states)]
         # A call's params share one dtype and one device (the call's bucket).
-        self.dtype, self.device = call.params[0].dtype, call.device
-        self.shapes = [p.shape for p in call.params]
+        dtype, device = call.params[0].dtype, call.device
+        self.param_metadata = [(dtype, device, p.shape) for p in call.params]
+        self.grad_metadata = [(dtype, device, torch.strided, p.shape) for p in call.params]
         # DTensor params: their grads must keep being sharded as they are.
         self.shardings = [(p.device_mesh, p.placements) for p in call.params] \
             if call.sharded else None
@@ -1073,14 +1072,9 @@ class _PlannedCall:
                 return False
         if self.checked_by_operator:
             return True
-        dtype, device = self.dtype, self.device
-        if not (all(map(is_, map(_dtype_of, params), repeat(dtype)))
-                and all(map(eq, map(_device_of, params), repeat(device)))
-                and all(map(is_, map(_layout_of, grads), repeat(torch.strided)))
-                and all(map(is_, map(_dtype_of, grads), repeat(dtype)))
-                and all(map(eq, map(_device_of, grads), repeat(device)))
-                and list(map(_shape_of, grads)) == self.shapes
-                and list(map(_shape_of, params)) == self.shapes):
+        # Lists of tuples compared in C: equal dtypes and layouts are the same objects.
+        if list(map(_grad_metadata, grads)) != self.grad_metadata \
+                or list(map(_param_metadata, params)) != self.param_metadata:
             return False
         if self.shardings is not None:
             for g, sharding in zip(grads, self.shardings):
