@@ -972,7 +972,7 @@ class _StepPlan:
     def __init__(self, optimizer: LionOptimizerBase, plans: list[tuple]):
         self.state, self.overrides = optimizer.state, optimizer._overrides
         self.groups = []
-        largest = None  # (params, group position) of the call its operator checks
+        largest = None  # (param count, group position, call index) of the operator-checked call
         for position, (group, calls) in enumerate(plans):
             with_grad = {id(p) for call in calls for p in call.params}
             params = list(group["params"])
