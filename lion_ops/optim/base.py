@@ -650,34 +650,29 @@ class LionOptimizerBase(torch.optim.Optimizer):
                     call_grads, [s["gnorm_vec"] for s in states], call.steps, percentile)
             if paged:  # back from host memory, if the driver paged any of it out
                 ops.prefetch_paged(paged)
-            if index == 0 and first_call_checks_its_grads:
-                try:
-                    _update(call, params, call_grads, momenta, scales, lr, beta1, beta2, wd,
-                            grad_scales)
-                except Exception:
-                    # Nothing has been modified: the full check names the param at fault,
-                    # with the error a step without a plan raises.
-                    self._step_plan = None
-                    explained = None
-                    try:
-                        self._check_step_inputs()
-                    except Exception as error:
-                        explained = error
-                    if explained is None:
-                        raise
-                    raise explained from None
-            else:
+            try:
                 _update(call, params, call_grads, momenta, scales, lr, beta1, beta2, wd,
                         grad_scales)
+            except Exception:
+                if index == 0 and first_call_checks_its_grads:
+                    self._explain_refused_update()
+                raise
         if not clipping:
             self._increment_steps(calls)
+
+    def _explain_refused_update(self) -> None:
+        """After a planned step's first operator refused its inputs (nothing has been
+        modified): the full check's error naming the param at fault, the one a step without a
+        plan raises, if it finds one."""
+        self._step_plan = None
+        try:
+            self._check_step_inputs()
+        except Exception as error:
+            raise error from None
 
     @staticmethod
     def _increment_steps(calls: list[_Call]) -> None:
         """Every step counter of the calls' params, one call (one launch) per device."""
-        if len(calls) == 1:
-            ops.increment_steps(calls[0].steps)
-            return
         steps_by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
         for call in calls:
             steps_by_device[call.device].extend(call.steps)
