@@ -670,6 +670,85 @@ def test_closure_zero_grad_and_training_reduces_loss():
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("cls", [Lion, Lion8bit])
+@pytest.mark.parametrize("registered", ["per optimizer", "global"])
+def test_step_hooks_run_on_every_step_as_on_torch_optimizers(cls, registered):
+    from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                       register_optimizer_step_pre_hook)
+    params = _params(torch.float32, "cpu", [(5,), (70, 80)], False)
+    opt = cls(params, lr=0.1, **({"min_8bit_size": 100} if cls is Lion8bit else {}))
+    seen = []
+
+    def pre_hook(optimizer, args, kwargs):
+        seen.append(("pre", optimizer, args, dict(kwargs)))
+        return args, {"closure": lambda: torch.tensor(7.0)}  # replaces the step's arguments
+
+    def post_hook(optimizer, args, kwargs):
+        seen.append(("post", optimizer, args, dict(kwargs)))
+
+    if registered == "global":
+        handles = [register_optimizer_step_pre_hook(pre_hook),
+                   register_optimizer_step_post_hook(post_hook)]
+    else:
+        handles = [opt.register_step_pre_hook(pre_hook), opt.register_step_post_hook(post_hook)]
+    try:
+        for _ in range(3):  # the first is fully checked, the others planned
+            _set_random_grads(params)
+            before = [p.detach().clone() for p in params]
+            assert float(opt.step()) == 7.0
+            assert all(not torch.equal(p, b) for p, b in zip(params, before))
+            assert [entry[0] for entry in seen] == ["pre", "post"]
+            assert all(entry[1] is opt for entry in seen)
+            assert seen[0][2] == (opt,) and seen[0][3] == {}
+            assert seen[1][2] == (opt,) and "closure" in seen[1][3]  # the replaced arguments
+            seen.clear()
+            assert opt._step_plan is not None
+    finally:
+        for handle in handles:
+            handle.remove()
+    _set_random_grads(params)
+    assert opt.step() is None and not seen
+
+
+def test_step_shows_in_profiles_and_calls_the_profiler_entry_point(monkeypatch):
+    params = _params(torch.float32, "cpu", [(5,), (6,)], False)
+    opt = Lion(params, lr=0.1)
+    entered = []
+    monkeypatch.setattr(opt, "_optimizer_step_code", lambda: entered.append(1))
+    for _ in range(2):
+        _set_random_grads(params)
+        opt.step()
+    assert len(entered) == 2
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        _set_random_grads(params)
+        opt.step()
+    assert "Optimizer.step#Lion.step" in {event.name for event in profile.events()}
+    assert len(entered) == 3
+
+
+@pytest.mark.parametrize("grad_enabled", [True, False])
+def test_step_restores_grad_mode_also_when_it_refuses_its_input(grad_enabled):
+    params = _params(torch.float32, "cpu", [(5,), (6,)], False)
+    opt = Lion(params, lr=0.1)
+    loss_grad_mode = []
+
+    def closure():
+        loss_grad_mode.append(torch.is_grad_enabled())
+        return torch.tensor(1.0)
+
+    with torch.set_grad_enabled(grad_enabled):
+        for _ in range(3):
+            _set_random_grads(params)
+            opt.step(closure)
+            assert torch.is_grad_enabled() == grad_enabled
+            assert all(p.grad_fn is None for p in params)
+        assert loss_grad_mode == [True] * 3  # as torch's optimizers run a closure
+        params[1].grad.set_(torch.randn(7))  # refused by the plan's check, then the full check
+        with pytest.raises(ValueError, match="index 1"):
+            opt.step()
+        assert torch.is_grad_enabled() == grad_enabled
+
+
 def test_one_operator_call_per_device_and_dtype(monkeypatch, device):
     calls = []
     real = lion_ops.ops.lion_update_32bit
@@ -1359,6 +1438,27 @@ def test_bad_grad_in_the_call_whose_operator_checks_it_is_refused_naming_the_par
         target.grad = torch.randn(33, 17)
         opt.step()
         assert int(opt.state[target]["step"]) == 3 and not torch.equal(target, snapshot[0][3])
+
+
+@pytest.mark.parametrize("cls", [Lion, Lion8bit])
+def test_a_plan_references_state_tensors_in_cpp_and_params_not_at_all(cls):
+    # The plan keeps views of the state tensors, so that an operator call's reference to one
+    # is not its second (torch then takes the GIL per tensor as the call ends); a param with
+    # an extra reference could not be swapped (Module.to on DTensor params swaps them).
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Linear(30, 2))
+    opt = cls(model.parameters(), lr=0.1, **({"min_8bit_size": 500} if cls is Lion8bit else {}))
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(8, 40)).square().sum().backward()
+        opt.step()
+    assert opt._step_plan is not None
+    for p in model.parameters():
+        assert all(t._use_count() >= 2 for t in opt.state[p].values())
+        assert p._use_count() <= 2  # itself, and the AccumulateGrad node of its graph
+    weight = model[0].weight
+    before = weight.detach().clone()
+    torch.utils.swap_tensors(weight, torch.nn.Parameter(torch.zeros(30, 40)))
+    assert torch.equal(weight, torch.zeros(30, 40)) and not torch.equal(before, weight)
 
 
 @pytest.mark.parametrize("cls", [Lion, Lion8bit])

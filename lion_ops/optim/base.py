@@ -8,6 +8,7 @@ hyperparameter leaves params and state exactly as they were.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import struct
@@ -204,6 +205,41 @@ def _check_tensor_values(where: str, lr: Any = None, betas: Any = (), weight_dec
                         ("weight_decay", weight_decay)):
         if isinstance(value, Tensor):
             _check_hyperparameter_value(name, value, where)
+
+
+def _hooked_step(step):
+    """`step` with what torch.optim.Optimizer wraps every optimizer's step in (its step pre-
+    and post-hooks, global and per optimizer, a profiler range "Optimizer.step#<class>.step",
+    and the profiler's `_optimizer_step_code` entry point), torch's own wrapper doing it
+    whenever there is anything for it to do, and only the entry point otherwise: torch's
+    wrapper enters a profiler range even when no profiler runs, which costs as much host time
+    per step as the rest of a planned step over 20 params. Marked `hooked`, so that torch
+    does not wrap it again."""
+    wrapped_by_torch = torch.optim.Optimizer.profile_hook_step(step)
+    global_hooks = _torch_global_step_hooks()
+
+    @functools.wraps(step)
+    def hooked_step(self, *args, **kwargs):
+        if global_hooks is None or global_hooks[0] or global_hooks[1] \
+                or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks \
+                or torch.compiler.is_compiling() or torch._C._autograd._profiler_enabled():
+            return wrapped_by_torch(self, *args, **kwargs)
+        out = step(self, *args, **kwargs)
+        self._optimizer_step_code()
+        return out
+
+    hooked_step.hooked = True
+    return hooked_step
+
+
+def _torch_global_step_hooks() -> tuple[dict, dict] | None:
+    """torch.optim's registries of global step pre- and post-hooks (module attributes of
+    torch.optim.optimizer; None if this torch keeps them elsewhere, and torch's wrapper then
+    runs every step)."""
+    module = sys.modules.get("torch.optim.optimizer")
+    pre = getattr(module, "_global_optimizer_pre_hooks", None)
+    post = getattr(module, "_global_optimizer_post_hooks", None)
+    return (pre, post) if isinstance(pre, dict) and isinstance(post, dict) else None
 
 
 class LionOptimizerBase(torch.optim.Optimizer):
@@ -560,17 +596,32 @@ class LionOptimizerBase(torch.optim.Optimizer):
             momentum = torch.zeros_like(shard, dtype=dtype, memory_format=layout)
         return momentum if shard is p else _sharded_as(p, momentum, p.shape, p.stride())
 
-    @torch.no_grad()
+    @_hooked_step
     def step(self, closure=None):
         """Performs one optimization step; returns the closure's loss, if a closure is given."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        compiling = torch.compiler.is_compiling()
-        plan = None if compiling else getattr(self, "_step_plan", None)
-        if plan is not None and plan.run(self):
+        if torch.compiler.is_compiling():
+            with torch.no_grad():
+                self._checked_step(compiling=True)
             return loss
+        # Grad mode is switched directly: torch.no_grad() as a decorator or a context builds
+        # three context objects, as much host time per step as the plan's checks of 50 params.
+        grad_was_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            plan = getattr(self, "_step_plan", None)
+            if plan is None or not plan.run(self):
+                self._checked_step(compiling=False)
+        finally:
+            torch._C._set_grad_enabled(grad_was_enabled)
+        return loss
+
+    def _checked_step(self, compiling: bool) -> None:
+        """A step without a plan: every input checked, the calls grouped anew (and, in eager
+        mode, kept as the plan of the next step)."""
         if not compiling and not self.__dict__.get("_checked_bitsandbytes_overrides"):
             self._checked_bitsandbytes_overrides = True
             _warn_about_bitsandbytes_overrides(self)
@@ -583,7 +634,6 @@ class LionOptimizerBase(torch.optim.Optimizer):
             plans.append((group, calls))
         if not compiling:
             self._step_plan = _StepPlan(self, plans)
-        return loss
 
     def _group_calls(self, group_index: int, group: dict, params: list[tuple]) -> list[_Call]:
         """The operator calls of a group's step, one per (device, dtype, state kind, override
@@ -946,12 +996,17 @@ class _Call:
 class _StepPlan:
     """The calls of the last step, for the next one to reuse when nothing they depend on has
     changed: the same params, with grads on the same params, every param and grad with the
-    dtype, shape and device the state was checked against, the same state tensors and the
-    same overrides. That is checked on every step, a few attribute reads per param (mapped
-    over each call's lists, so that the interpreter's loop does not cost more than the
-    reads), and anything else sends the step to the full check (which raises the error
-    naming the param, if there is one). Eager mode only: a compiled step is traced from the
-    full path.
+    dtype, shape and device the state was checked against, the same state dicts holding the
+    same state tensors and the same overrides. That is checked on every step, a few attribute
+    reads per param (mapped over each call's lists, so that the interpreter's loop does not
+    cost more than the reads), and anything else sends the step to the full check (which
+    raises the error naming the param, if there is one). Eager mode only: a compiled step is
+    traced from the full path.
+
+    That every param still has the state dict it had is checked once for the whole
+    optimizer: `optimizer.state` must hold the same keys and the same values in the same
+    order, compared by identity. (A lookup per param would hash each one through the
+    Python-level `Tensor.__hash__`, several times the cost of the comparison.)
 
     One call's params and grads are checked by its operator instead: the call with the most
     params among groups without percentile clipping runs first, so that nothing is modified
@@ -962,10 +1017,12 @@ class _StepPlan:
     dtypes), it computes what the full path's calls would.
     """
 
-    __slots__ = ("state", "overrides", "groups", "order", "first_call_checks_its_grads")
+    __slots__ = ("state", "state_keys", "state_values", "overrides", "groups", "order",
+                 "first_call_checks_its_grads")
 
     def __init__(self, optimizer: LionOptimizerBase, plans: list[tuple]):
         self.state, self.overrides = optimizer.state, optimizer._overrides
+        self.state_keys, self.state_values = list(self.state), list(self.state.values())
         self.groups = []
         largest = None  # (param count, group position, call index) of the operator-checked call
         for position, (group, calls) in enumerate(plans):
@@ -994,10 +1051,12 @@ class _StepPlan:
 
     def run(self, optimizer: LionOptimizerBase) -> bool:
         """Runs the step if the plan still holds; False (nothing done) if it does not."""
-        if optimizer.state is not self.state or optimizer._overrides is not self.overrides \
-                or len(optimizer.param_groups) != len(self.groups):
+        state = optimizer.state
+        if state is not self.state or optimizer._overrides is not self.overrides \
+                or len(optimizer.param_groups) != len(self.groups) \
+                or len(state) != len(self.state_keys) or not all(map(is_, state, self.state_keys)) \
+                or not all(map(is_, state.values(), self.state_values)):
             return False
-        state_of = optimizer.state.get
         where = f"{type(optimizer).__name__}.step"
         if self.overrides:
             optimizer._check_override_tensors(where)
@@ -1016,7 +1075,7 @@ class _StepPlan:
             grads = []
             for call, check in zip(calls, checks):
                 call_grads = list(map(_grad_of, call.params))
-                if not check.holds(call_grads, state_of):
+                if not check.holds(call_grads):
                     return False
                 grads.append(call_grads)
             all_grads.append(grads)
@@ -1034,12 +1093,12 @@ _grad_metadata = attrgetter("dtype", "device", "layout", "shape")
 
 
 class _PlannedCall:
-    """What a planned step checks of one call: that its params have grads and the same state
-    (the same dict holding the same state tensors), and unless its operator checks them,
-    the params' dtype, shape and device and their grads'."""
+    """What a planned step checks of one call: that its params have grads and that their
+    state dicts hold the same state tensors, and unless its operator checks them, the params'
+    dtype, shape and device and their grads'."""
 
     __slots__ = ("params", "states", "held", "param_metadata", "grad_metadata", "shardings",
-                 "checked_by_operator")
+                 "checked_by_operator", "state_references")
 
     def __init__(self, optimizer: LionOptimizerBase, call: _Call):
         self.params, self.states = call.params, call.states
@@ -1055,13 +1114,24 @@ class _PlannedCall:
         self.shardings = [(p.device_mesh, p.placements) for p in call.params] \
             if call.sharded else None
         self.checked_by_operator = False
+        # A view of each state tensor that the call's operators take, each holding a C++
+        # reference to its base. Without another C++ reference, an operator call's own
+        # reference is a tensor's second, and torch (2.14, PyObject preservation) takes the
+        # GIL for each one as the call releases its arguments: about a tenth of a planned
+        # step's host time over 146 small params. Never of params, which
+        # torch.utils.swap_tensors (Module.to on DTensor params) refuses to swap while
+        # anything else references them.
+        state = [*call.momenta, *call.steps, *(call.scales or ()), *(call.new_scales or ())]
+        if call.qmap is not None:
+            state.append(call.qmap)
+        self.state_references = [] if call.sharded else [t.view(t.shape) for t in state]
 
-    def holds(self, grads: list, state_of) -> bool:
+    def holds(self, grads: list) -> bool:
+        """Whether the call can run as planned with these grads, given that every param has
+        the state dict it had (which _StepPlan.run checks for all calls at once)."""
         if any(map(is_, grads, repeat(None))):
             return False
         params, states = self.params, self.states
-        if not all(map(is_, map(state_of, params), states)):
-            return False
         for key, tensors in self.held:
             if not all(map(is_, map(dict.get, states, repeat(key)), tensors)):
                 return False
