@@ -710,6 +710,24 @@ def test_step_hooks_run_on_every_step_as_on_torch_optimizers(cls, registered):
     assert opt.step() is None and not seen
 
 
+def test_step_hooks_run_once_for_a_subclass_that_overrides_step():
+    class Traced(Lion8bit):
+        def step(self, closure=None):
+            self.calls = getattr(self, "calls", 0) + 1
+            return super().step(closure)
+
+    params = _params(torch.float32, "cpu", [(5,), (70, 80)], False)
+    opt = Traced(params, lr=0.1, min_8bit_size=100)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    for step in range(1, 4):
+        _set_random_grads(params)
+        opt.step()
+        assert seen == ["pre", "post"] * step and opt.calls == step
+    assert int(opt.state[params[1]]["step"]) == 3
+
+
 def test_step_shows_in_profiles_and_calls_the_profiler_entry_point(monkeypatch):
     params = _params(torch.float32, "cpu", [(5,), (6,)], False)
     opt = Lion(params, lr=0.1)

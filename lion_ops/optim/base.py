@@ -214,12 +214,15 @@ def _hooked_step(step):
     whenever there is anything for it to do, and only the entry point otherwise: torch's
     wrapper enters a profiler range even when no profiler runs, which costs as much host time
     per step as the rest of a planned step over 20 params. Marked `hooked`, so that torch
-    does not wrap it again."""
+    does not wrap it again. A subclass that overrides `step` gets its override wrapped by
+    torch, and this one, called from it, then runs the step alone (the hooks run once)."""
     wrapped_by_torch = torch.optim.Optimizer.profile_hook_step(step)
     global_hooks = _torch_global_step_hooks()
 
     @functools.wraps(step)
     def hooked_step(self, *args, **kwargs):
+        if type(self).step is not hooked_step:
+            return step(self, *args, **kwargs)
         if global_hooks is None or global_hooks[0] or global_hooks[1] \
                 or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks \
                 or torch.compiler.is_compiling() or torch._C._autograd._profiler_enabled():
