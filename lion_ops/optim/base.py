@@ -218,14 +218,17 @@ def _hooked_step(step):
     torch, and this one, called from it, then runs the step alone (the hooks run once)."""
     wrapped_by_torch = torch.optim.Optimizer.profile_hook_step(step)
     global_hooks = _torch_global_step_hooks()
+    profiler_enabled = getattr(torch._C._autograd, "_profiler_enabled", None)
+    # (Either missing means a torch whose internals moved: its own wrapper then runs always.)
+    always_torchs = global_hooks is None or profiler_enabled is None
 
     @functools.wraps(step)
     def hooked_step(self, *args, **kwargs):
         if type(self).step is not hooked_step:
             return step(self, *args, **kwargs)
-        if global_hooks is None or global_hooks[0] or global_hooks[1] \
-                or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks \
-                or torch.compiler.is_compiling() or torch._C._autograd._profiler_enabled():
+        if always_torchs or torch.compiler.is_compiling() or global_hooks[0] \
+                or global_hooks[1] or self._optimizer_step_pre_hooks \
+                or self._optimizer_step_post_hooks or profiler_enabled():
             return wrapped_by_torch(self, *args, **kwargs)
         out = step(self, *args, **kwargs)
         self._optimizer_step_code()
@@ -237,8 +240,7 @@ def _hooked_step(step):
 
 def _torch_global_step_hooks() -> tuple[dict, dict] | None:
     """torch.optim's registries of global step pre- and post-hooks (module attributes of
-    torch.optim.optimizer; None if this torch keeps them elsewhere, and torch's wrapper then
-    runs every step)."""
+    torch.optim.optimizer), or None if this torch keeps them elsewhere."""
     module = sys.modules.get("torch.optim.optimizer")
     pre = getattr(module, "_global_optimizer_pre_hooks", None)
     post = getattr(module, "_global_optimizer_post_hooks", None)
