@@ -40,3 +40,32 @@ def test_benchmark_reports_every_implementation(tmp_path, interleave):
     for name in ("lion_ops.Lion", "lion_ops.Lion8bit", "torch foreach"):
         assert overhead[name]["status"] == "ok" and overhead[name]["us_per_step"] > 0
         assert len(overhead[name]["us_per_step_rounds"]) == 10
+
+
+def test_ncu_summary_reads_a_recorded_profile_and_section_columns(tmp_path):
+    import csv
+
+    import ncu_summary
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "bench_results", "h200", "8857d0c-ncu.csv")) as f:
+        lines = ncu_summary.summarize(f.read().splitlines())
+    assert len(lines) == 18 and lines[0].startswith("unnamed>::lion_32bit_kernel<float> grid")
+    assert "606.2 us; dram 84%" in lines[0]
+    # Columns of ncu's sections (SpeedOfLight, Occupancy, WarpStateStats), as a raw page has them.
+    header = ["ID", "Kernel Name", "Grid Size", "Block Size", "launch__registers_per_thread",
+              "gpu__time_duration.sum", "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+              "sm__warps_active.avg.pct_of_peak_sustained_active",
+              "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio",
+              "smsp__average_warps_issue_stalled_mio_throttle_per_issue_active.ratio",
+              "smsp__average_warps_issue_stalled_not_issued_per_issue_active.ratio"]
+    rows = [header, [""] * len(header),
+            ["0", "void lion_8bit_kernel<float, 0, 0>(Lion8bitBatch)", "(660, 1, 1)",
+             "(256, 1, 1)", "46", "1,616,064", "58.09", "55.1", "3.25", "12.5", "99"]]
+    path = tmp_path / "sections.csv"
+    with open(path, "w", newline="") as f:
+        f.write("==PROF== Connected\n")
+        csv.writer(f, quoting=csv.QUOTE_ALL).writerows(rows)
+    assert ncu_summary.summarize(path.read_text().splitlines()) == [
+        "lion_8bit_kernel<float, 0, 0> grid (660, 1, 1) block (256, 1, 1) regs 46; 1616.1 us; "
+        "dram 58% occupancy 55%; stalls (cycles per issue): mio_throttle 12.50, "
+        "long_scoreboard 3.25"]

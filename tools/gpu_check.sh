@@ -321,7 +321,7 @@ main() {
       "$ncu" --csv --page raw --kernel-name "regex:lion_(32|8)bit_kernel|static_scales" \
       --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
       "$PY" "$ROOT/tools/ncu_workload.py" gpt2
-    tail -n 20 "$OUT/ncu.csv" | cut -c1-400
+    "$PY" "$ROOT/tools/ncu_summary.py" "$OUT/ncu.csv" || tail -n 20 "$OUT/ncu.csv" | cut -c1-400
     # What bounds the update kernels below the copy bandwidth (the 8-bit one moves 73-80% of
     # it): throughput of each unit, occupancy, and where warps stall, from ncu's own sections
     # (a separate run, so that a section this ncu lacks cannot cost the figures above).
@@ -331,6 +331,7 @@ main() {
         --section SpeedOfLight --section Occupancy --section WarpStateStats \
         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
         "$PY" "$ROOT/tools/ncu_workload.py" gpt2
+      "$PY" "$ROOT/tools/ncu_summary.py" "$OUT/ncu-sections.csv" || tail -n 5 "$OUT/ncu-sections.csv"
     else
       echo "[ncu-sections] skipped: less than 150 s of the budget left"
       record ncu-sections "skipped (no time left)" 0
