@@ -744,6 +744,23 @@ def test_step_shows_in_profiles_and_calls_the_profiler_entry_point(monkeypatch):
     assert len(entered) == 3
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_as_torch_optimizers_do_it_and_in_profiles(set_to_none):
+    params = _params(torch.float32, "cpu", [(5,), (6,), (7,)], False)
+    opt = Lion([{"params": params[:1]}, {"params": params[1:], "lr": 0.2}], lr=0.1)
+    _set_random_grads(params[:2])  # params[2] has no grad
+    grads = [p.grad for p in params[:2]]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        opt.zero_grad(set_to_none=set_to_none)
+    assert "Optimizer.zero_grad#Lion.zero_grad" in {event.name for event in profile.events()}
+    for p, g in zip(params[:2], grads):
+        assert p.grad is None if set_to_none else (p.grad is g and not g.any())
+    assert params[2].grad is None
+    _set_random_grads(params)
+    opt.zero_grad()  # no profiler: the fast path
+    assert all(p.grad is None for p in params)
+
+
 @pytest.mark.parametrize("grad_enabled", [True, False])
 def test_step_restores_grad_mode_also_when_it_refuses_its_input(grad_enabled):
     params = _params(torch.float32, "cpu", [(5,), (6,)], False)
