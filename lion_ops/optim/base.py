@@ -228,13 +228,13 @@ def _hooked_step(step):
     wrapped_by_torch = torch.optim.Optimizer.profile_hook_step(step)
     global_hooks = _torch_global_step_hooks()
     # (Either missing means a torch whose internals moved: its own wrapper then runs always.)
-    always_torchs = global_hooks is None or _profiler_enabled is None
+    torchs_wrapper_always = global_hooks is None or _profiler_enabled is None
 
     @functools.wraps(step)
     def hooked_step(self, *args, **kwargs):
         if type(self).step is not hooked_step:
             return step(self, *args, **kwargs)
-        if always_torchs or torch.compiler.is_compiling() or global_hooks[0] \
+        if torchs_wrapper_always or torch.compiler.is_compiling() or global_hooks[0] \
                 or global_hooks[1] or self._optimizer_step_pre_hooks \
                 or self._optimizer_step_post_hooks or _profiler_enabled():
             return wrapped_by_torch(self, *args, **kwargs)
@@ -750,8 +750,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
         if not set_to_none or _profiler_enabled is None or _profiler_enabled():
             return super().zero_grad(set_to_none)
         for group in self.param_groups:
-            params = group["params"]
-            deque(map(setattr, params, repeat("grad"), repeat(None)), maxlen=0)  # a loop in C
+            deque(map(setattr, group["params"], repeat("grad"), repeat(None)), maxlen=0)  # in C
         return None
 
     # ---- checkpoints ------------------------------------------------------------------------
