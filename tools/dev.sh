@@ -5,6 +5,8 @@
 #   bash tools/dev.sh test     the whole test suite (what CI runs)
 #   bash tools/dev.sh bench    the benchmark (tools/benchmark.py); extra args are passed on
 #   bash tools/dev.sh build    only set up and (re)build
+#   bash tools/dev.sh wheels   download into .whl/ the test oracles and peers a GPU machine
+#                              (no network) lacks; tools/gpu_check.sh installs them from there
 # Environment: LION_OPS_VENV (default .venv), LION_OPS_CUDA (AUTO|ON|OFF, default AUTO),
 # LION_OPS_TORCH (default torch==2.14.1, a CUDA build, so the CUDA kernels compile).
 set -euo pipefail
@@ -37,5 +39,11 @@ case "$cmd" in
   # `pytest` (not `python -m pytest`) so the installed package, not this source tree, is tested.
   test) setup; exec "$venv/bin/pytest" tests "$@" ;;
   bench) setup; exec "$venv/bin/python" tools/benchmark.py "$@" ;;
-  *) echo "usage: bash tools/dev.sh {demo|test|bench|build} [args...]" >&2; exit 2 ;;
+  # Pure-Python wheels (bitsandbytes' carries its CUDA libraries), so any Python 3 takes them;
+  # the GPU machines seen so far had torch, timm, matplotlib and pytest already.
+  wheels) python3 -m pip download -q --disable-pip-version-check --no-deps -d .whl \
+            "bitsandbytes==0.50.2" "expecttest==0.3.0" "lion-pytorch==0.2.5" \
+            2> >(grep -v "^WARNING: Location" >&2)
+          ls .whl ;;
+  *) echo "usage: bash tools/dev.sh {demo|test|bench|build|wheels} [args...]" >&2; exit 2 ;;
 esac
