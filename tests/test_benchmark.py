@@ -36,6 +36,11 @@ def test_benchmark_reports_every_implementation(tmp_path, interleave):
     assert results["lion_ops.PagedLion"]["status"] == "skipped: CUDA only"
     if "timm" not in sys.modules:
         assert results["timm.Lion"]["status"].startswith(("missing", "ok"))
+    assert results["lion_ops.Lion8bit"]["lion_ops_8bit_time_ratio"] == 1.0
+    # The targets this run can tell: the 8-bit step against the 32-bit one, the host overhead.
+    assert {(c["target"], c["set"]) for c in report["targets"]} == {
+        ("Lion8bit step time / Lion's <= 1.0", "single16m"),
+        ("host overhead / the lowest peer's (torch foreach) < 1.0", "tiny")}
     overhead = report["overhead"]
     for name in ("lion_ops.Lion", "lion_ops.Lion8bit", "torch foreach"):
         assert overhead[name]["status"] == "ok" and overhead[name]["us_per_step"] > 0
@@ -69,3 +74,57 @@ def test_ncu_summary_reads_a_recorded_profile_and_section_columns(tmp_path):
         "lion_8bit_kernel<float, 0, 0> grid (660, 1, 1) block (256, 1, 1) regs 46; 1616.1 us; "
         "dram 58% occupancy 55%; stalls (cycles per issue): mio_throttle 12.50, "
         "long_scoreboard 3.25"]
+
+
+def _verdicts(report, cuda):
+    return {(c["target"], c["set"]): (round(c["value"], 3), c["met"])
+            for c in benchmark.target_checks(report, cuda)}
+
+
+def test_targets_of_a_recorded_gpu_run():
+    """The verdicts on the H200 run at 6ebab5a, whose figures the README quotes."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "bench_results", "h200", "6ebab5a-bench.json")) as f:
+        report = json.load(f)
+    assert _verdicts(report, cuda=True) == {
+        ("Lion8bit step time / Lion's <= 1.0", "gpt2"): (0.924, True),
+        ("Lion8bit step time / Lion's <= 1.0", "llama1b"): (0.875, True),
+        ("Lion8bit step time / Lion's <= 1.0", "single16m"): (1.001, False),
+        ("lion_ops.Lion: fraction of the copy bandwidth >= 0.85", "llama1b"): (0.905, True),
+        ("lion_ops.Lion8bit: fraction of the copy bandwidth >= 0.85", "llama1b"): (0.726, False),
+        ("lion_ops.Lion step time / every peer's < 1.0 (worst: lion_pytorch triton)",
+         "llama1b"): (1.032, False),
+        ("lion_ops.Lion8bit step time / every peer's < 1.0 (worst: lion_pytorch triton)",
+         "llama1b"): (0.903, True),
+        ("host overhead / the lowest peer's (torch foreach) < 1.0", "tiny"): (0.802, True),
+    }
+
+
+def test_targets_on_the_cpu_set_and_their_thresholds():
+    def result(ms):
+        return dict(status="ok", median_s=float(ms))  # (whole numbers: exact ratios)
+
+    def report(lion, lion8, compiled, bnb8):
+        return dict(sets=dict(gpt2=dict(results={
+            "lion_ops.Lion": result(lion), "lion_ops.Lion8bit": result(lion8),
+            "torch foreach compiled": result(compiled), "bnb.Lion8bit": result(bnb8),
+            "timm.Lion": dict(status="missing (not installed)")})),
+            overhead={"lion_ops.Lion": dict(status="ok", us_per_step=300.0),
+                      "lion_ops.Lion8bit": dict(status="ok", us_per_step=310.0),
+                      "torch foreach compiled": dict(status="ok", us_per_step=310.0)})
+
+    names = ["Lion8bit step time / Lion's <= 1.0",
+             "Lion step time / compiled foreach's <= 1.0",
+             "Lion8bit step time / compiled foreach's <= 0.85",
+             "bitsandbytes Lion8bit step time / Lion8bit's >= 20",
+             "host overhead / the lowest peer's (torch foreach compiled) < 1.0"]
+    # Every target exactly at its threshold is met, except the strict overhead one.
+    at = _verdicts(report(100, 85, 100, 1700), cuda=False)
+    assert [at[(n, "tiny" if "overhead" in n else "gpt2")][1] for n in names] == [
+        True, True, True, True, False]
+    past = _verdicts(report(101, 102, 100, 2000), cuda=False)
+    assert [past[(n, "tiny" if "overhead" in n else "gpt2")][1] for n in names] == [
+        False, False, False, False, False]
+    # The CUDA targets are not applied to the CPU set, nor the CPU ones on CUDA.
+    assert len(at) == 5 and _verdicts(report(100, 85, 100, 1700), cuda=True).keys() == {
+        ("Lion8bit step time / Lion's <= 1.0", "gpt2"), (names[4], "tiny")}

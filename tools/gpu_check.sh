@@ -237,6 +237,8 @@ if over:
     print("host overhead (us/step, 148 tiny tensors): " + ", ".join(
         f"{k} {v['us_per_step']:.0f}" if v.get("status") == "ok" else f"{k} -"
         for k, v in over.items()))
+for c in r.get("targets") or []:
+    print(f"target {'met    ' if c['met'] else 'NOT met'} {c['set']:<10}{c['value']:>8.3f}  {c['target']}")
 EOF
   else
     echo "benchmark: no $OUT/bench.json"
