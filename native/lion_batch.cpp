@@ -9,6 +9,7 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "lion_math.h"
@@ -142,31 +143,42 @@ void check_state_list(const char* op, const char* name, at::TensorList params,
 void check_distinct_outputs(const char* op,
                             std::initializer_list<std::pair<const char*, at::TensorList>> lists) {
   struct Entry {
-    const void* address;
-    const char* name;
-    size_t index;
+    uintptr_t address;
+    uint32_t list;  // position in `lists`
+    uint32_t index;
   };
+  size_t total = 0;
+  for (const auto& named : lists) total += named.second.size();
   std::vector<Entry> entries;
+  entries.reserve(total);
+  uint32_t list_number = 0;
   for (const auto& [name, list] : lists) {
     for (size_t i = 0; i < list.size(); ++i) {
-      if (list[i].numel() == 0) continue;
+      const at::Tensor& t = list[i];
+      if (t.numel() == 0) continue;
       // An expanded view writes one element from several places: the update would race, or
-      // fail only after writing (copying back the contiguous copy the kernels update).
-      TORCH_CHECK_VALUE(at::has_internal_overlap(list[i]) != at::MemOverlap::Yes, op, ": ", name,
-                        "[", i, "] has elements that share memory (an expanded view?); a tensor "
-                        "the call updates must not");
-      entries.push_back({list[i].const_data_ptr(), name, i});
+      // fail only after writing (copying back the contiguous copy the kernels update). A
+      // contiguous tensor (a cached flag) cannot overlap itself; others take the full test.
+      TORCH_CHECK_VALUE(t.is_contiguous() || at::has_internal_overlap(t) != at::MemOverlap::Yes,
+                        op, ": ", name, "[", i, "] has elements that share memory (an expanded "
+                        "view?); a tensor the call updates must not");
+      entries.push_back({reinterpret_cast<uintptr_t>(t.const_data_ptr()), list_number,
+                         static_cast<uint32_t>(i)});
     }
+    ++list_number;
   }
-  // Sorted by address (a stable sort, so a duplicate is reported after its first occurrence).
-  std::stable_sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
-    return std::less<const void*>()(a.address, b.address);
+  // Sorted by address, then by position, so that a duplicate is reported after its first
+  // occurrence (std::sort with that key: stable_sort's buffer cost more than the comparisons).
+  std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
+    return std::tie(a.address, a.list, a.index) < std::tie(b.address, b.list, b.index);
   });
   for (size_t k = 1; k < entries.size(); ++k) {
     const Entry& first = entries[k - 1];
     const Entry& second = entries[k];
-    TORCH_CHECK_VALUE(first.address != second.address, op, ": ", first.name, "[", first.index,
-                      "] and ", second.name, "[", second.index,
+    if (C10_LIKELY(first.address != second.address)) continue;
+    const auto name_of = [&lists](uint32_t list) { return (lists.begin() + list)->first; };
+    TORCH_CHECK_VALUE(false, op, ": ", name_of(first.list), "[", first.index, "] and ",
+                      name_of(second.list), "[", second.index,
                       "] are the same memory (one tensor passed twice?); every tensor the call "
                       "updates must appear once");
   }
@@ -357,6 +369,16 @@ FlatOperands::FlatOperands(std::vector<at::TensorList> lists, std::vector<bool> 
   flat_.resize(lists.size());
   for (auto& f : flat_) f.reserve(count);
   for (size_t i = 0; i < count; ++i) {
+    // All contiguous (the common case; cached flags): logical order is memory order for each,
+    // whatever strides their size-1 dimensions have, so all are used in place.
+    bool all_contiguous = true;
+    for (size_t l = 0; l < lists.size() && all_contiguous; ++l) {
+      all_contiguous = lists[l][i].is_contiguous();
+    }
+    if (all_contiguous) {
+      for (size_t l = 0; l < lists.size(); ++l) flat_[l].push_back(&lists[l][i]);
+      continue;
+    }
     // The tensors written decide the element order: their memory order when the first is
     // dense and every written one shares its strides, else the logical order (contiguous
     // copies, written back). A read-only operand laid out otherwise is copied into that

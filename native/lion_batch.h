@@ -100,8 +100,9 @@ void check_step_counters(at::TensorList steps);
 
 
 // Makes the i-th tensor of every operand list walkable as a flat array, all in the same
-// element order. A group whose written tensors are dense and share strides is used in place
-// (a transposed param with a transposed momentum is fine), read-only ones laid out otherwise
+// element order (the i-th tensors of all lists have one shape). A group of contiguous tensors,
+// or one whose written tensors are dense and share strides, is used in place (a transposed
+// param with a transposed momentum is fine), read-only ones laid out otherwise
 // being copied into that layout; any other group is replaced by contiguous copies, and
 // write_back() copies the mutated ones back. Tensors used in place are referred to, not
 // copied (the lists outlive the operator call): no reference counting per tensor.

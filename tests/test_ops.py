@@ -50,6 +50,44 @@ def _assert_matches_reference(before, after, lr, beta1, beta2, wd):
                                    msg=f"params[{i}]")
 
 
+def test_contiguous_tensors_whose_size_one_dims_have_other_strides(device):
+    """Contiguous tensors whose size-1 dimensions have arbitrary strides are used in place
+    (their memory order is their logical order), by the 32-bit and the 8-bit update alike, and
+    give exactly what standard strides give."""
+    torch.manual_seed(0)
+    shape = (1, 700, 1)
+
+    def odd_strides(t, strides):
+        out = torch.empty_strided(shape, strides, dtype=t.dtype, device=device)
+        out.copy_(t)
+        assert out.is_contiguous() and out.stride() != t.stride()
+        return out
+
+    p, g, m = (torch.randn(shape, device=device) for _ in range(3))
+    codes, absmax = lion_ops.ops.quantize_blockwise(m, lion_ops.quantization.dynamic_map().to(device))
+    lr = torch.tensor(1e-2)
+    odd = [odd_strides(p, (1, 1, 5)), odd_strides(g, (9, 1, 3)), odd_strides(m, (2, 1, 7))]
+    standard = [p.clone(), g.clone(), m.clone()]
+    for args in (odd, standard):
+        op(args[0:1], args[1:2], args[2:3], lr, 0.9, 0.99, 0.1)
+    for a, b in zip(odd, standard):
+        assert torch.equal(a, b)
+    qmap = lion_ops.quantization.dynamic_map().to(device)
+    results = []
+    for strides in (((1, 1, 5), (9, 1, 3), (3, 1, 2)), None):
+        q, grad = p.clone(), g.clone()
+        c, a = codes.clone(), absmax.clone()
+        if strides:
+            q, grad, c = odd_strides(q, strides[0]), odd_strides(grad, strides[1]), odd_strides(
+                c, strides[2])
+        torch.ops.lion.lion_update_8bit_blockwise([q], [grad], [c], [a], qmap, lr,
+                                                  torch.tensor(0.9), torch.tensor(0.99),
+                                                  torch.tensor(0.1))
+        results.append((q, c, a))
+    for x, y in zip(*results):
+        assert torch.equal(x, y)
+
+
 @pytest.mark.parametrize("lr_on_device", [False, True], ids=["lr_cpu", "lr_device"])
 def test_update_matches_fp64_reference(device, dtype, lr_on_device):
     lr, beta1, beta2, wd = 3e-3, 0.9, 0.99, 0.1
