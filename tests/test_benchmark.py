@@ -96,6 +96,10 @@ def test_targets_of_a_recorded_gpu_run():
          "llama1b"): (1.032, False),
         ("lion_ops.Lion8bit step time / every peer's < 1.0 (worst: lion_pytorch triton)",
          "llama1b"): (0.903, True),
+        ("lion_ops.Lion back-to-back step time / every peer's < 1.0 (worst: torch foreach "
+         "compiled)", "llama1b"): (1.034, False),
+        ("lion_ops.Lion8bit back-to-back step time / every peer's < 1.0 (worst: torch foreach "
+         "compiled)", "llama1b"): (0.886, True),
         ("host overhead / the lowest peer's (torch foreach) < 1.0", "tiny"): (0.802, True),
     }
 
