@@ -778,12 +778,12 @@ def target_checks(report: dict, cuda: bool) -> list[dict]:
         if set_name != (CUDA_TARGET_SET if cuda else CPU_TARGET_SET):
             continue
         if cuda:
+            peers = [(p, q) for p, q in ((p, ok(entry, p)) for p in peer_names) if q]
             for name in ours_names:
                 r = ok(entry, name)
                 if r:
                     check(f"{name}: fraction of the copy bandwidth >= 0.85", set_name,
                           r["fraction_of_floor"], r["fraction_of_floor"] >= 0.85)
-                    peers = [(p, ok(entry, p)) for p in peer_names if ok(entry, p)]
                     # Each step started on an idle device (the host's time before the first
                     # launch counts), and back to back (it overlaps the previous step's kernels).
                     for what, key in (("step time", "median_s"),
@@ -822,7 +822,7 @@ def target_checks(report: dict, cuda: bool) -> list[dict]:
 def print_targets(checks: list[dict]) -> None:
     if not checks:
         return
-    print("\n== the project's performance targets (ratios of this run's medians)")
+    print("\n== the project's performance targets (ratios of this run's figures)")
     for c in checks:
         print(f"{'met    ' if c['met'] else 'NOT met'}  {c['set']:<10} {c['value']:>8.3f}  "
               f"{c['target']}")
