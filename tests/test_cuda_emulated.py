@@ -41,13 +41,28 @@ SCHEDULES = {"forward": (0, 0), "reverse": (1, 0), "shuffle": (2, 20240601)}
 LR, BETA1, BETA2, WD = 1e-2, 0.9, 0.99, 0.05
 
 
-@pytest.fixture(scope="session")
-def emu(request):
+def _build_root(request) -> str:
     cache = getattr(request.config, "cache", None)
     root = str(cache.mkdir("cuda_emulation")) if cache is not None else tempfile.mkdtemp()
-    build_dir = os.path.join(root, "torch-" + torch.__version__.replace("+", "_"))
-    emu_build.build(build_dir)
+    return os.path.join(root, "torch-" + torch.__version__.replace("+", "_"))
+
+
+@pytest.fixture(scope="session")
+def emu(request):
+    emu_build.build(_build_root(request))
     return torch.ops.lion_emu
+
+
+@pytest.fixture(scope="session")
+def emulated_kernel_shapes(request):
+    """tools/kernel_shapes.py, and tools/kernel_shapes.cu built by the emulation (once: torch
+    loads an extension of one name once per process)."""
+    spec = importlib.util.spec_from_file_location(
+        "kernel_shapes", os.path.join(os.path.dirname(_HERE), "tools", "kernel_shapes.py"))
+    kernel_shapes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernel_shapes)
+    path = emu_build.build_kernel_shapes(os.path.join(_build_root(request), "kernel_shapes"))
+    return kernel_shapes, kernel_shapes.KernelShapes(path)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -254,9 +269,9 @@ def test_update_32bit_more_tensors_than_one_launch_takes(emu):
     dtypes = [torch.float32] * 390 + [torch.bfloat16] * 20 + [torch.float16] * 3
     offsets = [offsets_for(i, "misaligned", 0, 3) for i in range(len(sizes))]
     float_blocks = [sum(1 for n in sizes[:390] if n > 0)]
-    expect = ["lion_32bit_kernel<float>[384]",
-              f"lion_32bit_kernel<float>[{float_blocks[0] - 384}]",
-              "lion_32bit_kernel<__nv_bfloat16>[20]", "lion_32bit_kernel<__half>[3]"]
+    expect = ["lion_32bit_kernel<float, Shape>[384]",
+              f"lion_32bit_kernel<float, Shape>[{float_blocks[0] - 384}]",
+              "lion_32bit_kernel<__nv_bfloat16, Shape>[20]", "lion_32bit_kernel<__half, Shape>[3]"]
     run_32bit(emu, "shuffle", sizes, dtypes, offsets, seed=6, steps=2, expect_launches=expect)
 
 
@@ -615,3 +630,38 @@ def test_emulated_ops_run_the_cuda_host_code(emu):
     assert torch.equal(p, torch.full((10,), -0.1))
     with pytest.raises(ValueError, match="lion_update_32bit: beta1 must be in"):
         emu.lion_update_32bit(*as_op_args(([p], [gr], [m], torch.tensor(0.1), 1.5, 0.99, 0.0)))
+
+
+def test_every_kernel_shape_matches_the_cpu_operator_bit_for_bit(emulated_kernel_shapes):
+    # tools/kernel_shapes.cu: the 32-bit kernel in the shapes tools/kernel_shapes.py times on a
+    # GPU (spans, packs in flight, cache hints), run here through the emulation with that
+    # script's own check: fp32/bf16/fp16, sizes around every span and pack boundary,
+    # misaligned params, grads and momenta, two steps.
+    kernel_shapes, shapes = emulated_kernel_shapes
+    assert shapes.names[0] == "span=8192 unroll=1 kDefault"  # the library's, checked at build
+    assert len(shapes.names) >= 10
+    lines = []
+    matched = kernel_shapes.check(shapes, "cpu", log=lines.append)
+    assert len(lines) == 3 * len(shapes.names)
+    assert matched, "\n".join(line for line in lines if "DIFFERENT" in line)
+
+
+def test_kernel_shapes_timing_runs_end_to_end_on_the_emulation(emulated_kernel_shapes):
+    # What tools/kernel_shapes.py does on a GPU after its check, rehearsed on the emulation with
+    # a few small tensors (host clock instead of CUDA events; no peers): every shape and the
+    # library's operator timed, and the report it writes summarized.
+    kernel_shapes, shapes = emulated_kernel_shapes
+    lines = []
+    entry = kernel_shapes.time_set(shapes, "small", [(3000,), (17, 301), (5,)],
+                                   torch.device("cpu"), repeats=2, launches=1, peers=False,
+                                   copy_bytes_per_s=1e10, log=lines.append)
+    rows = entry["contenders"]
+    assert list(rows)[0] == kernel_shapes.LIBRARY and len(rows) == 1 + len(shapes.names)
+    assert all(len(r["times_ms"]) == 2 and r["min_ms"] > 0 for r in rows.values())
+    assert entry["params"] == 3000 + 17 * 301 + 5 and entry["bytes_moved"] == 20 * entry["params"]
+    report = dict(environment=dict(device_name="emulation", git_commit="abc"), checked=True,
+                  sets={"small": entry})
+    summary = kernel_shapes.summarize(report)
+    assert summary[0] == ("kernel shapes on emulation at abc: every shape matches the CPU bit "
+                          "for bit")
+    assert summary[1].startswith("small      library ") and "fastest shape span=" in summary[1]

@@ -243,6 +243,11 @@ EOF
   else
     echo "benchmark: no $OUT/bench.json"
   fi
+  if [ -f "$OUT/kernel-shapes.json" ]; then
+    echo
+    timeout 60 "$PY" "$ROOT/tools/kernel_shapes.py" --summary "$OUT/kernel-shapes.json" ||
+      echo "kernel shapes: could not read kernel-shapes.json"
+  fi
   echo
   if ((FAILED)); then
     echo "GPU CHECK: FAILED (see above and $LOG)"
@@ -307,6 +312,17 @@ main() {
   unset OMP_NUM_THREADS  # the benchmark's CPU peers get every thread
   run_stage bench 300 80 "$ROOT" - \
     "$PY" tools/benchmark.py --quick --json "$OUT/bench.json" --png "$OUT/bench.png"
+
+  # Shapes of the 32-bit kernel (span per block, loads in flight, cache hints), checked bit
+  # for bit and timed against the library's and the two fastest peers (tools/kernel_shapes.py):
+  # the library's kernel was 3% behind torch.compile's foreach loop back to back on llama1b.
+  if ((BUDGET - SECONDS >= 120)); then
+    run_stage kernel-shapes 150 45 "$OUT" - \
+      "$PY" "$ROOT/tools/kernel_shapes.py" --json "$OUT/kernel-shapes.json"
+  else
+    echo "[kernel-shapes] skipped: less than 120 s of the budget left"
+    record kernel-shapes "skipped (no time left)" 0
+  fi
 
   # Nsight Compute, where installed and time is left: the achieved DRAM bandwidth of each of
   # our kernels, on the gpt2 shapes (500 MB of fp32 params: well past the L2).

@@ -4,6 +4,8 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 
 #include "../lion_math.h"
 #include "lion_kernels.cuh"
@@ -68,13 +70,73 @@ __device__ __forceinline__ int tensor_of_block(const int32_t* first_block, int n
   return lo;
 }
 
+// How the 32-bit kernel walks memory: elements per thread block, packs each thread loads
+// before it computes (more loads in flight per thread), and whether its accesses carry the
+// streaming cache hint (evict first: every byte is touched once per step). The library uses
+// Production32bitShape; tools/kernel_shapes.cu instantiates others to time them against it.
+enum class Caching : int { kDefault = 0, kStreaming = 1 };
+
+template <int64_t Span, int Unroll, Caching C>
+struct Shape32bit {
+  static constexpr int64_t kSpan = Span;
+  static constexpr int kUnroll = Unroll;
+  static constexpr Caching kCaching = C;
+  static_assert(Span % (kThreads * kVec * Unroll) == 0,
+                "a block's span is whole rounds of Unroll packs per thread");
+};
+using Production32bitShape = Shape32bit<kElementsPerBlock, 1, Caching::kDefault>;
+
+// A Pack<T> as the vector word the streaming intrinsics take (16 bytes for fp32, 8 for 16-bit).
 template <typename T>
+using PackWord = std::conditional_t<sizeof(Pack<T>) == 16, uint4, uint2>;
+
+template <typename T, Caching C>
+__device__ __forceinline__ void load_pack_as(const T* __restrict__ src, float (&out)[kVec]) {
+  if constexpr (C == Caching::kStreaming) {
+    static_assert(sizeof(PackWord<T>) == sizeof(Pack<T>));
+    const PackWord<T> word = __ldcs(reinterpret_cast<const PackWord<T>*>(src));
+    Pack<T> pack;
+    memcpy(&pack, &word, sizeof(pack));
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) out[j] = to_float(pack.v[j]);
+  } else {
+    load_pack(src, out);
+  }
+}
+
+template <typename T, Caching C>
+__device__ __forceinline__ void store_pack_as(T* __restrict__ dst, const float (&in)[kVec]) {
+  if constexpr (C == Caching::kStreaming) {
+    Pack<T> pack;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) pack.v[j] = from_float<T>(in[j]);
+    PackWord<T> word;
+    memcpy(&word, &pack, sizeof(word));
+    __stcs(reinterpret_cast<PackWord<T>*>(dst), word);
+  } else {
+    store_pack(dst, in);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void update_scalar(T* __restrict__ p, const T* __restrict__ g,
+                                              float* __restrict__ m, int64_t e,
+                                              const LionCoefficients& k) {
+  float pf = to_float(p[e]), mf = m[e];
+  lion_update(pf, to_float(g[e]), mf, k);
+  p[e] = from_float<T>(pf);
+  m[e] = mf;
+}
+
+template <typename T, typename Shape = Production32bitShape>
 __global__ void __launch_bounds__(kThreads)
 lion_32bit_kernel(const __grid_constant__ Lion32bitBatch batch) {
+  constexpr int kUnroll = Shape::kUnroll;
+  constexpr Caching kCaching = Shape::kCaching;
   const int t = tensor_of_block(batch.first_block, batch.num_tensors, blockIdx.x);
   const int64_t n = batch.numels[t];
-  const int64_t begin = static_cast<int64_t>(blockIdx.x - batch.first_block[t]) * kElementsPerBlock;
-  const int64_t end = min(n, begin + kElementsPerBlock);
+  const int64_t begin = static_cast<int64_t>(blockIdx.x - batch.first_block[t]) * Shape::kSpan;
+  const int64_t end = min(n, begin + Shape::kSpan);
   T* __restrict__ p = static_cast<T*>(batch.params[t]);
   const T* __restrict__ g = static_cast<const T*>(batch.grads[t]);
   float* __restrict__ m = batch.momenta[t];
@@ -86,33 +148,50 @@ lion_32bit_kernel(const __grid_constant__ Lion32bitBatch batch) {
       (reinterpret_cast<uintptr_t>(p) | reinterpret_cast<uintptr_t>(g)) % sizeof(Pack<T>) == 0 &&
       reinterpret_cast<uintptr_t>(m) % sizeof(Pack<float>) == 0;
   if (aligned) {
-    // begin is a multiple of kVec, so every full pack below is aligned.
-    for (int64_t i = begin + threadIdx.x * kVec; i < end; i += kThreads * kVec) {
-      if (i + kVec <= end) {
-        float pv[kVec], gv[kVec], mv[kVec];
-        load_pack(p + i, pv);
-        load_pack(g + i, gv);
-        load_pack(m + i, mv);
+    // begin is a multiple of kVec, so every full pack below is aligned. A thread's packs
+    // are kStride elements apart, so each of its loads is coalesced across the block.
+    constexpr int64_t kStride = kThreads * kVec;
+    int64_t i = begin + threadIdx.x * kVec;
+    if constexpr (kUnroll > 1) {
+      // Rounds of kUnroll whole packs: every load of a round issued before any arithmetic.
+      for (; i + (kUnroll - 1) * kStride + kVec <= end; i += kUnroll * kStride) {
+        float pv[kUnroll][kVec], gv[kUnroll][kVec], mv[kUnroll][kVec];
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) lion_update(pv[j], gv[j], mv[j], k);
-        store_pack(p + i, pv);
-        store_pack(m + i, mv);
-      } else {
-        for (int64_t e = i; e < end; ++e) {
-          float pf = to_float(p[e]), mf = m[e];
-          lion_update(pf, to_float(g[e]), mf, k);
-          p[e] = from_float<T>(pf);
-          m[e] = mf;
+        for (int u = 0; u < kUnroll; ++u) {
+          load_pack_as<T, kCaching>(p + i + u * kStride, pv[u]);
+          load_pack_as<T, kCaching>(g + i + u * kStride, gv[u]);
+          load_pack_as<float, kCaching>(m + i + u * kStride, mv[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) lion_update(pv[u][j], gv[u][j], mv[u][j], k);
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          store_pack_as<T, kCaching>(p + i + u * kStride, pv[u]);
+          store_pack_as<float, kCaching>(m + i + u * kStride, mv[u]);
         }
       }
     }
-  } else {
-    for (int64_t e = begin + threadIdx.x; e < end; e += kThreads) {
-      float pf = to_float(p[e]), mf = m[e];
-      lion_update(pf, to_float(g[e]), mf, k);
-      p[e] = from_float<T>(pf);
-      m[e] = mf;
+    // One pack at a time: every pack when kUnroll is 1, else what a tensor's last block
+    // leaves after its whole rounds; a tensor's ragged end element by element.
+    for (; i < end; i += kStride) {
+      if (i + kVec <= end) {
+        float pv[kVec], gv[kVec], mv[kVec];
+        load_pack_as<T, kCaching>(p + i, pv);
+        load_pack_as<T, kCaching>(g + i, gv);
+        load_pack_as<float, kCaching>(m + i, mv);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) lion_update(pv[j], gv[j], mv[j], k);
+        store_pack_as<T, kCaching>(p + i, pv);
+        store_pack_as<float, kCaching>(m + i, mv);
+      } else {
+        for (int64_t e = i; e < end; ++e) update_scalar(p, g, m, e, k);
+      }
     }
+  } else {
+    for (int64_t e = begin + threadIdx.x; e < end; e += kThreads) update_scalar(p, g, m, e, k);
   }
 }
 
@@ -499,27 +578,29 @@ __global__ void dequantize_blockwise_kernel(const uint8_t* __restrict__ codes,
   }
 }
 
-}  // namespace
-
-void launch_lion_32bit(const Lion32bitBatch& batch, ParamType type, cudaStream_t stream) {
+// The 32-bit launch for a batch whose first_block counts blocks of Shape::kSpan elements.
+template <typename Shape>
+void launch_32bit_shaped(const Lion32bitBatch& batch, ParamType type, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>(batch.first_block[batch.num_tensors]);
   if (blocks == 0) return;
   switch (type) {
     case ParamType::kFloat32:
-      lion_32bit_kernel<float><<<blocks, kThreads, 0, stream>>>(batch);
+      lion_32bit_kernel<float, Shape><<<blocks, kThreads, 0, stream>>>(batch);
       break;
     case ParamType::kBFloat16:
-      lion_32bit_kernel<__nv_bfloat16><<<blocks, kThreads, 0, stream>>>(batch);
+      lion_32bit_kernel<__nv_bfloat16, Shape><<<blocks, kThreads, 0, stream>>>(batch);
       break;
     case ParamType::kFloat16:
-      lion_32bit_kernel<__half><<<blocks, kThreads, 0, stream>>>(batch);
+      lion_32bit_kernel<__half, Shape><<<blocks, kThreads, 0, stream>>>(batch);
       break;
   }
 }
 
-}  // namespace lion::cuda
+}  // namespace
 
-namespace lion::cuda {
+void launch_lion_32bit(const Lion32bitBatch& batch, ParamType type, cudaStream_t stream) {
+  launch_32bit_shaped<Production32bitShape>(batch, type, stream);
+}
 
 void launch_lion_8bit(const Lion8bitBatch& batch, ParamType type, Scaling scaling,
                       cudaStream_t stream) {

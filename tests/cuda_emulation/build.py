@@ -145,10 +145,33 @@ def _write_if_changed(path: str, text: str) -> None:
         f.write(text)
 
 
+_CU_INCLUDE = re.compile(r'^#include\s+"(?P<name>[^"]+\.cu)"[^\n]*$', re.M)
+
+
+def _inline_cu_includes(source: str, path: str) -> str:
+    """Replaces each `#include "x.cu"` (looked up beside `path`, then in native/cuda) by that
+    file's text, with #line markers, so that its launches are rewritten too."""
+    def replace(match):
+        name = match.group("name")
+        for directory in (os.path.dirname(path), os.path.join(NATIVE, "cuda")):
+            included = os.path.join(directory, name)
+            if os.path.isfile(included):
+                break
+        else:
+            raise RuntimeError(f"cuda emulation: {path} includes {name}, not found")
+        with open(included, encoding="utf-8") as f:
+            text = _inline_cu_includes(f.read(), included)
+        line = source.count("\n", 0, match.start()) + 2
+        return (f'#line 1 "{included}"\n{text}\n'
+                f'#line {line} "{path}"')
+    return _CU_INCLUDE.sub(replace, source)
+
+
 def _prepare(cuda_source: str, destination: str) -> str:
-    """Writes the C++ form of a CUDA source file (launches and __shared__ rewritten)."""
+    """Writes the C++ form of a CUDA source file (launches and __shared__ rewritten; .cu files
+    it includes inlined first)."""
     with open(cuda_source, encoding="utf-8") as f:
-        source = f.read()
+        source = _inline_cu_includes(f.read(), cuda_source)
     launches = source.count("<<<")
     rewritten, count = rewrite_launches(source)
     if count != launches or "<<<" in rewritten or ">>>" in rewritten:
@@ -222,3 +245,28 @@ def build(build_dir: str, verbose: bool = False) -> None:
     )
     if not hasattr(torch.ops.lion_emu, "lion_update_32bit"):
         raise RuntimeError("cuda emulation: the library loaded but registered no lion_emu ops")
+
+
+KERNEL_SHAPES = os.path.join(REPO, "tools", "kernel_shapes.cu")
+
+
+def build_kernel_shapes(build_dir: str, verbose: bool = False) -> str:
+    """Builds (or reuses) the emulation of tools/kernel_shapes.cu (the 32-bit kernel in the
+    shapes that tools/kernel_shapes.py times on a GPU): a plain shared library with its C
+    interface, for ctypes. Returns its path."""
+    from torch.utils import cpp_extension
+
+    os.makedirs(build_dir, exist_ok=True)
+    shapes = _prepare(KERNEL_SHAPES, os.path.join(build_dir, "kernel_shapes_emu.cpp"))
+    name = "lion_kernel_shapes_emulation"
+    cpp_extension.load(
+        name=name,
+        sources=[shapes, os.path.join(HERE, "emu_runtime.cpp")],
+        extra_include_paths=[HERE, NATIVE, os.path.join(NATIVE, "cuda"), cuda_include_dir()],
+        extra_cflags=CFLAGS,
+        build_directory=build_dir,
+        is_python_module=False,
+        with_cuda=False,
+        verbose=verbose,
+    )
+    return os.path.join(build_dir, f"{name}.so")

@@ -132,6 +132,13 @@ inline float __uint_as_float(unsigned x) {
   return ::lion_emu::from_bits<float>(::lion_emu::to_bits(x));
 }
 
+// Cache-hinted loads and stores (the streaming hint of the 32-bit kernel's shapes): plain
+// accesses, since a hint changes nothing a kernel can observe.
+template <typename T>
+inline T __ldcs(const T* address) { return *address; }
+template <typename T>
+inline void __stcs(T* address, T value) { *address = value; }
+
 // CUDA's min/max overloads for integers (fminf/fmaxf/fabsf/sqrtf come from <cmath>).
 inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max(int64_t a, int64_t b) { return a > b ? a : b; }
