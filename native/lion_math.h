@@ -124,8 +124,8 @@ LION_HOST_DEVICE float decode_momentum(const float* qmap, uint8_t code, float sc
 // binary search per element, a table indexed by the top 16 bits of x's order-preserving key
 // gives the number of midpoints below that bucket; the few midpoints inside the bucket
 // (at most one for the dynamic map) are then compared directly. The table depends on qmap
-// only (encode_table_entry). The kernels use the compact form of it below (the CPU's AVX2
-// loops a folded form built from it).
+// only (encode_table_entry). The kernels use the compact and folded compact forms of it
+// below (the CPU's AVX2 loops a folded form of the 16-bit table itself).
 constexpr int kEncodeTableSize = 1 << 16;
 
 LION_HOST_DEVICE uint32_t float_bits(float x) {
@@ -133,6 +133,14 @@ LION_HOST_DEVICE uint32_t float_bits(float x) {
   return __float_as_uint(x);
 #else
   return __builtin_bit_cast(uint32_t, x);
+#endif
+}
+
+LION_HOST_DEVICE float float_from_bits(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  return __builtin_bit_cast(float, bits);
 #endif
 }
 
@@ -236,19 +244,125 @@ LION_HOST_DEVICE uint8_t compact_table_entry(const float* qmap, int bucket) {
   return midpoints_below_key(qmap, compact_bucket_lowest_key(bucket));
 }
 
-// The code of x = m * inverse_scale(scale) through the compact table; midpoints[j] =
-// map_midpoint(qmap, j) for j < 255. A positive NaN steps to the top (its key is above every
-// midpoint's, as in the 16-bit table), a negative one stays at 0. Then a code whose entry has
-// the wrong sign bit is moved one step toward x's sign, as bitsandbytes' CUDA kernels do, so
-// quantization never flips the momentum's sign.
-LION_HOST_DEVICE uint8_t encode_compact(const uint8_t* table, const float* midpoints,
-                                        const float* qmap, float x) {
-  int code = static_cast<int>(table[compact_bucket(x)]);
+// The code of x from its compact bucket's entry (the number of midpoints below the bucket);
+// midpoints[j] = map_midpoint(qmap, j) for j < 255. A positive NaN steps to the top (its key
+// is above every midpoint's, as in the 16-bit table), a negative one stays at 0. Then a code
+// whose entry has the wrong sign bit is moved one step toward x's sign, as bitsandbytes' CUDA
+// kernels do, so quantization never flips the momentum's sign.
+LION_HOST_DEVICE uint8_t encode_from_entry(int entry, const float* midpoints, const float* qmap,
+                                           float x) {
+  int code = entry;
   const bool positive_nan = x != x && !sign_bit(x);
   while (code < kQuantMapSize - 1 && (midpoints[code] <= x || positive_nan)) ++code;
   const int wrong_sign = sign_bit(qmap[code]) != sign_bit(x);
   code += wrong_sign * (x > 0.f ? 1 : -1);
   return static_cast<uint8_t>(code);
+}
+
+// The code of x = m * inverse_scale(scale) through the compact table.
+LION_HOST_DEVICE uint8_t encode_compact(const uint8_t* table, const float* midpoints,
+                                        const float* qmap, float x) {
+  return encode_from_entry(table[compact_bucket(x)], midpoints, qmap, x);
+}
+
+// ---- the folded compact table (the CUDA kernels, and the CPU's scalar loops) ------------------
+// encode_compact costs a bucket lookup, a search past the midpoints inside the bucket (a loop
+// and a shared-memory read per step on a GPU) and a read of the chosen entry's sign. Where a
+// bucket holds at most one midpoint, all of that is a function of x's key that changes at most
+// once inside the bucket, so one 32-bit entry per bucket holds it: the final code (sign rule
+// applied) for keys below the midpoint inside (bits 0-7), the final code at or above it (bits
+// 8-15), and the low 16 bits of that midpoint's key (bits 16-31; 0 when no midpoint lies
+// inside, or it is the bucket's first key, and then only the second code counts). Buckets
+// where this does not hold (two midpoints inside; a midpoint inside a merged bucket of the
+// smallest or largest magnitudes; any bucket of a map with a NaN, or a midpoint of +-0, where
+// the key order of -0.0 and +0.0 differs from the float order) get kUnfoldable, and their x
+// take encode_compact. For the dynamic map every bucket folds.
+// Never a folded entry: equal codes have bits 16-31 clear.
+constexpr uint32_t kUnfoldable = 0xffffffffu;
+// The tables of one map on a GPU, in one buffer: the compact table, then the folded one.
+constexpr int kFoldedTableOffset = kCompactTableBytes;  // a multiple of 16
+constexpr int kEncodeTablesBytes = kFoldedTableOffset + 4 * kCompactTableSize;
+
+// The float whose order key is `key` (order_key's inverse).
+LION_HOST_DEVICE float float_of_key(uint32_t key) {
+  return float_from_bits((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+// The highest order key of any float in compact bucket `bucket`.
+LION_HOST_DEVICE uint32_t compact_bucket_highest_key(int bucket) {
+  const bool negative = bucket >= kCompactBucketsPerSign;
+  const int in_sign = negative ? bucket - kCompactBucketsPerSign : bucket;
+  if (!negative) {
+    if (in_sign == kCompactBucketsPerSign - 1) return 0xffffffffu;  // the largest +NaN
+    return compact_bucket_lowest_key(bucket + 1) - 1u;
+  }
+  if (in_sign == 0) return order_key_of_bits(0x80000000u);  // -0.0
+  return compact_bucket_lowest_key(bucket - 1) - 1u;  // keys fall as negative buckets grow
+}
+
+// Whether a map's buckets may fold at all: no NaN entry, no midpoint that is NaN or +-0.
+LION_HOST_DEVICE bool map_entry_allows_folding(const float* qmap, int j) {
+  if (qmap[j] != qmap[j]) return false;
+  if (j + 1 < kQuantMapSize) {
+    const float midpoint = map_midpoint(qmap, j);
+    if (midpoint != midpoint || midpoint == 0.f) return false;
+  }
+  return true;
+}
+
+// Bucket `bucket`'s folded entry, or kUnfoldable; map_folds: map_entry_allows_folding holds for
+// every entry. Built from encode_from_entry itself at the ends of the (at most two) key ranges
+// of the bucket: within each, the number of midpoints <= x cannot change (no midpoint lies
+// inside), nor x's sign bit (one sign per bucket), and x > 0 (the sign rule's direction) and
+// x's being a positive NaN each change at most once, at +0 (a bucket's first key) and past
+// +inf (where the NaNs start), so equal codes at both ends mean one code across the range.
+LION_HOST_DEVICE uint32_t folded_table_entry(const float* qmap, const float* midpoints,
+                                             int bucket, bool map_folds) {
+  if (!map_folds) return kUnfoldable;
+  const int entry = compact_table_entry(qmap, bucket);
+  const uint32_t lowest = compact_bucket_lowest_key(bucket);
+  const uint32_t highest = compact_bucket_highest_key(bucket);
+  const auto code_at = [&](uint32_t key) {
+    return static_cast<uint32_t>(encode_from_entry(entry, midpoints, qmap, float_of_key(key)));
+  };
+  uint32_t threshold = lowest;  // the first key "at or above" the midpoint inside, if any
+  if (entry < kQuantMapSize - 1) {
+    const uint32_t key = order_key(midpoints[entry]);
+    if (key <= highest) {  // midpoint `entry` lies inside (none below it does: entry counts them)
+      if (entry + 1 < kQuantMapSize - 1 && order_key(midpoints[entry + 1]) <= highest) {
+        return kUnfoldable;
+      }
+      if ((key >> 16) != (lowest >> 16) || (highest >> 16) != (lowest >> 16)) return kUnfoldable;
+      threshold = key;
+    }
+  }
+  const uint32_t above = code_at(threshold);
+  if (code_at(highest) != above) return kUnfoldable;
+  uint32_t below = above;
+  if (threshold != lowest) {
+    below = code_at(lowest);
+    if (code_at(threshold - 1u) != below) return kUnfoldable;
+  }
+  const uint32_t low16 = below == above ? 0u : (threshold & 0xffffu);
+  return below | above << 8 | low16 << 16;
+}
+
+// The code of x through a folded entry (not kUnfoldable).
+LION_HOST_DEVICE uint8_t encode_folded(uint32_t folded, float x) {
+  // The low 16 bits of order_key(x): x's bits, inverted for a negative x.
+  const uint32_t bits = float_bits(x);
+  const uint32_t low16 = (bits ^ static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31)) & 0xffffu;
+  const bool at_or_above = low16 >= (folded >> 16);
+  return static_cast<uint8_t>(at_or_above ? folded >> 8 : folded);
+}
+
+// The code of x through both tables: the folded entry where its bucket has one.
+LION_HOST_DEVICE uint8_t encode_with_tables(const uint32_t* folded, const uint8_t* compact,
+                                            const float* midpoints, const float* qmap, float x) {
+  const int bucket = compact_bucket(x);
+  const uint32_t entry = folded[bucket];
+  if (entry != kUnfoldable) return encode_folded(entry, x);
+  return encode_from_entry(compact[bucket], midpoints, qmap, x);
 }
 
 }  // namespace lion

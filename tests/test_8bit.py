@@ -128,10 +128,21 @@ def _other_sorted_maps():
     tiny = torch.logspace(-14, -7, 40, dtype=torch.float64).float()
     clustered = torch.cat([torch.linspace(-1, 1, 175), tiny, -tiny, torch.zeros(1)]).sort().values
     wide = torch.linspace(-3, 3, 256)
-    return {"linear": linear, "clustered": clustered, "wide": wide}
+    # Maps where most buckets of the folded compact table fold and some do not (the scalar
+    # encoder's two paths in one call): four dynamic-map entries squeezed into one bucket, and
+    # 255 evenly spaced entries plus 3.5 (midpoints of 2 and more in the merged top bucket).
+    squeezed = QMAP.clone()
+    squeezed[230:234] = 0.6555 + torch.arange(4) * 1e-4
+    wide_odd = torch.cat([torch.linspace(-3, 3, 255), torch.tensor([3.5])])
+    # One midpoint (2.24) in the merged bucket of magnitudes of 2 and more: it cannot fold.
+    top_past_2 = QMAP.clone()
+    top_past_2[255] = 3.5
+    return {"linear": linear, "clustered": clustered, "wide": wide, "squeezed": squeezed,
+            "wide odd": wide_odd, "top past 2": top_past_2}
 
 
-@pytest.mark.parametrize("name", ["linear", "clustered", "wide"])
+@pytest.mark.parametrize("name", ["linear", "clustered", "wide", "squeezed", "wide odd",
+                                  "top past 2"])
 def test_quantize_blockwise_other_sorted_maps(device, name):
     qmap = _other_sorted_maps()[name]
     assert qmap.numel() == 256 and (qmap[1:] >= qmap[:-1]).all()
@@ -144,6 +155,8 @@ def test_quantize_blockwise_other_sorted_maps(device, name):
     x[256:511] = ((qmap[1:] + qmap[:-1]) / 2)
     x[300] = float("nan")
     x[301] = -float("nan")
+    x[302] = float("inf")  # the scale is the largest finite magnitude: these are +-inf scaled
+    x[303] = -float("inf")
     codes, absmax = lion_ops.ops.quantize_blockwise(x.to(device), qmap.to(device), 256)
     codes, absmax = codes.cpu().long(), absmax.cpu()
     per = absmax.double().repeat_interleave(256)[: x.numel()]
@@ -161,6 +174,7 @@ def test_quantize_blockwise_other_sorted_maps(device, name):
     # input's sign, so there the negative input reaches the encoder as a positive NaN.
     assert codes[300] == 255
     assert codes[301] == (0 if torch.device(device).type == "cpu" else 255)
+    assert codes[302] == 255 and codes[303] == 0
 
 
 # ---- the 8-bit update operators ---------------------------------------------------------------

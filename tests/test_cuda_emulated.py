@@ -285,10 +285,10 @@ def initial_codes(n, i, generator):
 
 
 def run_8bit(emu, mode, second, sizes, dtypes, offsets, seed, hyperparameters_on_device=False, steps=3,
-             expect_launches=None, infinite_scales=False):
+             expect_launches=None, infinite_scales=False, qmap=None):
     runs = ("cpu", "forward", second)
     g = torch.Generator().manual_seed(seed)
-    qmap = dynamic_map()
+    qmap = dynamic_map() if qmap is None else qmap
     params = [Copies(runs, with_specials(torch.randn(n, generator=g), i + 7, g).to(dt), off[0])
               for i, (n, dt, off) in enumerate(zip(sizes, dtypes, offsets))]
     codes = [Copies(runs, initial_codes(n, i, g), off[2])
@@ -342,6 +342,68 @@ def test_update_8bit(emu, mode, second, layout, shift):
              hyperparameters_on_device=(shift == 2), infinite_scales=True)
 
 
+def other_sorted_maps():
+    """Sorted maps unlike the dynamic one, whose encode-table buckets do not all fold, so the
+    kernels' general encoder runs: a midpoint of exactly 0 (no bucket folds), several midpoints
+    per bucket and midpoints below 2^-24, midpoints of 2 and more (in the merged top bucket;
+    the other buckets fold), and a NaN entry (no bucket folds)."""
+    tiny = torch.logspace(-14, -7, 40, dtype=torch.float64).float()
+    with_nan = dynamic_map().clone()
+    with_nan[200] = float("nan")
+    return {"linear": torch.linspace(-1, 1, 256),
+            "clustered": torch.cat([torch.linspace(-1, 1, 175), tiny, -tiny,
+                                    torch.zeros(1)]).sort().values,
+            "wide": torch.linspace(-3, 3, 256),
+            "nan entry": with_nan,
+            **partly_folding_maps()}
+
+
+def partly_folding_maps():
+    """Maps where most buckets fold and some do not: the dynamic map with four entries
+    squeezed into one bucket (three midpoints inside it), 255 evenly spaced entries in
+    [-3, 3] plus 3.5 (no midpoint of 0; midpoints of 2 and more in the merged top bucket),
+    and the dynamic map ending at 3.5 instead of 1 (one midpoint in that bucket)."""
+    squeezed = dynamic_map().clone()
+    squeezed[230:234] = 0.6555 + torch.arange(4) * 1e-4
+    wide = torch.cat([torch.linspace(-3, 3, 255), torch.tensor([3.5])])
+    top_past_2 = dynamic_map().clone()
+    top_past_2[255] = 3.5  # one midpoint (2.24) in the merged top bucket
+    return {"squeezed": squeezed, "wide odd": wide, "top past 2": top_past_2}
+
+
+MAP_NAMES = ["linear", "clustered", "wide", "nan entry", "squeezed", "wide odd", "top past 2"]
+
+
+@pytest.mark.parametrize("name", MAP_NAMES)
+@pytest.mark.parametrize("layout", ["aligned", "misaligned"])
+@pytest.mark.parametrize("mode", ["blockwise", "static"])
+def test_update_8bit_other_maps(emu, mode, layout, name):
+    # Aligned: whole quantization blocks take the kernels' vector path (a lane's codes at once);
+    # misaligned: most take the element-wise path.
+    dtypes = [dtype_of(i, 0) for i in range(len(SIZES))]
+    offsets = [offsets_for(i, layout, 0, 3) for i in range(len(SIZES))]
+    run_8bit(emu, mode, "shuffle", SIZES, dtypes, offsets, seed=300, steps=2,
+             qmap=other_sorted_maps()[name])
+
+
+@pytest.mark.parametrize("name", MAP_NAMES)
+def test_quantize_other_maps(emu, name):
+    qmap = other_sorted_maps()[name]
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(20 * 256 + 5, generator=g) * torch.logspace(-12, 0, 20 * 256 + 5)
+    x[::7] = 0.0
+    x[1::7] = -0.0
+    x[:256] = torch.nan_to_num(qmap)[torch.randperm(256, generator=g)]
+    x[256:511] = torch.nan_to_num((qmap[1:] + qmap[:-1]) / 2)
+    x[600] = float("inf")
+    runs = ("cpu", "forward", "reverse")
+    result = call_all(emu, runs, cpu.quantize_blockwise, emu.quantize_blockwise,
+                      lambda run: (x, qmap, 256))
+    for run in runs[1:]:
+        assert_bitwise(result[run][0], result["cpu"][0], f"{name}, {run}: codes")
+        assert_bitwise(result[run][1], result["cpu"][1], f"{name}, {run}: absmax")
+
+
 @pytest.mark.parametrize("mode", ["blockwise", "static"])
 def test_update_8bit_more_tensors_than_one_launch_takes(emu, mode):
     g = torch.Generator().manual_seed(7)
@@ -352,15 +414,14 @@ def test_update_8bit_more_tensors_than_one_launch_takes(emu, mode):
     blocks = sum(1 for n in sizes[:390] if n > 0)
     table = "build_encode_table_kernel[26]"
     if mode == "blockwise":
-        expect = [table, "lion_8bit_kernel<T, Scaling::kBlockwise, Pass::kUpdate>[10]",
-                  "lion_8bit_kernel<T, Scaling::kBlockwise, Pass::kUpdate>[384]",
-                  f"lion_8bit_kernel<T, Scaling::kBlockwise, Pass::kUpdate>[{blocks - 384}]"]
+        kernel = "lion_8bit_kernel<T, Scaling::kBlockwise, Pass::kUpdate, Shape>"
+        expect = [table, f"{kernel}[10]", f"{kernel}[384]", f"{kernel}[{blocks - 384}]"]
     else:
         def static(count):  # (each tensor here is one block)
             scale_blocks = (count + 255) // 256
             return [f"static_scales_kernel[{scale_blocks}]",
-                    f"lion_8bit_kernel<T, Scaling::kStatic, Pass::kReduceOnly>[{count}]",
-                    f"lion_8bit_kernel<T, Scaling::kStatic, Pass::kUpdate>[{count}]",
+                    f"lion_8bit_kernel<T, Scaling::kStatic, Pass::kReduceOnly, Shape>[{count}]",
+                    f"lion_8bit_kernel<T, Scaling::kStatic, Pass::kUpdate, Shape>[{count}]",
                     f"static_scales_kernel[{scale_blocks}]"]
         expect = [table] + static(10) + static(384) + static(blocks - 384)
     run_8bit(emu, mode, "reverse", sizes, dtypes, offsets, seed=8, steps=2,
@@ -644,6 +705,12 @@ def test_every_kernel_shape_matches_the_cpu_operator_bit_for_bit(emulated_kernel
     matched = kernel_shapes.check(shapes, "cpu", log=lines.append)
     assert len(lines) == 3 * len(shapes.names)
     assert matched, "\n".join(line for line in lines if "DIFFERENT" in line)
+    # The blockwise 8-bit kernel's shapes (encoders, register budgets), fp32.
+    assert shapes.names8[0] == "8-bit kFoldedLane min_blocks=0"  # the library's
+    lines = []
+    matched = kernel_shapes.check8(shapes, "cpu", log=lines.append)
+    assert len(lines) == len(shapes.names8) >= 3
+    assert matched, "\n".join(line for line in lines if "DIFFERENT" in line)
 
 
 def test_kernel_shapes_timing_runs_end_to_end_on_the_emulation(emulated_kernel_shapes):
@@ -659,9 +726,14 @@ def test_kernel_shapes_timing_runs_end_to_end_on_the_emulation(emulated_kernel_s
     assert list(rows)[0] == kernel_shapes.LIBRARY and len(rows) == 1 + len(shapes.names)
     assert all(len(r["times_ms"]) == 2 and r["min_ms"] > 0 for r in rows.values())
     assert entry["params"] == 3000 + 17 * 301 + 5 and entry["bytes_moved"] == 20 * entry["params"]
+    rows8 = entry["contenders8"]
+    assert list(rows8)[0] == kernel_shapes.LIBRARY8 and len(rows8) == 1 + len(shapes.names8)
+    assert all(len(r["times_ms"]) == 2 and r["min_ms"] > 0 for r in rows8.values())
+    assert entry["bytes_moved8"] == 14 * entry["params"]
     report = dict(environment=dict(device_name="emulation", git_commit="abc"), checked=True,
                   sets={"small": entry})
     summary = kernel_shapes.summarize(report)
     assert summary[0] == ("kernel shapes on emulation at abc: every shape matches the CPU bit "
                           "for bit")
     assert summary[1].startswith("small      library ") and "fastest shape span=" in summary[1]
+    assert summary[2].strip().startswith("8-bit: library ") and "fastest shape 8-bit" in summary[2]

@@ -277,10 +277,11 @@ void lion_update_32bit_cpu(at::TensorList params, at::TensorList grads, at::Tens
 
 // ---- 8-bit state ------------------------------------------------------------------------------
 
-// The encode tables of a qmap (see lion_math.h). The scalar loops use the compact table, as
-// the CUDA kernels do, so the CPU tests cover the GPU's encoder.
+// The encode tables of a qmap (see lion_math.h). The scalar loops use the folded compact
+// table and the compact one, as the CUDA kernels do, so the CPU tests cover the GPU's encoder.
 struct EncodeTable {
   std::array<uint8_t, kCompactTableBytes> compact;
+  std::array<uint32_t, kCompactTableSize> folded_compact;  // folded_table_entry per bucket
   std::array<float, kQuantMapSize> midpoints;  // midpoints[j] = map_midpoint(qmap, j), j < 255
   std::vector<uint8_t> entries;  // the 16-bit table (kEncodeTableSize), to build `folded`
   bool one_midpoint_per_bucket;  // of `entries`
@@ -293,12 +294,6 @@ struct EncodeTable {
   std::vector<uint32_t> folded;
   bool folded_ok;
 };
-
-// The float whose order_key is `key` (its inverse).
-inline float float_of_key(uint32_t key) {
-  const uint32_t bits = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
-  return __builtin_bit_cast(float, bits);
-}
 
 // Fills the folded table from the scalar (compact) encoder itself, and checks that it is
 // right: each bucket splits into at most two key ranges (below the midpoint inside it, and
@@ -359,6 +354,12 @@ std::shared_ptr<const EncodeTable> encode_table_for(const float* qmap) {
   }
   table->midpoints.fill(0.f);
   for (int j = 0; j + 1 < kQuantMapSize; ++j) table->midpoints[j] = map_midpoint(qmap, j);
+  bool map_folds = true;
+  for (int j = 0; j < kQuantMapSize; ++j) map_folds &= map_entry_allows_folding(qmap, j);
+  for (int bucket = 0; bucket < kCompactTableSize; ++bucket) {
+    table->folded_compact[bucket] =
+        folded_table_entry(qmap, table->midpoints.data(), bucket, map_folds);
+  }
   table->entries.assign(kEncodeTableSize, 0);
   for (uint32_t bucket = 0; bucket < static_cast<uint32_t>(kEncodeTableSize); ++bucket) {
     table->entries[bucket] = encode_table_entry(qmap, bucket);
@@ -564,10 +565,12 @@ void encode_span(const float* __restrict__ m, const EncodeTable& table,
     encode_avx2(m, table, inverse, i, codes);
   }
 #endif
+  const uint32_t* __restrict__ folded = table.folded_compact.data();
   const uint8_t* __restrict__ compact = table.compact.data();
   const float* __restrict__ midpoints = table.midpoints.data();
   for (; i < n; ++i) {
-    codes[i] = encode_compact(compact, midpoints, qmap, scaled_for_encoding(m[i], inverse));
+    codes[i] = encode_with_tables(folded, compact, midpoints, qmap,
+                                  scaled_for_encoding(m[i], inverse));
   }
 }
 

@@ -42,10 +42,11 @@ int32_t blocks_for(int64_t numel, int64_t elements_per_block) {
   return static_cast<int32_t>(blocks);
 }
 
-// The compact encode table of qmap (lion_math.h), built on the device for this call: one
-// small launch, no host synchronization. The caching allocator keeps it alive for the stream.
+// The compact and folded encode tables of qmap (lion_math.h), built on the device for this
+// call: one small launch, no host synchronization. The caching allocator keeps them alive for
+// the stream.
 at::Tensor encode_table(const at::Tensor& qmap, cudaStream_t stream) {
-  at::Tensor table = at::empty({kCompactTableBytes}, qmap.options().dtype(at::kByte));
+  at::Tensor table = at::empty({kEncodeTablesBytes}, qmap.options().dtype(at::kByte));
   cuda::launch_build_encode_table(qmap.const_data_ptr<float>(), table.data_ptr<uint8_t>(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return table;

@@ -59,6 +59,11 @@ __device__ __forceinline__ LionCoefficients coefficients_of(const Hyperparameter
                                 read_hyperparameter(h.beta2), read_hyperparameter(h.weight_decay));
 }
 
+// The folded table inside the buffer that launch_build_encode_table fills.
+__device__ __forceinline__ const uint32_t* folded_of(const uint8_t* tables) {
+  return reinterpret_cast<const uint32_t*>(tables + kFoldedTableOffset);
+}
+
 // The tensor that block `block` belongs to: the last t with first_block[t] <= block.
 __device__ __forceinline__ int tensor_of_block(const int32_t* first_block, int num_tensors,
                                                int32_t block) {
@@ -245,11 +250,33 @@ __device__ __forceinline__ void atomic_max_nonnegative(float* address, float val
 
 enum class Pass : int { kUpdate = 0, kReduceOnly = 1 };
 
+// How the 8-bit kernels encode: the compact table per element (encode_compact: a bucket
+// lookup, a search past the midpoints inside the bucket, a read of the entry's sign), the
+// folded table per element (encode_with_tables: one lookup and one compare where the bucket
+// folds), or the folded table a lane at a time (encode_lane below: its eight lookups issued
+// together). MinBlocks > 0 asks the compiler for that many resident thread blocks per SM
+// (fewer registers). The library uses Production8bitShape; tools/kernel_shapes.cu times others.
+enum class Encoder : int { kCompact = 0, kFolded = 1, kFoldedLane = 2 };
+
+template <Encoder E, int MinBlocks>
+struct Shape8bit {
+  static constexpr Encoder kEncoder = E;
+  static constexpr int kMinBlocks = MinBlocks;  // 0: no constraint
+};
+using Production8bitShape = Shape8bit<Encoder::kFoldedLane, 0>;
+
+template <Encoder E>
+__device__ __forceinline__ uint8_t encode_one(const uint8_t* tables, const float* midpoints,
+                                              const float* qmap, float x) {
+  if constexpr (E == Encoder::kCompact) return encode_compact(tables, midpoints, qmap, x);
+  return encode_with_tables(folded_of(tables), tables, midpoints, qmap, x);
+}
+
 // One 256-element quantization block that is a tensor's ragged tail or not aligned for
 // vector accesses, one warp: one element per lane per step, strided across the warp. Each
 // element gets the arithmetic of update_whole_quant_blocks below, and a block's max does not
 // depend on the order, so both give the same bits.
-template <typename T, Scaling S, Pass P>
+template <typename T, Scaling S, Pass P, Encoder E>
 __device__ __forceinline__ void update_partial_quant_block(const Lion8bitBatch& batch, int t,
                                                            int64_t n, int64_t quant_block,
                                                            const LionCoefficients& k,
@@ -293,15 +320,54 @@ __device__ __forceinline__ void update_partial_quant_block(const Lion8bitBatch& 
     for (int j = 0; j < kPerLane; ++j) {
       const int64_t e = begin + j * kWarpSize + lane;
       if (e < n) {
-        codes[e] = encode_compact(table, midpoints, qmap, scaled_for_encoding(m[j], inverse));
+        codes[e] = encode_one<E>(table, midpoints, qmap, scaled_for_encoding(m[j], inverse));
       }
     }
   }
 }
 
+// A lane's kPerLane codes as one 8-byte word (the lowest byte first), encoded against one
+// inverse scale: every folded-table read issued before any is used, then the folded encoding.
+// Where some x is NaN (a NaN momentum, or the inverse of a zero or infinite scale, which
+// scaled_for_encoding handles) or some bucket does not fold (a map other than the dynamic
+// one), every element of the lane takes scaled_for_encoding and encode_with_tables instead.
+// No branch per element, so the reads overlap.
+__device__ __forceinline__ uint2 encode_lane(const float (&m)[kPerLane], float inverse,
+                                             const uint8_t* tables, const float* midpoints,
+                                             const float* qmap) {
+  const uint32_t* folded = folded_of(tables);
+  float x[kPerLane];
+  uint32_t entry[kPerLane];
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    x[j] = m[j] * inverse;  // scaled_for_encoding(m[j], inverse) unless x[j] is NaN
+    entry[j] = folded[compact_bucket(x[j])];
+  }
+  bool common = true;
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) common &= entry[j] != kUnfoldable && x[j] == x[j];
+  uint32_t code[kPerLane];
+  if (common) {
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) code[j] = encode_folded(entry[j], x[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      code[j] = encode_with_tables(folded, tables, midpoints, qmap,
+                                   scaled_for_encoding(m[j], inverse));
+    }
+  }
+  uint2 word = make_uint2(0u, 0u);
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    if (j < 4) word.x |= code[j] << (8 * j); else word.y |= code[j] << (8 * (j - 4));
+  }
+  return word;
+}
+
 // Q whole, aligned quantization blocks starting at `first`, one warp: every load of all Q
 // is issued before any arithmetic, so a warp keeps Q blocks of traffic in flight.
-template <typename T, Scaling S, Pass P, int Q>
+template <typename T, Scaling S, Pass P, int Q, Encoder E>
 __device__ __forceinline__ void update_whole_quant_blocks(const Lion8bitBatch& batch, int t,
                                                           int64_t first, const LionCoefficients& k,
                                                           const float* qmap, const float* midpoints,
@@ -355,11 +421,15 @@ __device__ __forceinline__ void update_whole_quant_blocks(const Lion8bitBatch& b
       }
       const float inverse = inverse_scale(new_scale);
       uint2 word = make_uint2(0u, 0u);
+      if constexpr (E == Encoder::kFoldedLane) {
+        word = encode_lane(m[r], inverse, table, midpoints, qmap);
+      } else {
 #pragma unroll
-      for (int j = 0; j < kPerLane; ++j) {
-        const uint32_t code =
-            encode_compact(table, midpoints, qmap, scaled_for_encoding(m[r][j], inverse));
-        if (j < 4) word.x |= code << (8 * j); else word.y |= code << (8 * (j - 4));
+        for (int j = 0; j < kPerLane; ++j) {
+          const uint32_t code =
+              encode_one<E>(table, midpoints, qmap, scaled_for_encoding(m[r][j], inverse));
+          if (j < 4) word.x |= code << (8 * j); else word.y |= code << (8 * (j - 4));
+        }
       }
       *reinterpret_cast<uint2*>(codes + (first + r) * kQuantBlockSize + lane * kPerLane) = word;
     }
@@ -372,7 +442,7 @@ __device__ __forceinline__ void update_whole_quant_blocks(const Lion8bitBatch& b
 // pass); kReduceOnly only computes the new momentum's max. Whole, aligned blocks (all but a
 // tensor's ragged tail, in practice) take vector accesses; the condition is the same for the
 // whole warp, as the shuffles need.
-template <typename T, Scaling S, Pass P, int Q>
+template <typename T, Scaling S, Pass P, int Q, Encoder E>
 __device__ __forceinline__ void update_virtual_block(const Lion8bitBatch& batch, int32_t block,
                                                      LionCoefficients k, const float* qmap,
                                                      const float* midpoints, const uint8_t* table) {
@@ -388,7 +458,7 @@ __device__ __forceinline__ void update_virtual_block(const Lion8bitBatch& batch,
               sizeof(Pack<T>) == 0 &&
       reinterpret_cast<uintptr_t>(batch.codes[t]) % sizeof(uint2) == 0;
   if (aligned && (first + Q) * kQuantBlockSize <= n) {
-    update_whole_quant_blocks<T, S, P, Q>(batch, t, first, k, qmap, midpoints, table);
+    update_whole_quant_blocks<T, S, P, Q, E>(batch, t, first, k, qmap, midpoints, table);
     return;
   }
 #pragma unroll
@@ -396,9 +466,9 @@ __device__ __forceinline__ void update_virtual_block(const Lion8bitBatch& batch,
     const int64_t begin = (first + r) * kQuantBlockSize;
     if (begin >= n) return;
     if (aligned && begin + kQuantBlockSize <= n) {
-      update_whole_quant_blocks<T, S, P, 1>(batch, t, first + r, k, qmap, midpoints, table);
+      update_whole_quant_blocks<T, S, P, 1, E>(batch, t, first + r, k, qmap, midpoints, table);
     } else {
-      update_partial_quant_block<T, S, P>(batch, t, n, first + r, k, qmap, midpoints, table);
+      update_partial_quant_block<T, S, P, E>(batch, t, n, first + r, k, qmap, midpoints, table);
     }
   }
 }
@@ -410,8 +480,8 @@ __device__ __forceinline__ void update_virtual_block(const Lion8bitBatch& batch,
 // fastest in that run (by 3-6% on the 1.24 G-parameter set, 1-2% on gpt2); on the static path
 // it was the fastest on gpt2 and 8% behind the best (four blocks per warp, table in shared
 // memory) on the 1.24 G set. Blockwise is the default and what bitsandbytes 0.50 has.
-template <typename T, Scaling S, Pass P>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, Scaling S, Pass P, typename Shape = Production8bitShape>
+__global__ void __launch_bounds__(kThreads, Shape::kMinBlocks)
 lion_8bit_kernel(const __grid_constant__ Lion8bitBatch batch) {
   __shared__ float qmap[kQuantMapSize];
   __shared__ float midpoints[kQuantMapSize];
@@ -423,8 +493,8 @@ lion_8bit_kernel(const __grid_constant__ Lion8bitBatch batch) {
     __syncthreads();
   }
   const auto k = coefficients_of(batch.hyper);
-  update_virtual_block<T, S, P, kQuantBlocksPerWarp>(batch, blockIdx.x, k, qmap, midpoints,
-                                                     batch.encode_table);
+  update_virtual_block<T, S, P, kQuantBlocksPerWarp, Shape::kEncoder>(
+      batch, blockIdx.x, k, qmap, midpoints, batch.encode_table);
 }
 
 enum class ScaleOp : int { kZeroNew = 0, kCommitNew = 1 };
@@ -436,18 +506,21 @@ __global__ void static_scales_kernel(const __grid_constant__ Lion8bitBatch batch
   else *batch.scales[t] = *batch.new_scales[t];
 }
 
-template <typename T>
+template <typename T, typename Shape = Production8bitShape>
 void launch_8bit_typed(const Lion8bitBatch& batch, Scaling scaling, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>(batch.first_block[batch.num_tensors]);
   if (blocks == 0) return;
   if (scaling == Scaling::kBlockwise) {
-    lion_8bit_kernel<T, Scaling::kBlockwise, Pass::kUpdate><<<blocks, kThreads, 0, stream>>>(batch);
+    lion_8bit_kernel<T, Scaling::kBlockwise, Pass::kUpdate, Shape>
+        <<<blocks, kThreads, 0, stream>>>(batch);
     return;
   }
   const unsigned scale_blocks = (batch.num_tensors + kThreads - 1) / kThreads;
   static_scales_kernel<<<scale_blocks, kThreads, 0, stream>>>(batch, ScaleOp::kZeroNew);
-  lion_8bit_kernel<T, Scaling::kStatic, Pass::kReduceOnly><<<blocks, kThreads, 0, stream>>>(batch);
-  lion_8bit_kernel<T, Scaling::kStatic, Pass::kUpdate><<<blocks, kThreads, 0, stream>>>(batch);
+  lion_8bit_kernel<T, Scaling::kStatic, Pass::kReduceOnly, Shape>
+      <<<blocks, kThreads, 0, stream>>>(batch);
+  lion_8bit_kernel<T, Scaling::kStatic, Pass::kUpdate, Shape>
+      <<<blocks, kThreads, 0, stream>>>(batch);
   static_scales_kernel<<<scale_blocks, kThreads, 0, stream>>>(batch, ScaleOp::kCommitNew);
 }
 
@@ -527,14 +600,26 @@ __global__ void increment_steps_kernel(const __grid_constant__ StepCounters coun
   if (t < counters.count) *counters.steps[t] += 1.f;
 }
 
+// The compact table (bytes [0, kCompactTableBytes)) and the folded one (kCompactTableSize
+// 32-bit entries from kFoldedTableOffset) of qmap: one thread per compact bucket.
 __global__ void build_encode_table_kernel(const float* __restrict__ qmap_global,
-                                         uint8_t* __restrict__ table) {
+                                         uint8_t* __restrict__ tables) {
   __shared__ float qmap[kQuantMapSize];
-  qmap[threadIdx.x] = qmap_global[threadIdx.x];
+  __shared__ float midpoints[kQuantMapSize];
+  __shared__ int map_folds;
+  qmap[threadIdx.x] = qmap_global[threadIdx.x];  // kThreads == kQuantMapSize
+  if (threadIdx.x == 0) map_folds = 1;
+  __syncthreads();
+  midpoints[threadIdx.x] = threadIdx.x + 1 < kQuantMapSize ? map_midpoint(qmap, threadIdx.x) : 0.f;
+  if (!map_entry_allows_folding(qmap, threadIdx.x)) map_folds = 0;  // every writer writes 0
   __syncthreads();
   const int bucket = blockIdx.x * kThreads + threadIdx.x;
   if (bucket < kCompactTableBytes) {
-    table[bucket] = bucket < kCompactTableSize ? compact_table_entry(qmap, bucket) : 0;
+    tables[bucket] = bucket < kCompactTableSize ? compact_table_entry(qmap, bucket) : 0;
+  }
+  if (bucket < kCompactTableSize) {
+    reinterpret_cast<uint32_t*>(tables + kFoldedTableOffset)[bucket] =
+        folded_table_entry(qmap, midpoints, bucket, map_folds != 0);
   }
 }
 
@@ -564,7 +649,8 @@ __global__ void quantize_blockwise_kernel(const float* __restrict__ input,
   __syncthreads();
   const float inverse = inverse_scale(scale);
   for (int64_t e = begin + threadIdx.x; e < end; e += kThreads) {
-    codes[e] = encode_compact(table, midpoints, qmap, scaled_for_encoding(input[e], inverse));
+    codes[e] = encode_with_tables(folded_of(table), table, midpoints, qmap,
+                                  scaled_for_encoding(input[e], inverse));
   }
 }
 

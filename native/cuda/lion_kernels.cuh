@@ -64,7 +64,7 @@ struct Lion8bitBatch {
   int32_t first_block[kMaxTensorsPerLaunch + 1];
   int32_t num_tensors;
   const float* qmap;
-  const uint8_t* encode_table;  // compact table, built by launch_build_encode_table from qmap
+  const uint8_t* encode_table;  // compact and folded tables, from launch_build_encode_table
   Hyperparameters hyper;
 };
 
@@ -93,7 +93,8 @@ void launch_percentile_clipping(const GradNormBatch& batch, ParamType type, cuda
 // Adds 1 to every counter of the batch: one launch.
 void launch_increment_steps(const StepCounters& counters, cudaStream_t stream);
 
-// Fills the compact encode table of qmap (kCompactTableBytes, 16-byte aligned; lion_math.h).
+// Fills the compact and folded encode tables of qmap (kEncodeTablesBytes, 16-byte aligned;
+// lion_math.h).
 void launch_build_encode_table(const float* qmap, uint8_t* table, cudaStream_t stream);
 
 // Blockwise: one launch. Static: four (zero new_max1, reduce it, update, max1 = new_max1).
