@@ -18,7 +18,17 @@ namespace lion {
 // sign(0) = 0 and sign(NaN) = NaN, as torch.sign: a NaN gradient must show up in the
 // params rather than silently freezing them.
 LION_HOST_DEVICE float sign_of(float x) {
+#if defined(__CUDA_ARCH__)
   return x > 0.f ? 1.f : (x < 0.f ? -1.f : x);
+#else
+  // The same bits without comparisons, which host compilers turned into jumps in the scalar
+  // loops (mispredicted half the time on random signs): a nonzero, non-NaN x (magnitude bits
+  // in [1, those of inf]) becomes 1.0 with x's sign; +-0 and NaN stay as they are.
+  const uint32_t bits = __builtin_bit_cast(uint32_t, x);
+  const bool nonzero_number = (bits & 0x7fffffffu) - 1u < 0x7f800000u;
+  const uint32_t signed_one = (bits & 0x80000000u) | 0x3f800000u;
+  return __builtin_bit_cast(float, nonzero_number ? signed_one : bits);
+#endif
 }
 
 // Per-call constants of the Lion update, precomputed once so that the element loop does
