@@ -15,6 +15,22 @@
 
 namespace lion {
 
+LION_HOST_DEVICE uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  return __builtin_bit_cast(uint32_t, x);
+#endif
+}
+
+LION_HOST_DEVICE float float_from_bits(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  return __builtin_bit_cast(float, bits);
+#endif
+}
+
 // sign(0) = 0 and sign(NaN) = NaN, as torch.sign: a NaN gradient must show up in the
 // params rather than silently freezing them.
 LION_HOST_DEVICE float sign_of(float x) {
@@ -24,10 +40,10 @@ LION_HOST_DEVICE float sign_of(float x) {
   // The same bits without comparisons, which host compilers turned into jumps in the scalar
   // loops (mispredicted half the time on random signs): a nonzero, non-NaN x (magnitude bits
   // in [1, those of inf]) becomes 1.0 with x's sign; +-0 and NaN stay as they are.
-  const uint32_t bits = __builtin_bit_cast(uint32_t, x);
+  const uint32_t bits = float_bits(x);
   const bool nonzero_number = (bits & 0x7fffffffu) - 1u < 0x7f800000u;
   const uint32_t signed_one = (bits & 0x80000000u) | 0x3f800000u;
-  return __builtin_bit_cast(float, nonzero_number ? signed_one : bits);
+  return float_from_bits(nonzero_number ? signed_one : bits);
 #endif
 }
 
@@ -131,28 +147,13 @@ LION_HOST_DEVICE float decode_momentum(const float* qmap, uint8_t code, float sc
 
 // Encoding maps x = m / scale to the nearest map entry: the number of midpoints
 // (qmap[j] + qmap[j+1]) / 2 that are <= x (so ties go to the larger entry). To avoid a
-// binary search per element, a table indexed by the top 16 bits of x's order-preserving key
-// gives the number of midpoints below that bucket; the few midpoints inside the bucket
-// (at most one for the dynamic map) are then compared directly. The table depends on qmap
-// only (encode_table_entry). The kernels use the compact and folded compact forms of it
-// below (the CPU's AVX2 loops a folded form of the 16-bit table itself).
+// binary search per element, a table indexed by buckets of x's order-preserving key (its top
+// 16 bits, with the smallest and largest magnitudes merged: the compact table below) gives
+// the number of midpoints below the bucket; the few midpoints inside the bucket (at most one
+// for the dynamic map) are then compared directly. The folded table below does both in one
+// lookup; the CPU's AVX2 loops index its entries by the top 16 bits of the key
+// (kEncodeTableSize of them).
 constexpr int kEncodeTableSize = 1 << 16;
-
-LION_HOST_DEVICE uint32_t float_bits(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(x);
-#else
-  return __builtin_bit_cast(uint32_t, x);
-#endif
-}
-
-LION_HOST_DEVICE float float_from_bits(uint32_t bits) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(bits);
-#else
-  return __builtin_bit_cast(float, bits);
-#endif
-}
 
 // Unsigned keys that order like the floats (-0.0 just below +0.0).
 LION_HOST_DEVICE uint32_t order_key_of_bits(uint32_t bits) {
@@ -173,11 +174,6 @@ LION_HOST_DEVICE uint8_t midpoints_below_key(const float* qmap, uint32_t key) {
     if (order_key(map_midpoint(qmap, mid)) < key) lo = mid + 1; else hi = mid;
   }
   return static_cast<uint8_t>(lo);
-}
-
-// Table entry `bucket`: how many midpoints have keys below bucket << 16.
-LION_HOST_DEVICE uint8_t encode_table_entry(const float* qmap, uint32_t bucket) {
-  return midpoints_below_key(qmap, bucket << 16);
 }
 
 // 1 / scale, or 0 for an all-zero block (whose momentum then encodes as 0.0).

@@ -283,61 +283,14 @@ struct EncodeTable {
   std::array<uint8_t, kCompactTableBytes> compact;
   std::array<uint32_t, kCompactTableSize> folded_compact;  // folded_table_entry per bucket
   std::array<float, kQuantMapSize> midpoints;  // midpoints[j] = map_midpoint(qmap, j), j < 255
-  std::vector<uint8_t> entries;  // the 16-bit table (kEncodeTableSize), to build `folded`
-  bool one_midpoint_per_bucket;  // of `entries`
-  // The vectorized encoder's form of the same function, valid when `folded_ok`: per bucket,
-  // the final code (sign rule applied) for keys below the one midpoint inside the bucket
-  // (byte 0), the final code at or above it (byte 1), and the low 16 bits of that midpoint's
-  // key (bytes 2-3; 0 when the bucket holds no midpoint, and then both codes are equal). One
-  // lookup and one integer compare give what the table entry, a float compare with the
-  // midpoint and the sign rule give.
+  // The vectorized encoder's form of the folded table, valid when `folded_ok` (every compact
+  // bucket folds): the same entries indexed by the top 16 bits of x's order key, so that the
+  // bucket is one shift. Each 16-bit bucket lies inside one compact bucket (the middle ones
+  // are the same key ranges; a merged one folds only with no midpoint inside, one code for
+  // all of it), so its entry is that compact bucket's.
   std::vector<uint32_t> folded;
   bool folded_ok;
 };
-
-// Fills the folded table from the scalar (compact) encoder itself, and checks that it is
-// right: each bucket splits into at most two key ranges (below the midpoint inside it, and
-// from it on), and the scalar encoder must give one code across each range. Within a range
-// the count of midpoints <= x, which only grows with x, cannot change (no midpoint lies inside
-// it), and neither can x's sign bit, given one midpoint per bucket, no midpoint of +-0 (where
-// the key order and the float order of -0.0 and +0.0 differ) and no NaN in the map; x > 0,
-// which picks the sign rule's direction, changes only at range ends (+0, and +inf before the
-// NaNs), so comparing the two ends of each range proves it.
-void build_folded_table(const float* qmap, EncodeTable& table) {
-  table.folded_ok = table.one_midpoint_per_bucket;
-  for (int j = 0; j < kQuantMapSize; ++j) {
-    if (std::isnan(qmap[j])) table.folded_ok = false;
-  }
-  for (int j = 0; j + 1 < kQuantMapSize; ++j) {
-    const float midpoint = map_midpoint(qmap, j);
-    if (midpoint == 0.f || std::isnan(midpoint)) table.folded_ok = false;
-  }
-  if (!table.folded_ok) return;
-  const uint8_t* entries = table.entries.data();
-  const auto code_at = [&](uint32_t key) {
-    return static_cast<uint32_t>(
-        encode_compact(table.compact.data(), table.midpoints.data(), qmap, float_of_key(key)));
-  };
-  table.folded.resize(kEncodeTableSize);
-  for (uint32_t bucket = 0; bucket < static_cast<uint32_t>(kEncodeTableSize); ++bucket) {
-    const uint32_t first = bucket << 16, last = first | 0xffffu;
-    const uint32_t entry = entries[bucket];
-    uint32_t threshold = 0;  // no midpoint in the bucket: every key is "at or above"
-    if (entry < kQuantMapSize - 1) {
-      const uint32_t key = order_key(map_midpoint(qmap, static_cast<int>(entry)));
-      if (key >> 16 == bucket) threshold = key & 0xffffu;
-    }
-    const uint32_t above = code_at(first | threshold);
-    uint32_t below = above;
-    if (threshold > 0) {
-      below = code_at(first);
-      if (code_at(first | (threshold - 1)) != below) table.folded_ok = false;
-    }
-    if (code_at(last) != above) table.folded_ok = false;
-    table.folded[bucket] = below | above << 8 | threshold << 16;
-  }
-  if (!table.folded_ok) table.folded.clear();
-}
 
 // Cached for the map last used: building it takes ~1 ms, and every call of a training run
 // passes the same map.
@@ -356,22 +309,18 @@ std::shared_ptr<const EncodeTable> encode_table_for(const float* qmap) {
   for (int j = 0; j + 1 < kQuantMapSize; ++j) table->midpoints[j] = map_midpoint(qmap, j);
   bool map_folds = true;
   for (int j = 0; j < kQuantMapSize; ++j) map_folds &= map_entry_allows_folding(qmap, j);
+  table->folded_ok = true;
   for (int bucket = 0; bucket < kCompactTableSize; ++bucket) {
     table->folded_compact[bucket] =
         folded_table_entry(qmap, table->midpoints.data(), bucket, map_folds);
+    table->folded_ok &= table->folded_compact[bucket] != kUnfoldable;
   }
-  table->entries.assign(kEncodeTableSize, 0);
-  for (uint32_t bucket = 0; bucket < static_cast<uint32_t>(kEncodeTableSize); ++bucket) {
-    table->entries[bucket] = encode_table_entry(qmap, bucket);
-  }
-  table->one_midpoint_per_bucket =
-      kQuantMapSize - 1 - table->entries[kEncodeTableSize - 1] <= 1;
-  for (int bucket = 0; bucket + 1 < kEncodeTableSize; ++bucket) {  // (padding excluded)
-    if (table->entries[bucket + 1] - table->entries[bucket] > 1) {
-      table->one_midpoint_per_bucket = false;
+  if (table->folded_ok) {
+    table->folded.resize(kEncodeTableSize);
+    for (uint32_t top16 = 0; top16 < static_cast<uint32_t>(kEncodeTableSize); ++top16) {
+      table->folded[top16] = table->folded_compact[compact_bucket(float_of_key(top16 << 16))];
     }
   }
-  build_folded_table(qmap, *table);
   std::memcpy(cached_map.data(), qmap, sizeof(cached_map));
   cached = std::move(table);
   return cached;
