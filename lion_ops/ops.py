@@ -148,6 +148,11 @@ def _check_param_grad_lists(op: str, params, grads) -> None:
             raise ValueError(f"{op}: grads[{i}] must have params[{i}]'s shape and dtype")
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as the kernels' messages name it (float32, not torch.float32)."""
+    return str(dtype).removeprefix("torch.")
+
+
 def _check_qmap(op: str, qmap: Tensor) -> None:
     if qmap.dtype != torch.float32 or qmap.shape != (QUANT_MAP_SIZE,):
         raise ValueError(f"{op}: qmap must be a float32 tensor of shape ({QUANT_MAP_SIZE},), got "
@@ -199,6 +204,10 @@ def _lion_update_8bit_blockwise_fake(params, grads, codes, absmaxes, qmap, lr, b
     _check_state_list(op, "codes", params, codes, torch.uint8, lambda p: None)
     _check_state_list(op, "absmaxes", params, absmaxes, torch.float32,
                       lambda p: blockwise_absmax_count(p.numel()))
+    for i, absmax in enumerate(absmaxes):
+        if absmax.dim() != 1:
+            raise ValueError(f"{op}: absmaxes[{i}] must be a contiguous 1-D tensor, got shape "
+                             f"{tuple(absmax.shape)}")
     _check_qmap(op, qmap)
     return None
 
@@ -270,10 +279,16 @@ def _percentile_clipping_fake(grads, gnorm_vecs, steps, percentile):
     if not 0 <= percentile < GNORM_HISTORY:
         raise ValueError(f"percentile_clipping: percentile must be in 0..{GNORM_HISTORY - 1}, "
                          f"got {percentile}")
-    for i, v in enumerate(gnorm_vecs):
-        if v.dtype != torch.float32 or v.numel() != GNORM_HISTORY:
-            raise ValueError(f"percentile_clipping: gnorm_vecs[{i}] must be a float32 tensor of "
-                             f"{GNORM_HISTORY} elements")
+    for i, (g, v, s) in enumerate(zip(grads, gnorm_vecs, steps)):
+        if g.dtype not in PARAM_DTYPES:
+            raise TypeError(f"percentile_clipping: grads[{i}] must be float32, bfloat16 or "
+                            f"float16, got {_dtype_name(g.dtype)}")
+        if v.dtype != torch.float32 or v.numel() != GNORM_HISTORY or not v.is_contiguous():
+            raise ValueError(f"percentile_clipping: gnorm_vecs[{i}] must be a contiguous float32 "
+                             f"tensor of {GNORM_HISTORY} elements")
+        if s.dtype != torch.float32 or s.numel() != 1:
+            raise ValueError(f"percentile_clipping: steps[{i}] must be a one-element float32 "
+                             "tensor")
     device = grads[0].device if grads else torch.device("cpu")
     return torch.empty((len(grads),), dtype=torch.float32, device=device)
 
@@ -306,6 +321,9 @@ def quantize_blockwise(input: Tensor, qmap: Tensor, blocksize: int = QUANT_BLOCK
 def _quantize_blockwise_fake(input, qmap, blocksize=QUANT_BLOCK_SIZE):
     _check_qmap("quantize_blockwise", qmap)
     torch._check(blocksize > 0, lambda: "quantize_blockwise: blocksize must be positive")
+    if input.dtype not in PARAM_DTYPES:
+        raise TypeError(f"quantize_blockwise: input must be float32, bfloat16 or float16, got "
+                        f"{_dtype_name(input.dtype)}")
     codes = input.new_empty(input.shape, dtype=torch.uint8)
     absmax = input.new_empty(((input.numel() + blocksize - 1) // blocksize,), dtype=torch.float32)
     return codes, absmax
@@ -321,6 +339,16 @@ def dequantize_blockwise(codes: Tensor, absmax: Tensor, qmap: Tensor,
 def _dequantize_blockwise_fake(codes, absmax, qmap, blocksize=QUANT_BLOCK_SIZE):
     _check_qmap("dequantize_blockwise", qmap)
     torch._check(blocksize > 0, lambda: "dequantize_blockwise: blocksize must be positive")
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"dequantize_blockwise: codes must be uint8, got "
+                        f"{_dtype_name(codes.dtype)}")
+    if absmax.dtype != torch.float32:
+        raise TypeError(f"dequantize_blockwise: absmax must be float32, got "
+                        f"{_dtype_name(absmax.dtype)}")
+    blocks = (codes.numel() + blocksize - 1) // blocksize
+    torch._check_value(absmax.numel() == blocks, lambda: (
+        f"dequantize_blockwise: absmax must have {blocks} elements (one per {blocksize} codes), "
+        f"got {absmax.numel()}"))
     return codes.new_empty(codes.shape, dtype=torch.float32)
 
 

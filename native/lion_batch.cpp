@@ -192,6 +192,14 @@ void check_qmap(const char* op, const at::Tensor& qmap, at::Device device) {
                     qmap.sizes());
   TORCH_CHECK_VALUE(qmap.device() == device, op, ": qmap must be on ", device, ", got ",
                     qmap.device());
+  if (device.is_cpu()) {  // read on the host for free; on a GPU that would synchronize
+    const float* map = qmap.const_data_ptr<float>();
+    for (int j = 0; j + 1 < 256; ++j) {
+      // (NaN entries pass: they compare false both ways, and their encoding is defined)
+      TORCH_CHECK_VALUE(!(map[j] > map[j + 1]), op, ": qmap must be sorted ascending, but "
+                        "qmap[", j, "] = ", map[j], " > qmap[", j + 1, "] = ", map[j + 1]);
+    }
+  }
 }
 
 const float* grad_scales_data(const char* op, const std::optional<at::Tensor>& grad_scales,
@@ -363,7 +371,8 @@ void check_step_counters(at::TensorList steps) {
   check_distinct_outputs("increment_steps", {{"steps", steps}});
 }
 
-FlatOperands::FlatOperands(std::vector<at::TensorList> lists, std::vector<bool> mutated) {
+FlatOperands::FlatOperands(std::vector<at::TensorList> lists, std::vector<bool> mutated,
+                           ElementOrder order) {
   TORCH_INTERNAL_ASSERT(lists.size() == mutated.size() && !lists.empty());
   const size_t count = lists[0].size();
   flat_.resize(lists.size());
@@ -385,7 +394,7 @@ FlatOperands::FlatOperands(std::vector<at::TensorList> lists, std::vector<bool> 
     // order, so that, for instance, blockwise 8-bit state gets the same blocks whatever the
     // grad's layout.
     const at::Tensor& first = lists[0][i];
-    bool in_place = first.is_non_overlapping_and_dense();
+    bool in_place = order == ElementOrder::kAny && first.is_non_overlapping_and_dense();
     for (size_t l = 1; l < lists.size() && in_place; ++l) {
       in_place = !mutated[l] || lists[l][i].strides() == first.strides();
     }

@@ -83,7 +83,9 @@ void check_state_list(const char* op, const char* name, at::TensorList params,
 void check_distinct_outputs(const char* op,
                             std::initializer_list<std::pair<const char*, at::TensorList>> lists);
 
-// Checks a quantization map: 256 sorted float32 values, contiguous, on `device`.
+// Checks a quantization map: 256 float32 values, contiguous, on `device`, and on the CPU
+// that they are sorted ascending (a GPU's map is not read on the host: there an unsorted map
+// gives codes that are not the nearest entries).
 void check_qmap(const char* op, const at::Tensor& qmap, at::Device device);
 
 // Checks optional per-tensor gradient scales: float32, one per param, on the params' device.
@@ -99,16 +101,24 @@ void check_percentile_clipping_args(at::TensorList grads, at::TensorList gnorm_v
 void check_step_counters(at::TensorList steps);
 
 
+// Which element orders a kernel may walk its operands in.
+enum class ElementOrder {
+  kAny,      // any one order shared by all operands: the update is elementwise
+  kLogical,  // the tensors' logical (row-major) order: blockwise state, whose blocks are
+             // 256 consecutive elements in that order, as quantize_blockwise makes them
+};
+
 // Makes the i-th tensor of every operand list walkable as a flat array, all in the same
 // element order (the i-th tensors of all lists have one shape). A group of contiguous tensors,
-// or one whose written tensors are dense and share strides, is used in place (a transposed
-// param with a transposed momentum is fine), read-only ones laid out otherwise
-// being copied into that layout; any other group is replaced by contiguous copies, and
-// write_back() copies the mutated ones back. Tensors used in place are referred to, not
+// or (with ElementOrder::kAny) one whose written tensors are dense and share strides, is used
+// in place (a transposed param with a transposed momentum is fine), read-only ones laid out
+// otherwise being copied into that layout; any other group is replaced by contiguous copies,
+// and write_back() copies the mutated ones back. Tensors used in place are referred to, not
 // copied (the lists outlive the operator call): no reference counting per tensor.
 class FlatOperands {
  public:
-  FlatOperands(std::vector<at::TensorList> lists, std::vector<bool> mutated);
+  FlatOperands(std::vector<at::TensorList> lists, std::vector<bool> mutated,
+               ElementOrder order = ElementOrder::kAny);
   FlatOperands(const FlatOperands&) = delete;  // flat_ points into copies_
   FlatOperands& operator=(const FlatOperands&) = delete;
   const at::Tensor& get(size_t list, size_t index) const { return *flat_[list][index]; }

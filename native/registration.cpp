@@ -2,11 +2,13 @@
 // registered per backend in cpu/ and cuda/; fake (meta) implementations are in
 // lion_ops/ops.py, which set_python_module names so torch can point users to it.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
+#include <string>
 #include <vector>
 
 TORCH_LIBRARY(lion, m) {
@@ -14,7 +16,8 @@ TORCH_LIBRARY(lion, m) {
 
   // Every update op: lr, beta1, beta2, weight_decay are 0-dim floating tensors on the CPU (read
   // on the host) or on the params' device (read by the kernel); grad_scales (optional):
-  // float32 [len(params)], multiplies each grad.
+  // float32 [len(params)], multiplies each grad. qmap (8-bit ops): 256 float32 values sorted
+  // ascending (checked on the CPU; read only by the kernel on a GPU).
   // Lion step with fp32 momentum, in place, for lists of same-shaped params/grads/momenta on one device.
   m.def(
       "lion_update_32bit(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momenta, Tensor lr, "
@@ -115,8 +118,41 @@ void refuse_writing_tensors_that_require_grad(const c10::OperatorHandle& op,
   op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
 }
 
+// An inference tensor (made under torch.inference_mode) has no version counter, and outside
+// inference mode torch refuses to write one when it bumps the counter, which comes after the
+// kernel: refused here first, so that a refused call has written nothing.
+void refuse_writing_inference_tensors(const c10::OperatorHandle& op,
+                                      const torch::jit::Stack& stack) {
+  if (c10::InferenceMode::is_enabled()) return;
+  const auto& arguments = op.schema().arguments();
+  const size_t first = stack.size() - arguments.size();
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    const auto* alias = arguments[i].alias_info();
+    if (alias == nullptr || !alias->isWrite()) continue;
+    const c10::IValue& value = stack[first + i];
+    auto refuse = [&](const std::string& index) {
+      TORCH_CHECK(false, op.schema().name(), ": ",
+                  arguments[i].name(), index, " is an inference tensor (made under "
+                  "torch.inference_mode), which cannot be written outside inference mode; "
+                  "nothing was written. Use a clone made outside inference mode, or call under "
+                  "torch.inference_mode()");
+    };
+    if (value.isTensor()) {
+      const at::Tensor& t = value.toTensor();
+      if (t.defined() && t.is_inference()) refuse("");
+    } else if (value.isTensorList()) {
+      const auto& list = value.toListRef();
+      for (size_t j = 0; j < list.size(); ++j) {
+        const at::Tensor& t = list[j].toTensor();
+        if (t.defined() && t.is_inference()) refuse("[" + std::to_string(j) + "]");
+      }
+    }
+  }
+}
+
 void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                            torch::jit::Stack* stack) {
+  refuse_writing_inference_tensors(op, *stack);
   const std::vector<c10::IValue> written = written_arguments(op, *stack);
   {
     at::AutoDispatchBelowADInplaceOrView below;

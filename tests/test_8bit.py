@@ -412,26 +412,49 @@ def test_8bit_cuda_matches_cpu_bit_for_bit(dtype, blockwise):
             assert torch.equal(a, b.cpu())
 
 
-def test_blocks_do_not_depend_on_the_grads_layout(device):
-    """The written tensors (param, codes) decide the element order, and so the blocks: a
-    channels_last param with channels_last codes takes its blocks in memory order whether the
-    grad is channels_last or contiguous (the grad was what sent a call to the logical order)."""
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+def test_blocks_follow_the_logical_order_whatever_the_layouts(device, layout):
+    """Blockwise state takes its 256-element blocks in the tensors' logical (row-major) order,
+    as quantize_blockwise and dequantize_blockwise do, whatever the layouts of the param, its
+    codes and its grad (the codes once took memory-order blocks when they shared the param's
+    strides, so dequantize_blockwise of what an update wrote was another momentum)."""
     torch.manual_seed(0)
-    p = torch.randn(4, 16, 6, 6, device=device).to(memory_format=torch.channels_last)
-    g = torch.randn(4, 16, 6, 6, device=device)
-    m = torch.randn(4, 16, 6, 6, device=device).to(memory_format=torch.channels_last) * 0.05
-    codes, absmax = lion_ops.ops.quantize_blockwise(m.permute(0, 2, 3, 1).contiguous(),
-                                                    QMAP.to(device))
-    codes = codes.permute(0, 3, 1, 2)  # channels_last codes, blocks in memory order
+    shape = (4, 16, 6, 6) if layout == "channels_last" else (48, 40)
+    # Magnitudes varying along the last dim: memory-order blocks would get other scales.
+    spread = torch.logspace(-3, 0, shape[-1], device=device)
+    p0, g0 = torch.randn(shape, device=device), torch.randn(shape, device=device) * spread
+    codes0, absmax0 = lion_ops.ops.quantize_blockwise(
+        torch.randn(shape, device=device) * spread * 0.05, QMAP.to(device))
+
+    def relaid(t):
+        if layout == "channels_last":
+            return t.contiguous(memory_format=torch.channels_last)
+        return t.t().contiguous().t()
+
     results = []
-    for grad in (g.contiguous(memory_format=torch.channels_last), g.contiguous()):
-        q, c, a = p.clone(memory_format=torch.preserve_format), codes.clone(
-            memory_format=torch.preserve_format), absmax.clone()
-        lion_ops.ops.lion_update_8bit_blockwise([q], [grad], [c], [a], QMAP.to(device),
+    for p_layout, codes_layout, g_layout in [(False, False, False), (True, True, True),
+                                             (True, True, False), (True, False, True),
+                                             (False, True, False)]:
+        q = relaid(p0) if p_layout else p0.clone()
+        c = relaid(codes0) if codes_layout else codes0.clone()
+        g = relaid(g0) if g_layout else g0.clone()
+        assert q.is_contiguous() != p_layout and c.is_contiguous() != codes_layout
+        a = absmax0.clone()
+        lion_ops.ops.lion_update_8bit_blockwise([q], [g], [c], [a], QMAP.to(device),
                                                 torch.tensor(1e-2), 0.9, 0.99, 0.1)
         results.append((q, c, a))
-    for x, y in zip(*results):
-        assert torch.equal(x, y)
+    for q, c, a in results[1:]:
+        for x, y in zip((q, c, a), results[0]):
+            assert torch.equal(x, y)
+    # What the codes hold is the new momentum, block by block in logical order.
+    m0 = lion_ops.ops.dequantize_blockwise(codes0, absmax0, QMAP.to(device))
+    expected = 0.99 * m0.double() + 0.01 * g0.double()
+    _, c, a = results[1]
+    stored = lion_ops.ops.dequantize_blockwise(c, a, QMAP.to(device)).double()
+    blocks = expected.reshape(-1)
+    scale = torch.nn.functional.pad(blocks, (0, -blocks.numel() % 256)).reshape(-1, 256) \
+        .abs().amax(1).repeat_interleave(256)[:blocks.numel()].reshape(shape)
+    assert ((stored - expected).abs() <= 0.02 * scale + 1e-7).all()
 
 
 def test_static_scales_of_an_empty_param_are_zeroed(device):
@@ -477,6 +500,9 @@ _BAD_8BIT_INPUT = {
     "codes dtype": r"codes\[0\] must be uint8, got",
     "qmap shape": "qmap must be a contiguous 1-D tensor of 256",
     "qmap strided": "qmap must be a contiguous 1-D tensor of 256",
+    # (the encoder searches the map as sorted: the codes would not be the nearest entries)
+    "qmap unsorted": r"qmap must be sorted ascending, but qmap\[127\] = 0.5 > qmap\[128\]",
+    "static qmap unsorted": r"qmap must be sorted ascending, but qmap\[127\] = 0.5",
     "grad_scales strided": "grad_scales must be a contiguous 1-D tensor with one scale per param",
     "max1 size": r"max1s\[0\] must have exactly one element",
     "static qmap strided": "qmap must be a contiguous 1-D tensor of 256",
@@ -500,6 +526,9 @@ def test_bad_8bit_input_is_refused_and_nothing_changes(case):
         qmap = QMAP[:128]
     elif case.endswith("qmap strided"):
         qmap = torch.stack([QMAP, -QMAP], 1)[:, 0]
+    elif case.endswith("qmap unsorted"):
+        qmap = QMAP.clone()
+        qmap[127] = 0.5
     elif case.endswith("grad_scales strided"):
         grad_scales = torch.tensor([0.5, 7.0, 0.5, 7.0])[::2]
     elif case == "max1 size":
@@ -530,8 +559,53 @@ def test_dequantize_blockwise_refuses_an_absmax_of_the_wrong_length(device):
                                               QMAP.to(device))
 
 
+def test_quantization_refuses_an_unsorted_map_on_the_cpu():
+    x = torch.randn(1000)
+    for bad in (QMAP.flip(0), QMAP[torch.randperm(256)]):
+        with pytest.raises(ValueError, match="quantize_blockwise: qmap must be sorted ascending"):
+            lion_ops.ops.quantize_blockwise(x, bad)
+    # A NaN entry compares false both ways: such a map keeps its defined encoding.
+    with_nan = QMAP.clone()
+    with_nan[200] = float("nan")
+    codes, _ = lion_ops.ops.quantize_blockwise(x, with_nan)
+    assert codes.shape == x.shape
+
+
+@pytest.mark.parametrize("case, message", [
+    ("quantize float64", r"quantize_blockwise: input must be float32, bfloat16 or float16, got "
+                         r"float64"),
+    ("quantize int32", "quantize_blockwise: input must be float32, bfloat16 or float16"),
+    ("dequantize float codes", "dequantize_blockwise: codes must be uint8, got float32"),
+    ("dequantize absmax dtype", "dequantize_blockwise: absmax must be float32, got float16"),
+    ("dequantize absmax length", r"dequantize_blockwise: absmax must have 2 elements \(one per "
+                                 r"256 codes\), got 5"),
+])
+def test_quantization_fakes_refuse_what_the_kernels_refuse(case, message):
+    """As the update operators' fakes: a bad call fails where it is traced (meta tensors run
+    the fakes), with the kernel's message (the CPU runs the kernel)."""
+    for device in ("meta", "cpu"):
+        qmap = QMAP.to(device)
+        codes = torch.zeros(300, dtype=torch.uint8, device=device)
+        absmax = torch.ones(2, device=device)
+        call = {
+            "quantize float64": lambda: lion_ops.ops.quantize_blockwise(
+                torch.randn(300, dtype=torch.float64, device=device), qmap),
+            "quantize int32": lambda: lion_ops.ops.quantize_blockwise(
+                torch.ones(300, dtype=torch.int32, device=device), qmap),
+            "dequantize float codes": lambda: lion_ops.ops.dequantize_blockwise(
+                codes.float(), absmax, qmap),
+            "dequantize absmax dtype": lambda: lion_ops.ops.dequantize_blockwise(
+                codes, absmax.half(), qmap),
+            "dequantize absmax length": lambda: lion_ops.ops.dequantize_blockwise(
+                codes, torch.ones(5, device=device), qmap),
+        }[case]
+        with pytest.raises((ValueError, TypeError), match=message):
+            call()
+        assert lion_ops.ops.dequantize_blockwise(codes, absmax, qmap).shape == (300,)
+
+
 @pytest.mark.parametrize("case", ["absmax length", "absmax dtype", "codes shape", "qmap shape",
-                                  "max1 size", "grad_scales length"])
+                                  "max1 size", "grad_scales length", "absmax 2-d"])
 def test_8bit_fakes_refuse_what_the_kernels_refuse(case):
     """On meta tensors the operators run their fakes (register_fake serves the Meta key): the
     code torch.compile and torch.export trace with. They must refuse what the kernels refuse,
@@ -549,7 +623,9 @@ def test_8bit_fakes_refuse_what_the_kernels_refuse(case):
                "codes shape": r"codes\[1\] has shape \(299,\), which does not fit",
                "qmap shape": r"qmap must be a float32 tensor of shape \(256,\)",
                "max1 size": r"max1s\[0\] has shape \(2,\), which does not fit",
-               "grad_scales length": r"grad_scales must be a float32 tensor of shape \(2,\)"}[case]
+               "grad_scales length": r"grad_scales must be a float32 tensor of shape \(2,\)",
+               "absmax 2-d": r"absmaxes\[0\] must be a contiguous 1-D tensor, got shape "
+                             r"\(2, 2\)"}[case]
     if case == "absmax length":
         absmaxes[1] = torch.zeros(3, device=meta)
     elif case == "absmax dtype":
@@ -560,6 +636,8 @@ def test_8bit_fakes_refuse_what_the_kernels_refuse(case):
         qmap = qmap[:255]
     elif case == "max1 size":
         max1s[0] = torch.zeros(2, device=meta)
+    elif case == "absmax 2-d":
+        absmaxes[0] = torch.zeros(2, 2, device=meta)
     else:
         grad_scales = torch.ones(3, device=meta)
     blockwise = case != "max1 size"

@@ -389,6 +389,30 @@ def test_operators_bump_the_version_of_what_they_write(device):
         y.backward()
 
 
+@pytest.mark.parametrize("written", ["params", "momenta", "steps"])
+def test_inference_tensors_are_not_written_outside_inference_mode(device, written):
+    """An inference tensor has no version counter; torch refuses writing one outside inference
+    mode, but only as the counter is bumped, after the kernel. The operators refuse first."""
+    p, g, m = _lists([(300,), (7,)], torch.float32, device)
+    steps = [torch.ones((), device=device), torch.ones((), device=device)]
+    with torch.inference_mode():
+        lists = {"params": p, "momenta": m, "steps": steps}
+        lists[written] = [lists[written][0], lists[written][1].clone()]
+    p, m, steps = lists["params"], lists["momenta"], lists["steps"]
+    before = [t.clone() for t in p + m + steps]
+    with pytest.raises(RuntimeError, match=rf"{written}\[1\] is an inference tensor .* nothing "
+                                           "was written"):
+        if written == "steps":
+            torch.ops.lion.increment_steps(steps)
+        else:
+            op(p, g, m, torch.tensor(0.1), 0.9, 0.99, 0.0)
+    assert all(torch.equal(a, b) for a, b in zip(p + m + steps, before))
+    with torch.inference_mode():  # where it may be written
+        op(p, g, m, torch.tensor(0.1), 0.9, 0.99, 0.0)
+        torch.ops.lion.increment_steps(steps)
+    assert not torch.equal(p[1], before[1]) and steps[1].item() == 2.0
+
+
 def test_distinct_views_of_one_buffer_are_updated(device):
     """Params that are views of one flat buffer (as some frameworks lay them out) are distinct
     memory: the call updates each once, as it would separate tensors."""
@@ -462,7 +486,8 @@ def test_percentile_clipping_refuses_a_step_counter_of_two_elements_and_writes_n
 # ---- the fakes ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ["percentile 100", "percentile -1", "gnorm_vec length",
-                                  "list lengths"])
+                                  "list lengths", "grads dtype", "steps dtype",
+                                  "gnorm_vec strided"])
 def test_percentile_clipping_fake_refuses_what_the_kernel_refuses(case):
     """On meta tensors an operator runs its fake (register_fake serves the Meta key): the code
     torch.compile and torch.export trace with. It must refuse what the kernel refuses, so that
@@ -473,7 +498,11 @@ def test_percentile_clipping_fake_refuses_what_the_kernel_refuses(case):
     percentile = 5
     message = {"percentile 100": "percentile must be in 0..99, got 100",
                "percentile -1": "percentile must be in 0..99, got -1",
-               "gnorm_vec length": r"gnorm_vecs\[1\] must be a float32 tensor of 100",
+               "gnorm_vec length": r"gnorm_vecs\[1\] must be a contiguous float32 tensor of 100",
+               "gnorm_vec strided": r"gnorm_vecs\[1\] must be a contiguous float32 tensor of 100",
+               "grads dtype": r"grads\[1\] must be float32, bfloat16 or float16, got "
+                              r"float64",
+               "steps dtype": r"steps\[0\] must be a one-element float32 tensor",
                "list lengths": "must have the same length"}[case]
     if case == "percentile 100":
         percentile = 100
@@ -481,11 +510,18 @@ def test_percentile_clipping_fake_refuses_what_the_kernel_refuses(case):
         percentile = -1
     elif case == "gnorm_vec length":
         vecs[1] = torch.zeros(99, device="meta")
+    elif case == "gnorm_vec strided":
+        vecs[1] = torch.zeros(200, device="meta")[::2]
+    elif case == "grads dtype":
+        grads[1] = grads[1].double()
+    elif case == "steps dtype":
+        steps[0] = torch.ones((), dtype=torch.int64, device="meta")
     else:
         steps = steps[:1]
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, TypeError), match=message):
         torch.ops.lion.percentile_clipping.default(grads, vecs, steps, percentile)
     # And the same call with good arguments gives the kernel's result shape.
+    grads = [torch.randn(10, device="meta"), torch.randn(3, device="meta")]
     scales = torch.ops.lion.percentile_clipping.default(
         grads, [torch.zeros(100, device="meta") for _ in grads],
         [torch.ones((), device="meta") for _ in grads], 99)

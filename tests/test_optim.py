@@ -69,6 +69,9 @@ def test_constructors_match_bitsandbytes():
     (dict(percentile_clipping=0), "percentile_clipping must be an int in 1..100"),
     (dict(percentile_clipping=101), "percentile_clipping must be an int in 1..100"),
     (dict(percentile_clipping=True), "percentile_clipping must be an int in 1..100"),
+    (dict(percentile_clipping=True), r"got True \(bitsandbytes 0.50 takes is_paged in this "
+                                     r"position; this signature is 0.49's: pass is_paged=... by "
+                                     r"keyword\)"),
     (dict(min_8bit_size=-1), "min_8bit_size"),
     (dict(is_paged="yes"), "is_paged must be a bool"),
     # Exact messages: what is refused, named as the user wrote it (a tensor's value as the
@@ -153,6 +156,37 @@ def test_numpy_scalar_hyperparameters_work_as_python_numbers():
         assert torch.equal(p, q)
         assert all(torch.equal(a, b) for a, b in zip(opt.state[p].values(),
                                                       expected_opt.state[q].values()))
+
+
+def test_numpy_hyperparameters_are_python_numbers_in_param_groups_and_compile():
+    """A group's NumPy hyperparameters become the Python numbers they hold, at construction and
+    in add_param_group: torch.compile traces NumPy values as arrays, which the step's checks
+    could not take (a fullgraph step failed to trace, and without fullgraph it broke the
+    graph)."""
+    np = pytest.importorskip("numpy")
+    params = [torch.nn.Parameter(torch.randn(600)), torch.nn.Parameter(torch.randn(7))]
+    opt = Lion(params[:1], lr=np.float32(0.01), betas=np.array([0.9, 0.99]),
+               weight_decay=np.float64(0.1))
+    opt.add_param_group({"params": params[1:], "lr": np.float64(0.02),
+                         "betas": [np.float32(0.8), 0.9]})
+    for group in opt.param_groups:
+        for value in (group["lr"], *group["betas"], group["weight_decay"]):
+            assert type(value) is float
+    assert opt.param_groups[0]["lr"] == float(np.float32(0.01))
+    expected = [p.detach().clone() for p in params]
+    reference = Lion([{"params": [expected[0]]}, {"params": [expected[1]], "lr": 0.02,
+                                                    "betas": (float(np.float32(0.8)), 0.9)}],
+                     lr=float(np.float32(0.01)), betas=(0.9, 0.99), weight_decay=0.1)
+    torch._dynamo.reset()
+    step = torch.compile(opt.step, backend="eager", fullgraph=True)
+    for _ in range(2):
+        grads = [torch.randn_like(p) for p in params]
+        for p, q, g in zip(params, expected, grads):
+            p.grad, q.grad = g, g.clone()
+        step()
+        reference.step()
+    for p, q in zip(params, expected):
+        assert torch.equal(p, q)
 
 
 def test_betas_from_any_two_element_sequence_work_as_a_tuple():
@@ -1165,6 +1199,8 @@ def _corruptions():
         sd["state"][0]["step"] = torch.tensor(float("inf"))
     def negative_step(sd):
         sd["state"][0]["step"] = -3
+    def step_past_float32(sd):  # an infinite float32 counter, which state_dict cannot save
+        sd["state"][0]["step"] = 1e40
     def bad_beta(sd):
         sd["param_groups"][0]["betas"] = (1.5, 0.9)
     def extra_group(sd):
@@ -1182,6 +1218,8 @@ def _corruptions():
             (nan_step, "'step' must be a finite number >= 0, got nan"),
             (infinite_step, "'step' must be a finite number >= 0, got inf"),
             (negative_step, "'step' must be a finite number >= 0, got -3"),
+            (step_past_float32, r"'step' must be a finite number >= 0, got 1e\+40 \(infinite "
+                                r"in float32, the counter's type\)"),
             (bad_beta, "beta parameter at index 0"), (extra_group, "param groups"),
             (unknown_param, "param id 1234"),
             (missing_lr, r"load_state_dict \(param group 0\): invalid learning rate lr=None"),
@@ -1286,6 +1324,94 @@ def test_param_replaced_after_first_step_is_refused_and_nothing_changes():
     params[0].grad = torch.randn(5)
     snapshot = _snapshot(opt, params)
     with pytest.raises(RuntimeError, match=r"index 1.*does not fit"):
+        opt.step()
+    _assert_unchanged(opt, params, snapshot)
+
+
+@pytest.mark.parametrize("planned", [False, True], ids=["first check", "planned step"])
+@pytest.mark.parametrize("count", [float("nan"), -5.0, float("inf")])
+def test_a_counter_that_is_no_count_is_refused_before_clipping_counts_it(planned, count):
+    """With percentile clipping on the CPU the counters are read to pick the history slot; one
+    changed in place to no count is refused naming its param, before anything (the other
+    counters included) is counted or updated, in the first check and in a planned step."""
+    params = _params(torch.float32, "cpu", [(5,), (300,)], False)
+    opt = Lion([{"params": params[:1]}, {"params": params[1:]}], lr=0.1, percentile_clipping=50)
+    _set_random_grads(params)
+    opt.step()
+    opt.state[params[1]]["step"].fill_(count)
+    if not planned:
+        opt.state[params[1]]["step"] = opt.state[params[1]]["step"].clone()  # the full check
+    _set_random_grads(params)
+    snapshot = _snapshot(opt, params)
+    with pytest.raises(ValueError, match=r"Lion.step: the step counter of parameter \(group 1, "
+                                         rf"index 0, .*\) is {count}; it must be a finite count"):
+        opt.step()
+    for p, value in zip(params, snapshot[0]):
+        assert torch.equal(p, value)
+    for p in params:
+        for key, value in snapshot[1][id(p)].items():
+            assert torch.allclose(opt.state[p][key], value, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ValueError, match=rf"state_dict: the step counter of param 1 is {count:g}, "
+                                         "not a count"):
+        opt.state_dict()
+
+
+@pytest.mark.parametrize("where", ["load_state_dict", "first step"])
+@pytest.mark.parametrize("cls, kwargs", [(Lion, {}), (Lion8bit, {"min_8bit_size": 256}),
+                                         (Lion, {"percentile_clipping": 50})])
+def test_state_made_under_inference_mode_is_ordinary(where, cls, kwargs):
+    """State made by a load_state_dict or a first step under torch.inference_mode is made of
+    ordinary tensors, as torch.optim's is: a later step outside inference mode could not write
+    an inference tensor (and the operators refuse to)."""
+    torch.manual_seed(0)
+    source = [torch.nn.Parameter(torch.randn(600)), torch.nn.Parameter(torch.randn(7))]
+    reference = cls(source, lr=0.1, **kwargs)
+    params = [torch.nn.Parameter(p.detach().clone()) for p in source]
+    opt = cls(params, lr=0.1, **kwargs)
+    grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
+    for ps in (source, params):
+        for p, g in zip(ps, grads[0]):
+            p.grad = g.clone()
+    reference.step()
+    if where == "load_state_dict":
+        opt.step()
+        with torch.inference_mode():
+            opt.load_state_dict(reference.state_dict())
+    else:
+        with torch.inference_mode():
+            opt.step()
+    state_tensors = [t for p in params for t in opt.state[p].values()
+                     if isinstance(t, torch.Tensor)]
+    assert state_tensors and not any(t.is_inference() for t in state_tensors)
+    for step_grads in grads[1:]:
+        for ps in (source, params):
+            for p, g in zip(ps, step_grads):
+                p.grad = g.clone()
+        reference.step()
+        opt.step()
+    for a, b in zip(source, params):
+        assert torch.equal(a, b)
+
+
+def test_an_inference_tensor_param_is_refused_outside_inference_mode_and_nothing_changes():
+    """Refused by the first check, naming the param, and by a step planned under inference
+    mode (where it may be written) and run outside it, before the step's first call (of the
+    other params) has written anything."""
+    params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(4))]
+    with torch.inference_mode():
+        params.append(torch.randn(6, dtype=torch.bfloat16))  # as a model built there holds
+    opt = Lion(params, lr=0.1)
+    _set_random_grads(params)
+    snapshot = _snapshot(opt, params)
+    with pytest.raises(RuntimeError, match=r"index 2.* is an inference tensor"):
+        opt.step()
+    _assert_unchanged(opt, params, snapshot)
+    assert not any(opt.state.values())
+    with torch.inference_mode():  # where it can be written
+        opt.step()
+    assert not torch.equal(params[2], snapshot[0][2])
+    snapshot = _snapshot(opt, params)
+    with pytest.raises(RuntimeError, match=r"index 2.* is an inference tensor"):
         opt.step()
     _assert_unchanged(opt, params, snapshot)
 
@@ -1882,6 +2008,37 @@ def test_number_hyperparameters_are_made_on_the_cpu_whatever_the_default_device(
         assert all(t.device.type == "cpu" for t in base._NUMBER_TENSORS.values())
         runs.append(p)
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("cls, kwargs", [
+    (Lion, {}), (Lion8bit, {"min_8bit_size": 100, "percentile_clipping": 50}),
+    (Lion8bit, {"min_8bit_size": 100, "block_wise": False})])
+def test_steps_on_meta_params_and_under_fake_tensor_mode(cls, kwargs):
+    """Dry runs (memory estimates, deferred initialization) step on tensors without memory:
+    meta params, or a model and optimizer made under a FakeTensorMode. The step makes state of
+    the right shapes (the check that no two params share memory, which compares addresses, once
+    refused any second param there, and building the map read values)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Linear(30, 2))
+    opt = cls(model.parameters(), lr=1e-3, **kwargs)
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = torch.empty_like(p)
+        opt.step()
+    state = opt.state[model[0].weight]
+    assert state["state1"].device.type == "meta" and state["state1"].shape == (30, 40)
+    assert state["state1"].dtype == (torch.float32 if cls is Lion else torch.uint8)
+    with FakeTensorMode() as mode:
+        model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Linear(30, 2))
+        opt = cls(model.parameters(), lr=1e-3, **kwargs)
+        for _ in range(2):
+            model(torch.randn(2, 40)).sum().backward()
+            opt.step()
+    state = opt.state[model[0].weight]
+    assert all(mode.is_our_fake(t) for t in state.values() if isinstance(t, torch.Tensor)
+               and t is not opt._qmaps[torch.device("cpu")])
+    assert state["state1"].shape == (30, 40)
 
 
 def test_a_step_under_fake_tensor_mode_leaves_later_steps_real():

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
 
 from .. import ops
 from ..quantization import dynamic_map
@@ -143,6 +143,23 @@ def check_hyperparameters(lr: Any, betas: Any, weight_decay: Any, where: str) ->
             _check_hyperparameter_value(name, value, where)
 
 
+def _plain_number(value: Any) -> Any:
+    """A NumPy scalar (or 0-d array) as the Python number it holds, anything else as it is:
+    torch.compile traces NumPy values as arrays, which a compiled step could not take."""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
+
+
+def _plain_hyperparameters(group: dict) -> None:
+    """A param group's NumPy hyperparameters as Python numbers, and its betas as a tuple."""
+    for key in ("lr", "weight_decay"):
+        if key in group:
+            group[key] = _plain_number(group[key])
+    if "betas" in group:
+        group["betas"] = tuple(_plain_number(beta) for beta in group["betas"])
+
+
 def _is_pair(betas: Any) -> bool:
     """Whether betas is a sequence of two values: a tuple or list, or any other indexable
     sequence that torch's optimizers and bitsandbytes take (an omegaconf ListConfig from a
@@ -216,6 +233,19 @@ _keep_out_of_compiled_graphs = getattr(torch, "_disable_dynamo", lambda function
 _profiler_enabled = getattr(torch._C._autograd, "_profiler_enabled", None)
 
 
+def _outside_inference_mode(make_state):
+    """State is made as ordinary tensors even under torch.inference_mode (a first step or a
+    load_state_dict there): an inference tensor could never be written by a later step outside
+    inference mode."""
+    @functools.wraps(make_state)
+    def made_outside_inference_mode(*args, **kwargs):
+        if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
+            return make_state(*args, **kwargs)
+        with torch.inference_mode(False):
+            return make_state(*args, **kwargs)
+    return made_outside_inference_mode
+
+
 def _hooked_step(step):
     """`step` with what torch.optim.Optimizer wraps every optimizer's step in (its step pre-
     and post-hooks, global and per optimizer, a profiler range "Optimizer.step#<class>.step",
@@ -272,8 +302,13 @@ class LionOptimizerBase(torch.optim.Optimizer):
         if isinstance(percentile_clipping, bool) \
                 or not isinstance(percentile_clipping, numbers.Integral) \
                 or not 1 <= percentile_clipping <= 100:
+            # bitsandbytes 0.50 dropped percentile_clipping and block_wise, so positional
+            # calls written for it pass is_paged here.
+            hint = (" (bitsandbytes 0.50 takes is_paged in this position; this signature is "
+                    "0.49's: pass is_paged=... by keyword)"
+                    if isinstance(percentile_clipping, bool) else "")
             raise ValueError(f"{where}: percentile_clipping must be an int in 1..100, got "
-                             f"{percentile_clipping!r}")
+                             f"{percentile_clipping!r}{hint}")
         if not isinstance(is_paged, (bool, int)) or is_paged not in (0, 1):
             raise ValueError(f"{where}: is_paged must be a bool, got {is_paged!r}")
         if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, numbers.Integral) \
@@ -284,7 +319,8 @@ class LionOptimizerBase(torch.optim.Optimizer):
 
         # eps is unused by Lion, but bitsandbytes reads it from every param group, so it is
         # kept for checkpoints that load into bitsandbytes.
-        defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=0.0)
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=0.0)
+        _plain_hyperparameters(defaults)
         super().__init__(params, defaults)
         self.optim_bits = int(optim_bits)
         self.min_8bit_size = int(min_8bit_size)
@@ -296,8 +332,10 @@ class LionOptimizerBase(torch.optim.Optimizer):
         self._paging: dict[torch.device, int] = {}
         self._note_paging_devices(self.param_groups)
         # The 8-bit map, built here (eagerly: building it does not trace) and copied to each
-        # device on first use.
-        self._qmaps: dict[torch.device, Tensor] = {torch.device("cpu"): dynamic_map("cpu")}
+        # device on first use. Real even when the optimizer is made under a FakeTensorMode
+        # (to estimate memory), where reading values, as building it does, is not possible.
+        with _disable_current_modes():
+            self._qmaps: dict[torch.device, Tensor] = {torch.device("cpu"): dynamic_map("cpu")}
         # Per-param overrides from GlobalOptimManager, resolved eagerly: (group index, param
         # index) -> (config id, config). Params with equal overrides share a config id, so they
         # still share operator calls.
@@ -427,7 +465,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
                 self.param_groups.pop()  # refused as a whole: the optimizer stays as it was
                 raise TypeError(f"{where}: {_describe(group, len(self.param_groups), index, p)} "
                                 f"{problem}")
-        group["betas"] = tuple(group["betas"])
+        _plain_hyperparameters(group)
         if hasattr(self, "_manager"):  # groups added after construction
             self._resolve_overrides()
             self._note_paging_devices([group])
@@ -442,6 +480,9 @@ class LionOptimizerBase(torch.optim.Optimizer):
         work = []
         adopted: dict[Tensor, dict] = {}  # states put in self.state in the saved layout
         strided, param_dtypes = torch.strided, ops.PARAM_DTYPES
+        # Outside inference mode an inference tensor cannot be written (see registration.cpp).
+        refuse_inference_tensors = not torch.compiler.is_compiling() \
+            and not torch.is_inference_mode_enabled()
         self._check_override_tensors(where)
         for group_index, group in enumerate(self.param_groups):
             check_hyperparameters(group["lr"], group["betas"], group["weight_decay"],
@@ -487,6 +528,13 @@ class LionOptimizerBase(torch.optim.Optimizer):
                                 f"{type(self).__name__}: the state of "
                                 f"{_describe(group, group_index, index, p)} does not fit it "
                                 f"({problem}); was the param replaced after the first step?")
+                if refuse_inference_tensors and (p.is_inference() or state and any(
+                        isinstance(t, Tensor) and t.is_inference()
+                        for t in map(state.get, _PLAN_STATE_KEYS))):
+                    raise RuntimeError(
+                        f"{where}: {_describe(group, group_index, index, p)} or its state is an "
+                        "inference tensor (made under torch.inference_mode), which a step "
+                        "outside inference mode cannot update; use a clone made outside it")
                 if _is_dtensor(p):
                     problem = _dtensor_problem(p, g, self._config(group_index, index).get(
                         "percentile_clipping", self.percentile_clipping))
@@ -495,7 +543,8 @@ class LionOptimizerBase(torch.optim.Optimizer):
                             f"{where}: {_describe(group, group_index, index, p)} {problem}")
                 with_grad.append((index, p, state, kind, device, dtype))
             work.append((group_index, group, with_grad))
-        if not torch.compiler.is_compiling():  # fake tensors have no addresses
+        # Fake tensors (compiling, or under a FakeTensorMode) have no addresses.
+        if not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None:
             self._check_memory_written_once(work, adopted, where)
         self.state.update(adopted)
         return work
@@ -516,7 +565,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
                     if not isinstance(tensor, Tensor):
                         continue
                     local = _local(tensor)
-                    if local.numel() == 0:
+                    if local.numel() == 0 or local.device.type == "meta":  # (no addresses)
                         continue
                     if torch._debug_has_internal_overlap(local) == 1:
                         raise RuntimeError(
@@ -569,11 +618,16 @@ class LionOptimizerBase(torch.optim.Optimizer):
         return kind
 
     def _qmap(self, device: torch.device) -> Tensor:
+        mode = None if torch.compiler.is_compiling() else _get_current_dispatch_mode()
+        if mode is not None and type(mode).__name__ == "FakeTensorMode":
+            # Steps under a FakeTensorMode take fake tensors only; none is kept.
+            return mode.from_tensor(self._qmaps[torch.device("cpu")]).to(device)
         qmap = self._qmaps.get(device)
         if qmap is None:
             qmap = self._qmaps[device] = self._qmaps[torch.device("cpu")].to(device)
         return qmap
 
+    @_outside_inference_mode
     def _init_state(self, p: Tensor, config: dict) -> None:
         state = self.state[p]
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -640,11 +694,11 @@ class LionOptimizerBase(torch.optim.Optimizer):
             _warn_about_bitsandbytes_overrides(self)
         self._step_plan = None
         work = self._check_step_inputs()
-        plans = []
-        for group_index, group, params in work:
-            calls = self._group_calls(group_index, group, params) if params else []
+        plans = [(group, self._group_calls(group_index, group, params) if params else [])
+                 for group_index, group, params in work]
+        self._check_clipping_counters(plans)
+        for group, calls in plans:
             self._run_group(group, calls, [[p.grad for p in call.params] for call in calls])
-            plans.append((group, calls))
         if not compiling:
             self._step_plan = _StepPlan(self, plans)
 
@@ -723,6 +777,30 @@ class LionOptimizerBase(torch.optim.Optimizer):
         if not clipping:
             self._increment_steps(calls)
 
+    def _check_clipping_counters(self, plans: list[tuple[dict, list[_Call]]]) -> None:
+        """The step counters that percentile clipping will read on the CPU, checked before
+        anything is counted or updated (percentile_clipping refuses a counter that is no
+        count, but only after increment_steps has counted it). Only state changed in place
+        gets here: loading checks counters. One host read per param, beside clipping's pass
+        over every grad; on a GPU it would synchronize, and the kernel records such a counter
+        at slot 0."""
+        if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+            return  # (fake counters have no values)
+        for group_index, (group, calls) in enumerate(plans):
+            for call in calls:
+                if call.device.type != "cpu" or call.config.get(
+                        "percentile_clipping", self.percentile_clipping) >= 100:
+                    continue
+                for p, step in zip(call.params, call.steps):
+                    count = float(step)
+                    if 0 <= count <= _FLOAT32_MAX:
+                        continue
+                    index = next(i for i, q in enumerate(group["params"]) if q is p)
+                    raise ValueError(
+                        f"{type(self).__name__}.step: the step counter of "
+                        f"{_describe(group, group_index, index, p)} is {count}; it must be a "
+                        "finite count >= 0 (was optimizer.state changed in place?)")
+
     def _explain_refused_update(self) -> None:
         """After a planned step's first operator refused its inputs (nothing has been
         modified): the full check's error naming the param at fault, the one a step without a
@@ -766,6 +844,11 @@ class LionOptimizerBase(torch.optim.Optimizer):
             self._optimizer_state_dict_post_hooks = post_hooks
         steps = _read_step_counters(param_state.get("step")
                                     for param_state in state_dict["state"].values())
+        for key, step in zip(state_dict["state"], steps):
+            # (NaN, infinite or negative: optimizer.state changed in place; never loadable)
+            if step is not None and not 0 <= step < math.inf:
+                raise ValueError(f"{type(self).__name__}.state_dict: the step counter of param "
+                                 f"{key} is {step}, not a count")
         packed = {}
         for (key, param_state), step in zip(state_dict["state"].items(), steps):
             entry, nested = {}, {}
@@ -854,6 +937,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
+    @_outside_inference_mode
     def _load_param_state(self, p: Tensor, saved: dict, what: str, config: dict,
                           live_kind: str | None = None) -> dict:
         expected, found = live_kind or self._state_kind(p, config), _kind_of_state(saved)
@@ -875,9 +959,12 @@ class LionOptimizerBase(torch.optim.Optimizer):
                 raise ValueError(f"{what}: the saved 'step' must be a number")
             step = float(step)
         if isinstance(step, bool) or not isinstance(step, numbers.Real) \
-                or not 0 <= step < math.inf:
+                or not 0 <= step <= _FLOAT32_MAX:  # the counter is float32
+            beyond_float32 = isinstance(step, numbers.Real) and not isinstance(step, bool) \
+                and _FLOAT32_MAX < step < math.inf
             raise ValueError(f"{what}: the saved 'step' must be a finite number >= 0, got "
-                             f"{step!r}")
+                             f"{step!r}" + (" (infinite in float32, the counter's type)"
+                                            if beyond_float32 else ""))
 
         state = {k: deepcopy(v) for k, v in saved.items()
                  if k not in _STATE_TENSOR_KEYS and k != "step"}
@@ -954,15 +1041,18 @@ _NUMBER_TENSORS: dict[float, Tensor] = {}
 def _fresh_gnorm_history(device: torch.device) -> Tensor:
     """A percentile-clipping history that has recorded nothing: its first record fills every
     slot (lion_math.h, records_in_every_slot), as at step 1, whatever the step counter says."""
+    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+        with torch.inference_mode(False):
+            return _fresh_gnorm_history(device)
     return torch.full((ops.GNORM_HISTORY,), -1.0, dtype=torch.float32, device=device)
 
 
-def _read_step_counters(counters) -> list[int | None]:
-    """The ints of the one-element step counters among `counters` (None for anything else),
-    read with one host synchronization per device rather than one per counter. Not in a
-    step: a host read is fine here."""
+def _read_step_counters(counters) -> list[int | float | None]:
+    """The ints of the one-element step counters among `counters` (None for anything else; a
+    float for NaN or an infinity), read with one host synchronization per device rather than
+    one per counter. Not in a step: a host read is fine here."""
     counters = list(counters)
-    values: list[int | None] = [None] * len(counters)
+    values: list[int | float | None] = [None] * len(counters)
     by_device: dict[torch.device, list[int]] = defaultdict(list)
     for i, counter in enumerate(counters):
         if isinstance(counter, Tensor) and counter.numel() == 1:
@@ -970,7 +1060,7 @@ def _read_step_counters(counters) -> list[int | None]:
     for indices in by_device.values():
         read = torch.stack([counters[i].detach().reshape(()).float() for i in indices]).tolist()
         for i, value in zip(indices, read):
-            values[i] = int(value)
+            values[i] = int(value) if math.isfinite(value) else value
     return values
 
 
@@ -1042,12 +1132,15 @@ class _StepPlan:
     """
 
     __slots__ = ("state", "state_keys", "state_values", "overrides", "groups", "order",
-                 "first_call_checks_its_grads")
+                 "first_call_checks_its_grads", "inference_mode", "clips_on_cpu")
 
     def __init__(self, optimizer: LionOptimizerBase, plans: list[tuple]):
         self.state, self.overrides = optimizer.state, optimizer._overrides
+        # Checked with inference mode on, inference tensors were allowed (the full check).
+        self.inference_mode = torch.is_inference_mode_enabled()
         self.state_keys, self.state_values = list(self.state), list(self.state.values())
         self.groups = []
+        self.clips_on_cpu = False
         largest = None  # (param count, group position, call index) of the operator-checked call
         for position, (group, calls) in enumerate(plans):
             with_grad = {id(p) for call in calls for p in call.params}
@@ -1056,6 +1149,8 @@ class _StepPlan:
             checks = [_PlannedCall(optimizer, call) for call in calls]
             clipping = any(call.config.get("percentile_clipping", optimizer.percentile_clipping)
                            < 100 for call in calls)
+            self.clips_on_cpu = self.clips_on_cpu or clipping and any(
+                call.device.type == "cpu" for call in calls)
             for i, call in enumerate(calls):
                 if not clipping and not call.sharded and (
                         largest is None or len(call.params) > largest[0]):
@@ -1077,6 +1172,7 @@ class _StepPlan:
         """Runs the step if the plan still holds; False (nothing done) if it does not."""
         state = optimizer.state
         if state is not self.state or optimizer._overrides is not self.overrides \
+                or torch.is_inference_mode_enabled() is not self.inference_mode \
                 or len(optimizer.param_groups) != len(self.groups) \
                 or len(state) != len(self.state_keys) or not all(map(is_, state, self.state_keys)) \
                 or not all(map(is_, state.values(), self.state_values)):
@@ -1103,6 +1199,9 @@ class _StepPlan:
                     return False
                 grads.append(call_grads)
             all_grads.append(grads)
+        if self.clips_on_cpu:
+            optimizer._check_clipping_counters([(group, calls)
+                                                for group, _, _, calls, _ in self.groups])
         first = self.first_call_checks_its_grads
         for position in self.order:
             group, _, _, calls, _ = self.groups[position]

@@ -623,7 +623,7 @@ void lion_update_8bit_blockwise_cpu(at::TensorList params, at::TensorList grads,
   const float* map = qmap.const_data_ptr<float>();
   const auto table_holder = encode_table_for(map);
   const EncodeTable& table = *table_holder;
-  FlatOperands flat({params, grads, codes}, {true, false, true});
+  FlatOperands flat({params, grads, codes}, {true, false, true}, ElementOrder::kLogical);
 
   // Chunks are whole numbers of quantization blocks, so each block is one thread's.
   static_assert(kCpuChunkElements % kQuantBlockSize == 0);

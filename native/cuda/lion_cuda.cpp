@@ -155,7 +155,9 @@ void lion_update_8bit_cuda(const char* op, cuda::Scaling scaling, at::TensorList
   const auto hyper_alive =
       set_hyperparameters(batch->hyper, checked.host, lr, beta1, beta2, weight_decay);
 
-  FlatOperands flat({params, grads, codes}, {true, false, true});
+  FlatOperands flat({params, grads, codes}, {true, false, true},
+                    scaling == cuda::Scaling::kBlockwise ? ElementOrder::kLogical
+                                                         : ElementOrder::kAny);
   for_each_batch(
       *batch, flat, cuda::kElements8bitPerBlock,
       [&](int32_t slot, size_t t) {
