@@ -9,7 +9,7 @@ import torch
 
 _LIBRARY_GLOB = "liblion_ops_native*.so"
 _REBUILD = (
-    "Rebuild it against the installed torch, from the repository root: "
+    "Rebuild it against the installed torch, from lion_ops' source tree: "
     "`pip install --no-build-isolation .`."
 )
 
@@ -26,9 +26,23 @@ def _build_info():
     return _build_info
 
 
+def _package_directories() -> list[str]:
+    """Where the package's files are: this directory and, for an editable install
+    (scikit-build-core's), the installed directory that holds the built library."""
+    import lion_ops
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    others = [os.path.abspath(d) for d in getattr(lion_ops, "__path__", ()) if d]
+    return [here] + [d for d in others if d != here]
+
+
 def _library_path() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
-    found = sorted(glob.glob(os.path.join(here, _LIBRARY_GLOB)))
+    found = []
+    for directory in _package_directories():
+        found = sorted(glob.glob(os.path.join(directory, _LIBRARY_GLOB)))
+        if found:
+            break
     if not found:
         if os.path.exists(os.path.join(here, os.pardir, "CMakeLists.txt")):
             raise NativeLibraryError(
@@ -47,13 +61,18 @@ def _library_path() -> str:
 def _check_torch_version(info) -> None:
     if info is None:
         return
-    # Custom-operator libraries link against torch's C++ ABI, which changes between releases.
-    built = info.TORCH_VERSION.split("+")[0]
-    running = torch.__version__.split("+")[0]
-    if built != running:
+    # Custom-operator libraries link against torch's C++ ABI, which changes between releases,
+    # and a library with CUDA kernels against torch's CUDA libraries.
+    built = getattr(info, "TORCH_VERSION", "unknown")
+    with_cuda = bool(getattr(info, "WITH_CUDA", False))
+    built_cuda = str(getattr(info, "TORCH_CUDA_VERSION", None))
+    running_cuda = str(torch.version.cuda)
+    if built.split("+")[0] != torch.__version__.split("+")[0] or (
+            with_cuda and built_cuda != running_cuda):
+        cuda = (f" (CUDA {built_cuda})", f" (CUDA {running_cuda})") if with_cuda else ("", "")
         raise NativeLibraryError(
-            f"lion_ops: the native library was built against torch {info.TORCH_VERSION}, but "
-            f"torch {torch.__version__} is installed. {_REBUILD}"
+            f"lion_ops: the native library was built against torch {built}{cuda[0]}, but torch "
+            f"{torch.__version__}{cuda[1]} is installed. {_REBUILD}"
         )
 
 
@@ -64,12 +83,20 @@ def load() -> None:
     path = _library_path()
     info = _build_info()
     _check_torch_version(info)
+    _load_library(path)
+
+
+def _load_library(path: str) -> None:
     try:
         torch.ops.load_library(path)
     except OSError as error:
+        # torch wraps the system loader's message ("undefined symbol: ...", "cannot open
+        # shared object file", "file too short"), which says what is wrong.
+        reason = error.__cause__ or error.__context__ or error
         raise NativeLibraryError(
-            f"lion_ops: could not load {path}: {error}. This usually means it was built "
-            f"against a different torch than {torch.__version__}. {_REBUILD}"
+            f"lion_ops: could not load {path}: {reason}. An undefined symbol or a missing torch "
+            f"library usually means it was built against another torch than "
+            f"{torch.__version__}. {_REBUILD}"
         ) from error
 
 

@@ -8,6 +8,7 @@ native/registration.cpp; the kernels in native/cpu and native/cuda.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -88,7 +89,8 @@ def lion_update_32bit(
     weight_decay: float | Tensor,
     grad_scales: Tensor | None = None,
 ) -> None:
-    """One Lion step, in place, for lists of params with fp32 momentum (one call, one launch).
+    """One Lion step, in place, for lists of params with fp32 momentum (on CUDA one kernel
+    launch per param dtype present, per 384 tensors).
 
     For each i, with all arithmetic in fp32:
         params[i] *= 1 - lr * weight_decay
@@ -180,7 +182,8 @@ def lion_update_8bit_blockwise(
     weight_decay: float | Tensor,
     grad_scales: Tensor | None = None,
 ) -> None:
-    """One Lion step, in place, with blockwise 8-bit momentum (one call, one launch).
+    """One Lion step, in place, with blockwise 8-bit momentum (on CUDA one kernel launch per
+    param dtype present, per 384 tensors).
 
     The momentum of params[i] is qmap[codes[i]] * absmaxes[i][block], one float32 absmax per
     256 consecutive elements. Each step decodes it, applies the 32-bit update math, and
@@ -267,6 +270,8 @@ def percentile_clipping(grads: Sequence[Tensor], gnorm_vecs: Sequence[Tensor],
     """
     if not grads and not gnorm_vecs and not steps:  # no tensor to dispatch on: as the fake
         return torch.empty((0,), dtype=torch.float32)
+    if isinstance(percentile, bool) or not isinstance(percentile, numbers.Integral):
+        raise TypeError(f"percentile_clipping: percentile must be an int, got {percentile!r}")
     return torch.ops.lion.percentile_clipping.default(list(grads), list(gnorm_vecs), list(steps),
                                                       int(percentile))
 

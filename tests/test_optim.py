@@ -1201,6 +1201,12 @@ def _corruptions():
         sd["state"][0]["step"] = -3
     def step_past_float32(sd):  # an infinite float32 counter, which state_dict cannot save
         sd["state"][0]["step"] = 1e40
+    def state_as_list(sd):
+        sd["state"] = list(sd["state"].values())
+    def entry_not_a_dict(sd):
+        sd["state"][1] = 7
+    def groups_not_a_list(sd):
+        sd["param_groups"] = {"params": [0, 1]}
     def bad_beta(sd):
         sd["param_groups"][0]["betas"] = (1.5, 0.9)
     def extra_group(sd):
@@ -1220,6 +1226,10 @@ def _corruptions():
             (negative_step, "'step' must be a finite number >= 0, got -3"),
             (step_past_float32, r"'step' must be a finite number >= 0, got 1e\+40 \(infinite "
                                 r"in float32, the counter's type\)"),
+            (state_as_list, "'state' must be a dict of per-param dicts, got a list"),
+            (entry_not_a_dict, "'state' must be a dict of per-param dicts, got int for param 1"),
+            (groups_not_a_list, "'param_groups' must be a list of dicts, each with a list of "
+                                "'params'"),
             (bad_beta, "beta parameter at index 0"), (extra_group, "param groups"),
             (unknown_param, "param id 1234"),
             (missing_lr, r"load_state_dict \(param group 0\): invalid learning rate lr=None"),

@@ -286,6 +286,9 @@ def test_bad_percentile_arguments_are_refused():
     g = [torch.randn(4)]
     with pytest.raises(ValueError, match="percentile must be in 0..99"):
         lion_ops.ops.percentile_clipping(g, [torch.zeros(100)], [torch.ones(())], 100)
+    for not_an_int in (5.7, "5", True):  # (int() would have made 5, 5 and 1 of them)
+        with pytest.raises(TypeError, match=f"percentile must be an int, got {not_an_int!r}"):
+            lion_ops.ops.percentile_clipping(g, [torch.zeros(100)], [torch.ones(())], not_an_int)
     vec = torch.zeros(50)
     with pytest.raises(ValueError, match=r"gnorm_vecs\[0\] must be a contiguous float32 tensor of 100"):
         lion_ops.ops.percentile_clipping(g, [vec], [torch.ones(())], 5)

@@ -22,7 +22,7 @@ setup() {
   fi
   local py="$venv/bin/python"
   echo "== installing $torch_req and the build and test tools"
-  "$py" -m pip install -q --disable-pip-version-check "$torch_req" "cmake>=3.28" ninja \
+  "$py" -m pip install -q --disable-pip-version-check "$torch_req" "cmake>=3.26" ninja \
     "scikit-build-core>=0.10" pytest expecttest numpy "bitsandbytes>=0.50" lion-pytorch \
     2> >(grep -v "^WARNING: Location" >&2)
   echo "== building lion_ops (LION_OPS_CUDA=${LION_OPS_CUDA:-AUTO})"
@@ -38,6 +38,8 @@ case "$cmd" in
   demo) setup; exec "$venv/bin/python" tools/demo.py "$@" ;;
   # `pytest` (not `python -m pytest`) so the installed package, not this source tree, is tested.
   test) setup; exec "$venv/bin/pytest" tests "$@" ;;
+  # (timm and matplotlib are left out: timm brings a torchvision that may replace the torch
+  # lion_ops was built against; the benchmark reports them missing)
   bench) setup; exec "$venv/bin/python" tools/benchmark.py "$@" ;;
   # Pure-Python wheels (bitsandbytes' carries its CUDA libraries), so any Python 3 takes them;
   # the GPU machines seen so far had torch, timm, matplotlib and pytest already.

@@ -3,7 +3,8 @@
 #   bash tools/gpu_check.sh            # everything lands in $OUT (default ./gpu_results)
 # Stages: versions; wheels from ./.whl if present; build and install lion_ops with
 # LION_OPS_CUDA=ON; a CUDA smoke test of the installed package; the CUDA tests; the
-# benchmark (--quick); Nsight Compute; the CPU benchmark on this machine's cores; the rest of
+# benchmark (--quick); kernel shapes (tools/kernel_shapes.py, $OUT/kernel-shapes.json);
+# Nsight Compute; the CPU benchmark on this machine's cores; the rest of
 # the test suite (in that order, so that what only a GPU can tell comes first). Every stage
 # runs even when an earlier one failed; the script exits non-zero if any failed. All output is
 # also in $OUT/gpu_check.log; the build's in $OUT/build.log; test results in
@@ -21,7 +22,7 @@ mkdir -p "$OUT" || exit 1
 OUT=$(cd "$OUT" && pwd)  # absolute: stages run in other directories
 # Results of an earlier run in the same folder must not pass for this run's.
 rm -f "$OUT"/junit-*.xml "$OUT"/bench.json "$OUT"/bench.png "$OUT"/build.log "$OUT"/ncu.csv \
-  "$OUT"/ncu-sections.csv "$OUT"/bench-cpu.json
+  "$OUT"/ncu-sections.csv "$OUT"/bench-cpu.json "$OUT"/kernel-shapes.json
 LOG=$OUT/gpu_check.log
 BUDGET=${GPU_CHECK_BUDGET:-540}
 PY=${PYTHON:-$(command -v python || command -v python3)}

@@ -246,6 +246,21 @@ def _outside_inference_mode(make_state):
     return made_outside_inference_mode
 
 
+# Whether the library has CUDA kernels (it is loaded by now: `ops` loads it).
+_CUDA_KERNELS_BUILT = ops._native.cuda_kernels_built()
+
+
+def _device_problem(device: torch.device) -> str:
+    """Why params on `device` cannot step, or "": CUDA params with a library built without
+    CUDA kernels (no nvcc at build time), which would otherwise fail in the first operator
+    with torch's generic "Could not run 'lion::...' with arguments from the 'CUDA' backend"."""
+    if device.type == "cuda" and not _CUDA_KERNELS_BUILT:
+        return (f"a param is on {device}, but this lion_ops was built without CUDA kernels (no "
+                "nvcc, or a CPU build of torch, when it was built); rebuild it with "
+                "LION_OPS_CUDA=ON: `LION_OPS_CUDA=ON pip install --no-build-isolation .`")
+    return ""
+
+
 def _hooked_step(step):
     """`step` with what torch.optim.Optimizer wraps every optimizer's step in (its step pre-
     and post-hooks, global and per optimizer, a profiler range "Optimizer.step#<class>.step",
@@ -399,6 +414,9 @@ class LionOptimizerBase(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.device in self._paging:
                     continue
+                problem = _device_problem(p.device)
+                if problem:
+                    raise RuntimeError(f"{type(self).__name__}: {problem}")
                 support = ops.paging_support(p.device) if self.is_paged else ops.PAGING_NONE
                 self._paging[p.device] = support
                 if self.is_paged and support == ops.PAGING_NONE:
@@ -467,8 +485,12 @@ class LionOptimizerBase(torch.optim.Optimizer):
                                 f"{problem}")
         _plain_hyperparameters(group)
         if hasattr(self, "_manager"):  # groups added after construction
+            try:
+                self._note_paging_devices([group])
+            except RuntimeError:
+                self.param_groups.pop()  # refused as a whole: the optimizer stays as it was
+                raise
             self._resolve_overrides()
-            self._note_paging_devices([group])
 
     # ---- step -------------------------------------------------------------------------------
     def _check_step_inputs(self) -> list[tuple[int, dict, list[tuple]]]:
@@ -528,6 +550,10 @@ class LionOptimizerBase(torch.optim.Optimizer):
                                 f"{type(self).__name__}: the state of "
                                 f"{_describe(group, group_index, index, p)} does not fit it "
                                 f"({problem}); was the param replaced after the first step?")
+                if device.type == "cuda" and not _CUDA_KERNELS_BUILT \
+                        and _get_current_dispatch_mode() is None:
+                    raise RuntimeError(f"{where}: {_describe(group, group_index, index, p)}: "
+                                       f"{_device_problem(device)}")
                 if refuse_inference_tensors and (p.is_inference() or state and any(
                         isinstance(t, Tensor) and t.is_inference()
                         for t in map(state.get, _PLAN_STATE_KEYS))):
@@ -884,6 +910,18 @@ class LionOptimizerBase(torch.optim.Optimizer):
         if not isinstance(state_dict, dict) or "state" not in state_dict \
                 or "param_groups" not in state_dict:
             raise ValueError(f"{where}: expected a dict with 'state' and 'param_groups'")
+        saved_state, saved_groups = state_dict["state"], state_dict["param_groups"]
+        bad_entries = [] if not isinstance(saved_state, dict) else [
+            (key, entry) for key, entry in saved_state.items() if not isinstance(entry, dict)]
+        if not isinstance(saved_state, dict) or bad_entries:
+            got = (f"a {type(saved_state).__name__}" if not isinstance(saved_state, dict) else
+                   f"{type(bad_entries[0][1]).__name__} for param {bad_entries[0][0]!r}")
+            raise ValueError(f"{where}: 'state' must be a dict of per-param dicts, got {got}")
+        if not isinstance(saved_groups, (list, tuple)) or not all(
+                isinstance(group, dict) and isinstance(group.get("params"), (list, tuple))
+                for group in saved_groups):
+            raise ValueError(f"{where}: 'param_groups' must be a list of dicts, each with a list "
+                             "of 'params'")
         # Not a deep copy of the whole dict: each state tensor is copied once, into the
         # optimizer's own layout, as it is loaded (a deep copy first would hold a second copy
         # of all the state at once). The caller's dict is never modified.
