@@ -1183,6 +1183,85 @@ def test_distributed_checkpoint_save_load_continues_exactly(tmp_path, kwargs):
     assert int(resumed.state[resumed_model[0].weight]["step"]) == 5
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_8bit_state_checkpointed_with_dcp_into_a_32bit_optimizer_is_refused(tmp_path):
+    """torch.distributed.checkpoint loads into the receiving optimizer's own state tensors and
+    casts: 8-bit codes arrived as float32 momenta of 0..255, silently (the next step moved
+    nearly every weight by -lr). A momentum of nothing but whole numbers in 0..255 is refused.
+    (dcp.load has written the live tensors by then, as for any torch optimizer.)"""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(256, 64)
+    opt = Lion8bit(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(8, 256)).square().mean().backward()
+        opt.step()
+    opt.zero_grad()
+    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(tmp_path))
+    resumed = Lion(model.parameters(), lr=1e-3)
+    loaded = get_optimizer_state_dict(model, resumed)
+    dcp.load({"optim": loaded}, checkpoint_id=str(tmp_path))
+    with pytest.raises(ValueError, match=r"index 0, shape \(64, 256\).*the saved 32-bit "
+                                         r"momentum 'state1' holds nothing but whole numbers "
+                                         r"in 0..255"):
+        set_optimizer_state_dict(model, resumed, loaded)
+    # A real momentum, a fresh (zero) one, or one of small whole numbers (below 2) loads.
+    for momentum in (torch.randn(64, 256) * 1e-3, torch.zeros(64, 256),
+                     torch.ones(64, 256)):
+        state = Lion(model.parameters()).state_dict()
+        state["state"] = {0: {"step": 3, "__bnb_optimizer_quant_state__": {"state1": momentum}}}
+        Lion(model.parameters()).load_state_dict(state)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_flattened_dcp_state_dicts_are_refused_saying_why():
+    """With flatten_optimizer_state_dict=True torch rebuilds each param's entry from the live
+    state's keys, which the saved (bitsandbytes) layout nests: every momentum came back as {}
+    (or not at all, before a first step), refused with no hint of why."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+    model = torch.nn.Linear(8, 4)
+    opt = Lion(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    saved = get_optimizer_state_dict(model, opt, options=options)
+    for resumed in (Lion(model.parameters(), lr=1e-3), opt):  # without and with live state
+        with pytest.raises(ValueError, match=r"no momentum tensor 'state1' \(got (NoneType|"
+                                             r"dict)\).*flatten_optimizer_state_dict=True\) "
+                                             "arrives so"):
+            set_optimizer_state_dict(model, resumed, saved, options=options)
+
+
+def test_to_bitsandbytes_layout_flattens_2d_absmax():
+    """A full state dict gathered from FSDP2 holds DTensor params' absmax1 as (rows, blocks per
+    row); bitsandbytes' step refuses that shape, so it is flattened for bitsandbytes."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(16, 512))
+    opt = Lion8bit([weight], lr=1e-3)
+    weight.grad = torch.randn_like(weight)
+    opt.step()
+    state_dict = opt.state_dict()
+    nested = state_dict["state"][0]["__bnb_optimizer_quant_state__"]
+    flat_absmax = nested["absmax1"]
+    nested["absmax1"] = flat_absmax.reshape(16, 2)  # as gathered from FSDP2
+    converted = lion_ops.optim.to_bitsandbytes_layout(state_dict)
+    converted_absmax = converted["state"][0]["__bnb_optimizer_quant_state__"]["absmax1"]
+    assert converted_absmax.shape == (32,) and torch.equal(converted_absmax, flat_absmax)
+    assert nested["absmax1"].shape == (16, 2)  # the input is left as it was
+    theirs_weight = torch.nn.Parameter(weight.detach().clone())
+    theirs = bnb.optim.Lion8bit([theirs_weight], lr=1e-3)
+    theirs.load_state_dict(converted)
+    theirs_weight.grad = torch.randn_like(weight)
+    theirs.step()
+    assert torch.isfinite(theirs_weight).all()
+
+
 def _corruptions():
     def wrong_shape(sd):
         sd["state"][0]["__bnb_optimizer_quant_state__"]["state1"] = torch.zeros(3)

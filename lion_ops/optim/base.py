@@ -980,7 +980,15 @@ class LionOptimizerBase(torch.optim.Optimizer):
                           live_kind: str | None = None) -> dict:
         expected, found = live_kind or self._state_kind(p, config), _kind_of_state(saved)
         if found is None:
-            raise ValueError(f"{what}: the saved state has no momentum tensor 'state1'")
+            # torch's _unflatten_optim_state_dict rebuilds entries from the live state's keys
+            # (flat here; none before a first step) and fills those it cannot find with {}.
+            raise ValueError(
+                f"{what}: the saved state has no momentum tensor 'state1' (got "
+                f"{type(saved.get('state1')).__name__}). A state dict loaded through "
+                "torch.distributed.checkpoint with StateDictOptions("
+                "flatten_optimizer_state_dict=True) arrives so: that option loses the nested "
+                "layout of bitsandbytes' state_dict (bitsandbytes cannot load it either); save "
+                "and load with flatten_optimizer_state_dict=False")
         if found != expected:
             options = ", ".join(f"{name}={config.get(name, getattr(self, name))}"
                                 for name in ("optim_bits", "min_8bit_size", "block_wise"))
@@ -991,6 +999,15 @@ class LionOptimizerBase(torch.optim.Optimizer):
         problem = _state_problem(p, saved, found, loading=True)
         if problem:
             raise ValueError(f"{what}: {problem}")
+        if found == FP32 and _holds_only_codes(saved["state1"]):
+            raise ValueError(
+                f"{what}: the saved 32-bit momentum 'state1' holds nothing but whole numbers in "
+                "0..255, as 8-bit codes do: 8-bit state cast to float32? "
+                "torch.distributed.checkpoint loads a checkpoint into the receiving optimizer's "
+                "own state tensors, casting it, so 8-bit state saved where this optimizer keeps "
+                "32-bit state arrives so (another class or options, or a sharding under which "
+                "the param keeps 32-bit state). Resume with the class, options and sharding "
+                "that saved it")
         step = saved.get("step", 0)
         if isinstance(step, Tensor):
             if step.numel() != 1:
@@ -1033,6 +1050,42 @@ class LionOptimizerBase(torch.optim.Optimizer):
                                       memory_format=torch.contiguous_format,
                                       copy=True).reshape(-1)
         return state
+
+
+def _holds_only_codes(momentum: Tensor) -> bool:
+    """Whether a loaded 32-bit momentum looks like 8-bit codes cast to float: whole numbers in
+    0..255, at least one of them 2 or more (an exponential average of gradients is that only
+    by contrivance; an all-zero momentum, a fresh one, is not refused). Read on the host, once
+    per param, at load time. A DTensor is judged by its local shard."""
+    local = _local(momentum).detach()
+    if local.numel() == 0 or not local.is_floating_point():
+        return False
+    low, high = torch.aminmax(local.float())
+    if not (bool(low >= 0) and 2 <= float(high) <= 255):
+        return False
+    return bool((local == local.round()).all())
+
+
+def to_bitsandbytes_layout(state_dict: dict) -> dict:
+    """A copy of an optimizer state_dict with every 8-bit `absmax1` flat, as bitsandbytes'
+    blockwise state is. lion_ops keeps a DTensor param's absmax1 as (rows, blocks per row), so
+    a full state dict gathered from FSDP2 (get_optimizer_state_dict with full_state_dict=True)
+    holds 2-D ones, which bitsandbytes' step refuses; lion_ops loads either shape. Tensors
+    are shared with the input, not copied."""
+    converted = dict(state_dict)
+    states = {}
+    for key, entry in state_dict.get("state", {}).items():
+        entry = dict(entry)
+        nested = entry.get(QUANT_STATE_KEY)
+        holder = entry if nested is None else dict(nested)
+        absmax = holder.get("absmax1")
+        if isinstance(absmax, Tensor) and absmax.dim() != 1:
+            holder["absmax1"] = absmax.reshape(-1)
+        if nested is not None:
+            entry[QUANT_STATE_KEY] = holder
+        states[key] = entry
+    converted["state"] = states
+    return converted
 
 
 _HYPERPARAMETER_KEYS = ("lr", "betas", "weight_decay")
