@@ -176,8 +176,17 @@ LION_HOST_DEVICE uint8_t midpoints_below_key(const float* qmap, uint32_t key) {
   return static_cast<uint8_t>(lo);
 }
 
-// 1 / scale, or 0 for an all-zero block (whose momentum then encodes as 0.0).
-LION_HOST_DEVICE float inverse_scale(float scale) { return scale > 0.f ? 1.f / scale : 0.f; }
+// 1 / scale, or 0 for an all-zero block (whose momentum then encodes as 0.0). For a scale
+// below 2^-128, whose inverse overflows, the largest float: an infinite inverse made 0 * inf
+// = NaN of the block's zero momenta, which encoded as -1 (a param with a zero gradient then
+// moved by lr every step, in blocks decayed that far). m * FLT_MAX keeps every m's sign and
+// stays within [-1, 1] (|m| <= scale < 1 / FLT_MAX); the magnitudes, all below 2^-128, are
+// coarser than the map's steps.
+LION_HOST_DEVICE float inverse_scale(float scale) {
+  if (!(scale > 0.f)) return 0.f;
+  const float inverse = 1.f / scale;
+  return inverse <= 3.40282347e38f ? inverse : 3.40282347e38f;
+}
 
 // The value encoded for momentum m against inverse_scale(scale): m * inverse, except that an
 // infinite m where the inverse is 0 (the product is NaN, negative on x86 and positive on a
@@ -254,15 +263,17 @@ LION_HOST_DEVICE uint8_t compact_table_entry(const float* qmap, int bucket) {
 // midpoints[j] = map_midpoint(qmap, j) for j < 255. A positive NaN steps to the top (its key
 // is above every midpoint's, as in the 16-bit table), a negative one stays at 0. Then a code
 // whose entry has the wrong sign bit is moved one step toward x's sign, as bitsandbytes' CUDA
-// kernels do, so quantization never flips the momentum's sign.
+// kernels do, so quantization never flips the momentum's sign; never past either end of the
+// map (a map without negative entries, say, keeps a negative x at code 0, where the step
+// wrapped around to 255).
 LION_HOST_DEVICE uint8_t encode_from_entry(int entry, const float* midpoints, const float* qmap,
                                            float x) {
   int code = entry;
   const bool positive_nan = x != x && !sign_bit(x);
   while (code < kQuantMapSize - 1 && (midpoints[code] <= x || positive_nan)) ++code;
   const int wrong_sign = sign_bit(qmap[code]) != sign_bit(x);
-  code += wrong_sign * (x > 0.f ? 1 : -1);
-  return static_cast<uint8_t>(code);
+  const int moved = code + wrong_sign * (x > 0.f ? 1 : -1);
+  return static_cast<uint8_t>(moved >= 0 && moved < kQuantMapSize ? moved : code);
 }
 
 // The code of x = m * inverse_scale(scale) through the compact table.

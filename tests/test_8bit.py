@@ -559,6 +559,46 @@ def test_dequantize_blockwise_refuses_an_absmax_of_the_wrong_length(device):
                                               QMAP.to(device))
 
 
+@pytest.mark.parametrize("name, qmap", [("unsigned", torch.linspace(0, 1, 256)),
+                                         ("nonpositive", torch.linspace(-1, -1e-3, 256))])
+def test_the_sign_rule_never_steps_past_the_ends_of_the_map(device, name, qmap):
+    """A value whose nearest entry has the other sign moves one code toward its own sign,
+    except past the first or last entry: with no negative entries a negative value stayed
+    at code 0 only by wrapping... to 255, the largest entry."""
+    x = torch.tensor([-0.5, -1e-3, -0.0, 0.0, 1e-3, 0.5] * 50, device=device)
+    codes, absmax = lion_ops.ops.quantize_blockwise(x, qmap.to(device))
+    values = qmap.to(device)[codes.long()] * absmax.repeat_interleave(256)[:x.numel()]
+    nearest = (x[:, None] / absmax.repeat_interleave(256)[:x.numel(), None]
+               - qmap.to(device)[None]).abs().argmin(1)
+    if name == "unsigned":  # negatives at the lowest entry, 0
+        assert (codes[x < 0] == 0).all() and (values[x < 0] == 0).all()
+    else:  # positives at the highest entry
+        assert (codes[x > 0] == 255).all()
+    assert ((codes.long() - nearest).abs() <= 1).all()
+
+
+def test_a_block_scale_below_2_pow_minus_128_keeps_its_zeros_and_signs(device):
+    """1 / scale overflows below 2^-128: zero momenta became 0 * inf = NaN, encoded as -1, so
+    a param with a zero gradient moved by lr every step in blocks that had decayed that far."""
+    m = torch.zeros(512, device=device)
+    m[3], m[7], m[300] = 2e-39, -1e-39, 5e-40
+    qmap = QMAP.to(device)
+    codes, absmax = lion_ops.ops.quantize_blockwise(m, qmap)
+    assert float(absmax[0]) == pytest.approx(2e-39) and float(absmax[1]) == pytest.approx(5e-40)
+    decoded = lion_ops.ops.dequantize_blockwise(codes, absmax, qmap)
+    zeros = m == 0
+    assert (decoded[zeros] == 0).all() and (decoded[zeros].sign() == 0).all()
+    assert (decoded[~zeros].sign() == m[~zeros].sign()).all()
+    assert ((decoded - m).abs() <= absmax.repeat_interleave(256)).all()
+    # An update with zero gradients leaves the params of zero momentum where they are.
+    p, g = torch.randn(512, device=device), torch.zeros(512, device=device)
+    before = p.clone()
+    lion_ops.ops.lion_update_8bit_blockwise([p], [g], [codes], [absmax], qmap,
+                                            torch.tensor(1e-2), 0.9, 0.99, 0.0)
+    assert torch.equal(p[zeros], before[zeros])
+    assert torch.equal(p[~zeros], before[~zeros] - 1e-2 * m[~zeros].sign())
+
+
 def test_quantization_refuses_an_unsorted_map_on_the_cpu():
     x = torch.randn(1000)
     for bad in (QMAP.flip(0), QMAP[torch.randperm(256)]):

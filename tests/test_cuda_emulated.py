@@ -351,6 +351,9 @@ def other_sorted_maps():
     with_nan = dynamic_map().clone()
     with_nan[200] = float("nan")
     return {"linear": torch.linspace(-1, 1, 256),
+            # No entry of one sign: the sign rule must not step past either end of the map.
+            "unsigned": torch.linspace(0, 1, 256),
+            "nonpositive": torch.linspace(-1, -1e-3, 256),
             "clustered": torch.cat([torch.linspace(-1, 1, 175), tiny, -tiny,
                                     torch.zeros(1)]).sort().values,
             "wide": torch.linspace(-3, 3, 256),
@@ -371,7 +374,8 @@ def partly_folding_maps():
     return {"squeezed": squeezed, "wide odd": wide, "top past 2": top_past_2}
 
 
-MAP_NAMES = ["linear", "clustered", "wide", "nan entry", "squeezed", "wide odd", "top past 2"]
+MAP_NAMES = ["linear", "unsigned", "nonpositive", "clustered", "wide", "nan entry", "squeezed",
+             "wide odd", "top past 2"]
 
 
 @pytest.mark.parametrize("name", MAP_NAMES)

@@ -523,3 +523,56 @@ def test_an_override_tensor_broken_in_place_is_refused_before_anything_changes(
     for p, state in zip(params, states):
         assert opt.state[p].keys() == state.keys()
         assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("edit", ["insert before", "append with its own override"])
+def test_overrides_follow_their_params_when_param_groups_are_edited(edit):
+    """Overrides are resolved by position; torch allows editing param_groups in place, and a
+    step afterwards applied them by the old positions (a param inserted before an overridden
+    one took its lr; an appended param's own override was ignored). bitsandbytes looks each
+    param up on every step."""
+    manager = GlobalOptimManager.get_instance()
+    a, b, c = (torch.nn.Parameter(torch.zeros(4)) for _ in range(3))
+    manager.override_config(a, "lr", 1.0)
+    opt = Lion([a, b], lr=0.001)
+    for p in (a, b):
+        p.grad = torch.ones(4)
+    opt.step()
+    if edit == "insert before":
+        opt.param_groups[0]["params"].insert(0, c)
+    else:
+        manager.override_config(c, "lr", 0.5)
+        opt.param_groups[0]["params"].append(c)
+    before = {id(p): p.detach().clone() for p in (a, b, c)}
+    for p in (a, b, c):
+        p.grad = torch.ones(4)
+    opt.step()
+    moved = {name: float(before[id(p)][0] - p[0]) for name, p in zip("abc", (a, b, c))}
+    assert moved["a"] == pytest.approx(1.0) and moved["b"] == pytest.approx(1e-3)
+    assert moved["c"] == pytest.approx(1e-3 if edit == "insert before" else 0.5)
+
+
+def test_unrelated_manager_changes_do_not_retrace_a_compiled_step():
+    """A compiled step guards on the identity of its overrides' configs; every manager change
+    (an override of another optimizer's param, or the same value set again) made new ones, so
+    it was traced again each time and fullgraph failed at the recompile limit."""
+    manager = GlobalOptimManager.get_instance()
+    params = [torch.nn.Parameter(torch.randn(64)) for _ in range(2)]
+    manager.override_config(params[0], "lr", 0.2)
+    opt = Lion(params, lr=0.01)
+    torch._dynamo.reset()
+    frames = []
+
+    def count(graph_module, example_inputs):
+        frames.append(graph_module)
+        return graph_module.forward
+
+    step = torch.compile(opt.step, backend=count, fullgraph=True)
+    others = [torch.nn.Parameter(torch.zeros(3)) for _ in range(12)]
+    for other in others:
+        for p in params:
+            p.grad = torch.randn(64)
+        step()
+        manager.override_config(other, "weight_decay", 0.0)
+        manager.override_config(params[0], "lr", 0.2)  # the same value again
+    assert len(frames) <= 2

@@ -435,14 +435,36 @@ class LionOptimizerBase(torch.optim.Optimizer):
         return self._paging[p.device] != ops.PAGING_NONE and p.numel() >= PAGED_MIN_NUMEL
 
     def _resolve_overrides(self) -> None:
+        """Each param's overrides, by its position now. An entry whose config is unchanged
+        keeps its dict, and an unchanged whole keeps its dict too: a compiled step guards on
+        their identity, so a manager change elsewhere (another optimizer's param, or the same
+        value set again) retraced it, up to the recompile limit."""
+        old = getattr(self, "_overrides", {})
         overrides, ids = {}, {}
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
                 config = self._manager.config_for(gi, pi, p)
                 if config:
-                    key = repr(sorted((k, _override_key(v)) for k, v in config.items()))
+                    key = _override_config_key(config)
+                    previous = old.get((gi, pi))
+                    if previous is not None and _override_config_key(previous[1]) == key:
+                        config = previous[1]
                     overrides[(gi, pi)] = (ids.setdefault(key, len(ids)), config)
-        self._overrides = overrides
+        unchanged = overrides.keys() == old.keys() and all(
+            entry[0] == old[position][0] and entry[1] is old[position][1]
+            for position, entry in overrides.items())
+        self._overrides = old if unchanged else overrides
+        # What the positions were resolved for: a step after params were inserted, removed or
+        # moved in param_groups (torch allows editing them) resolves them again.
+        self._overrides_resolved_for = [list(group["params"]) for group in self.param_groups]
+
+    def _resolve_overrides_if_params_moved(self) -> None:
+        resolved = getattr(self, "_overrides_resolved_for", None)
+        groups = self.param_groups
+        if resolved is None or len(resolved) != len(groups) or not all(
+                len(params) == len(group["params"]) and all(map(is_, params, group["params"]))
+                for params, group in zip(resolved, groups)):
+            self._resolve_overrides()
 
     def _config(self, gi: int, pi: int) -> dict:
         """The overrides of param pi of group gi ({} when none)."""
@@ -719,6 +741,8 @@ class LionOptimizerBase(torch.optim.Optimizer):
             self._checked_bitsandbytes_overrides = True
             _warn_about_bitsandbytes_overrides(self)
         self._step_plan = None
+        if not compiling:
+            self._resolve_overrides_if_params_moved()
         work = self._check_step_inputs()
         plans = [(group, self._group_calls(group_index, group, params) if params else [])
                  for group_index, group, params in work]
@@ -1089,6 +1113,11 @@ def to_bitsandbytes_layout(state_dict: dict) -> dict:
 
 
 _HYPERPARAMETER_KEYS = ("lr", "betas", "weight_decay")
+
+
+def _override_config_key(config: dict) -> str:
+    """What decides whether two override configs are the same (see _override_key)."""
+    return repr(sorted((k, _override_key(v)) for k, v in config.items()))
 
 
 def _override_key(value: Any) -> Any:
