@@ -572,13 +572,14 @@ class LionOptimizerBase(torch.optim.Optimizer):
                                 f"{type(self).__name__}: the state of "
                                 f"{_describe(group, group_index, index, p)} does not fit it "
                                 f"({problem}); was the param replaced after the first step?")
-                if device.type == "cuda" and not _CUDA_KERNELS_BUILT \
+                if not _CUDA_KERNELS_BUILT and device.type == "cuda" \
                         and _get_current_dispatch_mode() is None:
                     raise RuntimeError(f"{where}: {_describe(group, group_index, index, p)}: "
                                        f"{_device_problem(device)}")
-                if refuse_inference_tensors and (p.is_inference() or state and any(
-                        isinstance(t, Tensor) and t.is_inference()
-                        for t in map(state.get, _PLAN_STATE_KEYS))):
+                # (params and momenta: the optimizer makes the rest of the state, ordinary)
+                momentum = state.get("state1") if state else None
+                if refuse_inference_tensors and (p.is_inference() or (
+                        isinstance(momentum, Tensor) and momentum.is_inference())):
                     raise RuntimeError(
                         f"{where}: {_describe(group, group_index, index, p)} or its state is an "
                         "inference tensor (made under torch.inference_mode), which a step "
@@ -667,7 +668,7 @@ class LionOptimizerBase(torch.optim.Optimizer):
 
     def _qmap(self, device: torch.device) -> Tensor:
         mode = None if torch.compiler.is_compiling() else _get_current_dispatch_mode()
-        if mode is not None and type(mode).__name__ == "FakeTensorMode":
+        if isinstance(mode, torch._subclasses.fake_tensor.FakeTensorMode):
             # Steps under a FakeTensorMode take fake tensors only; none is kept.
             return mode.from_tensor(self._qmaps[torch.device("cpu")]).to(device)
         qmap = self._qmaps.get(device)
