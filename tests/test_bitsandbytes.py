@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import inspect
 import io
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -775,3 +776,106 @@ def test_8bit_state_bytes_per_param(reloaded):
     assert per_param[0] - per_param[1] == qmap.nbytes == 256 * 4
     bytes_per_element = sum(per_param) / sum(p.numel() for p in params)
     assert bytes_per_element <= 1.02, f"{bytes_per_element:.4f} bytes per param element"
+
+
+# ---- 7. bitsandbytes' public attributes and per-param methods -------------------------------
+BITSANDBYTES_PUBLIC_NAMES = ("args", "mng", "optimizer_name", "initialized", "name2qmap",
+                             "non_castable_tensor_keys", "fill_qmap", "get_config",
+                             "check_overrides", "to_gpu", "get_state_buffer", "prefetch_state",
+                             "init_state", "update_step")
+
+
+@pytest.mark.parametrize("name", ["Lion", "Lion8bit", "Lion32bit", "PagedLion", "PagedLion8bit",
+                                  "PagedLion32bit"])
+def test_bitsandbytes_public_attributes(bnb, name):
+    """What code written against bitsandbytes reads of an optimizer has the same meaning here
+    (page_mng, bitsandbytes' page manager, is the one public name not offered: paged state
+    belongs to its tensors here)."""
+    ours_cls, theirs_cls = getattr(lion_ops, name), getattr(bnb.optim, name)
+    public = {n for n in dir(theirs_cls([torch.zeros(1, requires_grad=True)]))
+              if not n.startswith("_")}
+    with pytest.warns(UserWarning) if name.startswith("Paged") else nullcontext():
+        ours = ours_cls([torch.zeros(5000, requires_grad=True), torch.zeros(9, requires_grad=True)],
+                        lr=0.5, min_8bit_size=100)
+    theirs = theirs_cls([torch.zeros(5000, requires_grad=True), torch.zeros(9, requires_grad=True)],
+                        lr=0.5, min_8bit_size=100)
+    assert public - set(dir(ours)) == {"page_mng"}
+    for attribute in ("optim_bits", "min_8bit_size", "max_unorm", "skip_zeros"):
+        assert getattr(ours.args, attribute) == getattr(theirs.args, attribute), attribute
+    assert (ours.args.percentile_clipping, ours.args.block_wise) == (100, True)
+    with pytest.raises(AttributeError):
+        ours.args.optim_bits = 32  # read-only: the optimizer reads its own attributes
+    assert ours.optimizer_name == theirs.optimizer_name == "lion"
+    assert ours.non_castable_tensor_keys == theirs.non_castable_tensor_keys
+    assert ours.mng is lion_ops.optim.GlobalOptimManager.get_instance()
+    assert not ours.initialized
+    ours.fill_qmap()
+    if "dynamic" in theirs.name2qmap:
+        assert torch.equal(ours.name2qmap["dynamic"], theirs.name2qmap["dynamic"])
+    for pi in range(2):
+        config, reference = (opt.get_config(0, pi, opt.param_groups[0]) for opt in (ours, theirs))
+        assert {k: v for k, v in config.items() if k in reference} == reference
+        assert (config["percentile_clipping"], config["block_wise"]) == (100, True)
+
+
+@pytest.mark.parametrize("optimizer", ["Lion", "Lion8bit", "Lion8bit-static", "Lion-clipping"])
+def test_per_param_steps_equal_a_step(optimizer):
+    """bitsandbytes' step, written with its per-param methods (init_state, prefetch_state,
+    update_step for each param with a gradient, as a subclass might), gives bit for bit what
+    one lion_ops step gives; and update_step checks its inputs as a step does."""
+    name, _, variant = optimizer.partition("-")
+    options = {"static": {"block_wise": False}, "clipping": {"percentile_clipping": 80}}
+    initial = make_params([(4097,), (33, 17), (300,), (7,)], torch.float32, torch.device("cpu"))
+    whole, by_param = twins(initial)
+    make = partial(getattr(lion_ops, name), lr=0.01, weight_decay=0.1, min_8bit_size=256,
+                   **options.get(variant, {}))
+    groups = lambda ps: [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.02}]  # noqa: E731
+    opt_whole, opt_by_param = make(groups(whole)), make(groups(by_param))
+    for step in range(4):
+        for i, (a, b) in enumerate(zip(whole, by_param)):
+            a.grad = None if (step, i) == (1, 3) else random_grad(a)
+            b.grad = None if a.grad is None else a.grad.clone()
+        opt_whole.step()
+        for gi, group in enumerate(opt_by_param.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if not opt_by_param.state.get(p):
+                    opt_by_param.init_state(group, p, gi, pi)
+                opt_by_param.prefetch_state(p)
+                opt_by_param.update_step(group, p, gi, pi)
+        assert opt_by_param.initialized
+        for a, b in zip(whole, by_param):
+            assert torch.equal(a, b)
+            for key, value in opt_whole.state[a].items():
+                assert torch.equal(value, opt_by_param.state[b][key]), key
+
+    group = opt_by_param.param_groups[0]
+    p = group["params"][0]
+    with pytest.raises(ValueError, match="pindex"):
+        opt_by_param.update_step(group, p, 0, 1)
+    p.grad = torch.ones_like(p)
+    group["lr"] = -1.0
+    before = (p.clone(), {k: v.clone() for k, v in opt_by_param.state[p].items()})
+    with pytest.raises(ValueError, match="lr"):
+        opt_by_param.update_step(group, p, 0, 0)
+    assert torch.equal(p, before[0])
+    assert all(torch.equal(v, before[1][k]) for k, v in opt_by_param.state[p].items())
+    p.grad = None
+    with pytest.raises(ValueError, match="no gradient"):
+        opt_by_param.update_step(group, p, 0, 0)
+
+
+def test_get_state_buffer_and_to_gpu_on_cpu():
+    p = torch.zeros(5, 7).t().requires_grad_()
+    opt = lion_ops.Lion8bit([p])
+    buffer = opt.get_state_buffer(p)
+    assert buffer.dtype == torch.float32 and buffer.shape == p.shape
+    assert buffer.stride() == p.stride() and not buffer.any()
+    codes = opt.get_state_buffer(p, torch.uint8)
+    assert codes.dtype == torch.uint8 and codes.is_contiguous()
+    p.grad = torch.ones_like(p)
+    opt.step()
+    state = {k: v.clone() for k, v in opt.state[p].items()}
+    opt.to_gpu()  # CPU params: nothing moves, as in bitsandbytes
+    assert all(torch.equal(v, state[k]) for k, v in opt.state[p].items())

@@ -576,3 +576,22 @@ def test_unrelated_manager_changes_do_not_retrace_a_compiled_step():
         manager.override_config(other, "weight_decay", 0.0)
         manager.override_config(params[0], "lr", 0.2)  # the same value again
     assert len(frames) <= 2
+
+
+def test_get_config_applies_overrides_as_bitsandbytes():
+    """get_config reads lion_ops' GlobalOptimManager as bitsandbytes' reads its own, whether
+    the override came before or after register_parameters."""
+    embedding, linear = torch.nn.Embedding(300, 64), torch.nn.Linear(64, 64)
+    params = list(embedding.parameters()) + list(linear.parameters())
+    manager = GlobalOptimManager.get_instance()
+    manager.register_parameters(params)
+    manager.override_config(linear.weight, key_value_dict={"optim_bits": 32, "lr": 0.25})
+    manager.register_module_override(embedding, "weight", {"percentile_clipping": 90})
+    ours = Lion8bit(params, min_8bit_size=100)
+    group = ours.param_groups[0]
+    assert ours.get_config(0, 0, group)["percentile_clipping"] == 90
+    config = ours.get_config(0, 1, group)
+    assert (config["optim_bits"], config["lr"]) == (32, 0.25)
+    assert ours.get_config(0, 2, group)["optim_bits"] == 8
+    manager.override_config(linear.bias, "lr", 0.125)  # after the optimizer was made
+    assert ours.get_config(0, 2, group)["lr"] == 0.125

@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import _disable_current_modes, _get_current_di
 
 from .. import ops
 from ..quantization import dynamic_map
+from .bitsandbytes_api import BitsandbytesOptimizerAPI
 from .manager import GlobalOptimManager
 
 # bitsandbytes 0.50 nests these per-param state entries under one key in its state_dict (so
@@ -300,7 +301,7 @@ def _torch_global_step_hooks() -> tuple[dict, dict] | None:
     return (pre, post) if isinstance(pre, dict) and isinstance(post, dict) else None
 
 
-class LionOptimizerBase(torch.optim.Optimizer):
+class LionOptimizerBase(BitsandbytesOptimizerAPI, torch.optim.Optimizer):
     """Base of the Lion classes. Subclasses only fix the constructor signature."""
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0, optim_bits=32,
@@ -515,11 +516,13 @@ class LionOptimizerBase(torch.optim.Optimizer):
             self._resolve_overrides()
 
     # ---- step -------------------------------------------------------------------------------
-    def _check_step_inputs(self) -> list[tuple[int, dict, list[tuple]]]:
+    def _check_step_inputs(self, only: tuple[int, int] | None = None
+                           ) -> list[tuple[int, dict, list[tuple]]]:
         """Everything a step would use, checked before anything is modified. Per group, per
         param with a gradient: (index, param, state, state kind or None if no state yet,
-        device, dtype). This loop runs every step over every param, so it reads each tensor
-        attribute once and builds descriptions only for errors."""
+        device, dtype); with `only` (group index, param index), that param alone. This loop
+        runs every step over every param, so it reads each tensor attribute once and builds
+        descriptions only for errors."""
         where = f"{type(self).__name__}.step"
         work = []
         adopted: dict[Tensor, dict] = {}  # states put in self.state in the saved layout
@@ -529,12 +532,14 @@ class LionOptimizerBase(torch.optim.Optimizer):
             and not torch.is_inference_mode_enabled()
         self._check_override_tensors(where)
         for group_index, group in enumerate(self.param_groups):
+            if only is not None and group_index != only[0]:
+                continue
             check_hyperparameters(group["lr"], group["betas"], group["weight_decay"],
                                   f"{where} (param group {group_index})")
             with_grad = []
             for index, p in enumerate(group["params"]):
                 g = p.grad
-                if g is None:
+                if g is None or (only is not None and index != only[1]):
                     continue
                 if g.layout != strided:
                     raise RuntimeError(f"{where}: {_describe(group, group_index, index, p)} has "
@@ -701,10 +706,12 @@ class LionOptimizerBase(torch.optim.Optimizer):
 
     def _new_momentum(self, p: Tensor, kind: str) -> Tensor:
         """Zeroed momentum (float32, laid out like p) or 8-bit codes for p, paged or not."""
+        return self._state_buffer(p, torch.float32 if kind == FP32 else torch.uint8)
+
+    def _state_buffer(self, p: Tensor, dtype: torch.dtype) -> Tensor:
         # Codes are always contiguous: their 256-element blocks follow the param's logical
         # order, as in bitsandbytes, whatever the param's layout.
-        dtype, layout = (torch.float32, torch.preserve_format) if kind == FP32 \
-            else (torch.uint8, torch.contiguous_format)
+        layout = torch.contiguous_format if dtype == torch.uint8 else torch.preserve_format
         shard = _local(p)
         if self._pages(p):
             momentum = ops.zeros_paged_like(shard, dtype=dtype, memory_format=layout)
@@ -735,22 +742,23 @@ class LionOptimizerBase(torch.optim.Optimizer):
             torch._C._set_grad_enabled(grad_was_enabled)
         return loss
 
-    def _checked_step(self, compiling: bool) -> None:
+    def _checked_step(self, compiling: bool, only: tuple[int, int] | None = None) -> None:
         """A step without a plan: every input checked, the calls grouped anew (and, in eager
-        mode, kept as the plan of the next step)."""
+        mode, kept as the plan of the next step). With `only` (group index, param index), a
+        step of that param alone (update_step), kept as no plan."""
         if not compiling and not self.__dict__.get("_checked_bitsandbytes_overrides"):
             self._checked_bitsandbytes_overrides = True
             _warn_about_bitsandbytes_overrides(self)
         self._step_plan = None
         if not compiling:
             self._resolve_overrides_if_params_moved()
-        work = self._check_step_inputs()
+        work = self._check_step_inputs(only)
         plans = [(group, self._group_calls(group_index, group, params) if params else [])
                  for group_index, group, params in work]
         self._check_clipping_counters(plans)
         for group, calls in plans:
             self._run_group(group, calls, [[p.grad for p in call.params] for call in calls])
-        if not compiling:
+        if not compiling and only is None:
             self._step_plan = _StepPlan(self, plans)
 
     def _group_calls(self, group_index: int, group: dict, params: list[tuple]) -> list[_Call]:
