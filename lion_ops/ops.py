@@ -18,6 +18,10 @@ from . import _native
 
 _native.load()
 
+# Whether the loaded library has CUDA kernels (it has when it was built with nvcc 12.1+ and a
+# CUDA build of torch): cuda_kernels_built() -> bool.
+cuda_kernels_built = _native.cuda_kernels_built
+
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -46,37 +50,158 @@ def _check_hyperparameters(op: str, params, lr: Tensor, beta1: Tensor, beta2: Te
     for name, value in (("lr", lr), ("beta1", beta1), ("beta2", beta2),
                         ("weight_decay", weight_decay)):
         if value.dim() != 0:
-            raise ValueError(f"{op}: {name} must be a 0-dim tensor, got shape {tuple(value.shape)}")
+            raise ValueError(f"{op}: {name} must be a 0-dim tensor, got shape {list(value.shape)}")
         if not value.is_floating_point():
-            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {value.dtype}")
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got "
+                            f"{_dtype_name(value.dtype)}")
         if value.layout != torch.strided:
-            raise ValueError(f"{op}: {name} must be a dense tensor, got layout {value.layout}")
+            raise ValueError(f"{op}: {name} must be a dense tensor, got layout "
+                             f"{_layout_name(value.layout)}")
         if params and value.device.type != "cpu" and value.device != params[0].device:
             raise ValueError(f"{op}: {name} must be on the CPU or on {params[0].device}, got "
                              f"{value.device}")
 
 
-def _check_lion_update_32bit(
-    params: Sequence[Tensor], grads: Sequence[Tensor], momenta: Sequence[Tensor]
-) -> None:
-    # The same checks as the kernels (native/lion_batch.cpp), on metadata only.
-    if not (len(params) == len(grads) == len(momenta)):
-        raise ValueError(
-            "lion_update_32bit: params, grads and momenta must have the same length, got "
-            f"{len(params)}, {len(grads)} and {len(momenta)}"
-        )
-    for i, (p, g, m) in enumerate(zip(params, grads, momenta)):
+# The fakes make the kernels' checks (native/lion_batch.cpp), in the same order, with the same
+# exception types, on metadata only: what depends on values (hyperparameter ranges, a sorted
+# qmap, step counts) is checked by the kernels alone.
+def _dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as the kernels' messages name it (float32, not torch.float32)."""
+    return str(dtype).removeprefix("torch.")
+
+
+_LAYOUT_NAMES = {torch.strided: "Strided", torch.sparse_coo: "Sparse",
+                 torch.sparse_csr: "SparseCsr", torch.sparse_csc: "SparseCsc",
+                 torch.sparse_bsr: "SparseBsr", torch.sparse_bsc: "SparseBsc",
+                 torch._mkldnn: "Mkldnn", torch.jagged: "Jagged"}
+
+
+def _layout_name(layout: torch.layout) -> str:
+    """A layout as the kernels' messages name it."""
+    return _LAYOUT_NAMES.get(layout, str(layout))
+
+
+def _check_update_args(op: str, params, grads, lr, beta1, beta2, weight_decay) -> None:
+    if len(grads) != len(params):
+        raise ValueError(f"{op}: params and grads must have the same length, got {len(params)} "
+                         f"and {len(grads)}")
+    _check_hyperparameters(op, params, lr, beta1, beta2, weight_decay)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if p.layout != torch.strided:
+            raise TypeError(f"{op}: params[{i}] must be a dense (strided) tensor, got layout "
+                            f"{_layout_name(p.layout)}")
+        if g.layout != torch.strided:
+            raise TypeError(f"{op}: grads[{i}] must be a dense (strided) tensor, got layout "
+                            f"{_layout_name(g.layout)}; sparse gradients are not supported")
         if p.dtype not in PARAM_DTYPES:
-            raise TypeError(f"lion_update_32bit: params[{i}] must be float32, bfloat16 or float16, got {p.dtype}")
+            raise TypeError(f"{op}: params[{i}] must be float32, bfloat16 or float16, got "
+                            f"{_dtype_name(p.dtype)}")
         if g.dtype != p.dtype:
-            raise TypeError(f"lion_update_32bit: grads[{i}] must have its param's dtype {p.dtype}, got {g.dtype}")
-        if m.dtype != torch.float32:
-            raise TypeError(f"lion_update_32bit: momenta[{i}] must be float32, got {m.dtype}")
-        if g.shape != p.shape or m.shape != p.shape:
-            raise ValueError(
-                f"lion_update_32bit: grads[{i}] and momenta[{i}] must have params[{i}]'s shape "
-                f"{tuple(p.shape)}, got {tuple(g.shape)} and {tuple(m.shape)}"
-            )
+            raise TypeError(f"{op}: grads[{i}] must have its param's dtype "
+                            f"{_dtype_name(p.dtype)}, got {_dtype_name(g.dtype)}")
+        if p.device != params[0].device:
+            raise ValueError(f"{op}: params[{i}] is on {p.device} but params[0] is on "
+                             f"{params[0].device}; one call takes tensors of one device")
+        if g.device != p.device:
+            raise ValueError(f"{op}: grads[{i}] must be on {p.device}, got {g.device}")
+        if g.shape != p.shape:
+            raise ValueError(f"{op}: grads[{i}] has shape {list(g.shape)} but params[{i}] has "
+                             f"shape {list(p.shape)}")
+
+
+LIKE_PARAM, ONE_PER_BLOCK, ONE_ELEMENT = "like param", "one per block", "one element"
+
+
+def _check_state_list(op: str, name: str, params, states, dtype, shape: str) -> None:
+    if len(states) != len(params):
+        raise ValueError(f"{op}: params and {name} must have the same length, got {len(params)} "
+                         f"and {len(states)}")
+    for i, (p, s) in enumerate(zip(params, states)):
+        if s.layout != torch.strided:
+            raise TypeError(f"{op}: {name}[{i}] must be a dense (strided) tensor")
+        if s.dtype != dtype:
+            raise TypeError(f"{op}: {name}[{i}] must be {_dtype_name(dtype)}, got "
+                            f"{_dtype_name(s.dtype)}")
+        if s.device != p.device:
+            raise ValueError(f"{op}: {name}[{i}] must be on {p.device}, got {s.device}")
+        if shape == LIKE_PARAM and s.shape != p.shape:
+            raise ValueError(f"{op}: {name}[{i}] has shape {list(s.shape)} but params[{i}] has "
+                             f"shape {list(p.shape)}")
+        if shape == ONE_PER_BLOCK:
+            blocks = blockwise_absmax_count(p.numel())
+            if s.dim() != 1 or s.numel() != blocks or not s.is_contiguous():
+                raise ValueError(f"{op}: {name}[{i}] must be a contiguous 1-D tensor of {blocks} "
+                                 f"elements (one per {QUANT_BLOCK_SIZE} of params[{i}]'s "
+                                 f"{p.numel()}), got shape {list(s.shape)}")
+        if shape == ONE_ELEMENT and s.numel() != 1:
+            raise ValueError(f"{op}: {name}[{i}] must have exactly one element, got shape "
+                             f"{list(s.shape)}")
+
+
+def _check_qmap(op: str, qmap: Tensor, device: torch.device) -> None:
+    if qmap.layout != torch.strided:
+        raise TypeError(f"{op}: qmap must be a dense (strided) tensor, got layout "
+                        f"{_layout_name(qmap.layout)}")
+    if qmap.dtype != torch.float32:
+        raise TypeError(f"{op}: qmap must be float32, got {_dtype_name(qmap.dtype)}")
+    if qmap.dim() != 1 or qmap.numel() != QUANT_MAP_SIZE or not qmap.is_contiguous():
+        raise ValueError(f"{op}: qmap must be a contiguous 1-D tensor of {QUANT_MAP_SIZE} values, "
+                         f"got shape {list(qmap.shape)}")
+    if qmap.device != device:
+        raise ValueError(f"{op}: qmap must be on {device}, got {qmap.device}")
+
+
+def _check_grad_scales(op: str, grad_scales, params) -> None:
+    if grad_scales is None:
+        return
+    if grad_scales.layout != torch.strided:
+        raise TypeError(f"{op}: grad_scales must be a dense (strided) tensor, got layout "
+                        f"{_layout_name(grad_scales.layout)}")
+    if grad_scales.dtype != torch.float32:
+        raise TypeError(f"{op}: grad_scales must be float32, got {_dtype_name(grad_scales.dtype)}")
+    if grad_scales.dim() != 1 or grad_scales.numel() != len(params) \
+            or not grad_scales.is_contiguous():
+        raise ValueError(f"{op}: grad_scales must be a contiguous 1-D tensor with one scale per "
+                         f"param ({len(params)}), got shape {list(grad_scales.shape)}")
+    if params and grad_scales.device != params[0].device:
+        raise ValueError(f"{op}: grad_scales must be on {params[0].device}, got "
+                         f"{grad_scales.device}")
+
+
+def _check_distinct_outputs(op: str, *named_lists: tuple[str, Sequence[Tensor]]) -> None:
+    """The kernels' check that no memory is written twice, where a fake can tell: tensors of
+    one storage whose elements start at one place, or whose byte ranges meet and fill them."""
+    by_storage: dict = {}
+    for name, tensors in named_lists:
+        for i, t in enumerate(tensors):
+            if t.numel() == 0:
+                continue
+            if not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
+                raise ValueError(f"{op}: {name}[{i}] has elements that share memory (an expanded "
+                                 "view?); a tensor the call updates must not")
+            try:
+                storage = torch.multiprocessing.reductions.StorageWeakRef(t.untyped_storage())
+            except (NotImplementedError, RuntimeError):  # (a tensor subclass without storage)
+                continue
+            by_storage.setdefault(storage, []).append((name, i, t))
+    for members in by_storage.values():
+        if len(members) < 2:
+            continue
+        ranges = []
+        for name, i, t in members:
+            begin = t.storage_offset() * t.element_size()
+            last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+            dense = t.is_contiguous() or _prims_common.is_non_overlapping_and_dense_or_false(t)
+            ranges.append((begin, begin + (last + 1) * t.element_size(), dense, name, i))
+        ranges.sort(key=lambda r: r[0])
+        for k, (begin, _, dense, name, i) in enumerate(ranges):
+            for other_begin, other_end, other_dense, other_name, j in ranges[:k]:
+                if other_end > begin and (other_begin == begin or (dense and other_dense)):
+                    what = ("are the same memory (one tensor passed twice?)"
+                            if other_begin == begin else
+                            "share part of their memory (overlapping views of one tensor?)")
+                    raise ValueError(f"{op}: {other_name}[{j}] and {name}[{i}] {what}; every "
+                                     "tensor the call updates must have memory of its own")
 
 
 def lion_update_32bit(
@@ -110,55 +235,15 @@ def lion_update_32bit(
                                                                     weight_decay), grad_scales)
 
 
-def _check_grad_scales(op: str, grad_scales, params) -> None:
-    if grad_scales is not None and (grad_scales.dtype != torch.float32
-                                    or grad_scales.shape != (len(params),)):
-        raise ValueError(f"{op}: grad_scales must be a float32 tensor of shape ({len(params)},), "
-                         f"got {grad_scales.dtype} {tuple(grad_scales.shape)}")
-
-
 @torch.library.register_fake("lion::lion_update_32bit")
 def _lion_update_32bit_fake(params, grads, momenta, lr, beta1, beta2, weight_decay,
                             grad_scales=None) -> None:
-    _check_hyperparameters("lion_update_32bit", params, lr, beta1, beta2, weight_decay)
-    _check_lion_update_32bit(params, grads, momenta)
-    _check_grad_scales("lion_update_32bit", grad_scales, params)
+    op = "lion_update_32bit"
+    _check_update_args(op, params, grads, lr, beta1, beta2, weight_decay)
+    _check_state_list(op, "momenta", params, momenta, torch.float32, LIKE_PARAM)
+    _check_distinct_outputs(op, ("params", params), ("momenta", momenta))
+    _check_grad_scales(op, grad_scales, params)
     return None
-
-
-def _check_state_list(op: str, name: str, params, states, dtype, numel_of) -> None:
-    if len(states) != len(params):
-        raise ValueError(f"{op}: params and {name} must have the same length, got {len(params)} "
-                         f"and {len(states)}")
-    for i, (p, s) in enumerate(zip(params, states)):
-        if s.dtype != dtype:
-            raise TypeError(f"{op}: {name}[{i}] must be {dtype}, got {s.dtype}")
-        expected = numel_of(p)
-        if (expected is None and s.shape != p.shape) or (expected is not None and s.numel() != expected):
-            raise ValueError(f"{op}: {name}[{i}] has shape {tuple(s.shape)}, which does not fit "
-                             f"params[{i}] of shape {tuple(p.shape)}")
-
-
-def _check_param_grad_lists(op: str, params, grads) -> None:
-    if len(params) != len(grads):
-        raise ValueError(f"{op}: params and grads must have the same length, got {len(params)} "
-                         f"and {len(grads)}")
-    for i, (p, g) in enumerate(zip(params, grads)):
-        if p.dtype not in PARAM_DTYPES:
-            raise TypeError(f"{op}: params[{i}] must be float32, bfloat16 or float16, got {p.dtype}")
-        if g.dtype != p.dtype or g.shape != p.shape:
-            raise ValueError(f"{op}: grads[{i}] must have params[{i}]'s shape and dtype")
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    """A dtype as the kernels' messages name it (float32, not torch.float32)."""
-    return str(dtype).removeprefix("torch.")
-
-
-def _check_qmap(op: str, qmap: Tensor) -> None:
-    if qmap.dtype != torch.float32 or qmap.shape != (QUANT_MAP_SIZE,):
-        raise ValueError(f"{op}: qmap must be a float32 tensor of shape ({QUANT_MAP_SIZE},), got "
-                         f"{qmap.dtype} {tuple(qmap.shape)}")
 
 
 QUANT_BLOCK_SIZE = 256  # elements per absmax in blockwise 8-bit state
@@ -201,17 +286,13 @@ def lion_update_8bit_blockwise(
 def _lion_update_8bit_blockwise_fake(params, grads, codes, absmaxes, qmap, lr, beta1, beta2,
                                      weight_decay, grad_scales=None) -> None:
     op = "lion_update_8bit_blockwise"
+    _check_update_args(op, params, grads, lr, beta1, beta2, weight_decay)
+    _check_state_list(op, "codes", params, codes, torch.uint8, LIKE_PARAM)
+    _check_state_list(op, "absmaxes", params, absmaxes, torch.float32, ONE_PER_BLOCK)
+    if params:
+        _check_qmap(op, qmap, params[0].device)
+    _check_distinct_outputs(op, ("params", params), ("codes", codes), ("absmaxes", absmaxes))
     _check_grad_scales(op, grad_scales, params)
-    _check_hyperparameters(op, params, lr, beta1, beta2, weight_decay)
-    _check_param_grad_lists(op, params, grads)
-    _check_state_list(op, "codes", params, codes, torch.uint8, lambda p: None)
-    _check_state_list(op, "absmaxes", params, absmaxes, torch.float32,
-                      lambda p: blockwise_absmax_count(p.numel()))
-    for i, absmax in enumerate(absmaxes):
-        if absmax.dim() != 1:
-            raise ValueError(f"{op}: absmaxes[{i}] must be a contiguous 1-D tensor, got shape "
-                             f"{tuple(absmax.shape)}")
-    _check_qmap(op, qmap)
     return None
 
 
@@ -244,13 +325,15 @@ def lion_update_8bit_static(
 def _lion_update_8bit_static_fake(params, grads, codes, max1s, new_max1s, qmap, lr, beta1, beta2,
                                   weight_decay, grad_scales=None) -> None:
     op = "lion_update_8bit_static"
+    _check_update_args(op, params, grads, lr, beta1, beta2, weight_decay)
+    _check_state_list(op, "codes", params, codes, torch.uint8, LIKE_PARAM)
+    _check_state_list(op, "max1s", params, max1s, torch.float32, ONE_ELEMENT)
+    _check_state_list(op, "new_max1s", params, new_max1s, torch.float32, ONE_ELEMENT)
+    if params:
+        _check_qmap(op, qmap, params[0].device)
+    _check_distinct_outputs(op, ("params", params), ("codes", codes), ("max1s", max1s),
+                            ("new_max1s", new_max1s))
     _check_grad_scales(op, grad_scales, params)
-    _check_hyperparameters(op, params, lr, beta1, beta2, weight_decay)
-    _check_param_grad_lists(op, params, grads)
-    _check_state_list(op, "codes", params, codes, torch.uint8, lambda p: None)
-    _check_state_list(op, "max1s", params, max1s, torch.float32, lambda p: 1)
-    _check_state_list(op, "new_max1s", params, new_max1s, torch.float32, lambda p: 1)
-    _check_qmap(op, qmap)
     return None
 
 
@@ -278,22 +361,32 @@ def percentile_clipping(grads: Sequence[Tensor], gnorm_vecs: Sequence[Tensor],
 
 @torch.library.register_fake("lion::percentile_clipping")
 def _percentile_clipping_fake(grads, gnorm_vecs, steps, percentile):
-    if not (len(grads) == len(gnorm_vecs) == len(steps)):
-        raise ValueError("percentile_clipping: grads, gnorm_vecs and steps must have the same "
-                         "length")
+    op = "percentile_clipping"
     if not 0 <= percentile < GNORM_HISTORY:
-        raise ValueError(f"percentile_clipping: percentile must be in 0..{GNORM_HISTORY - 1}, "
-                         f"got {percentile}")
+        raise ValueError(f"{op}: percentile must be in 0..{GNORM_HISTORY - 1}, got {percentile}")
+    if not (len(grads) == len(gnorm_vecs) == len(steps)):
+        raise ValueError(f"{op}: grads, gnorm_vecs and steps must have the same length, got "
+                         f"{len(grads)}, {len(gnorm_vecs)} and {len(steps)}")
     for i, (g, v, s) in enumerate(zip(grads, gnorm_vecs, steps)):
+        if g.layout != torch.strided:
+            raise TypeError(f"{op}: grads[{i}] must be dense; sparse gradients are not supported")
         if g.dtype not in PARAM_DTYPES:
-            raise TypeError(f"percentile_clipping: grads[{i}] must be float32, bfloat16 or "
-                            f"float16, got {_dtype_name(g.dtype)}")
-        if v.dtype != torch.float32 or v.numel() != GNORM_HISTORY or not v.is_contiguous():
-            raise ValueError(f"percentile_clipping: gnorm_vecs[{i}] must be a contiguous float32 "
-                             f"tensor of {GNORM_HISTORY} elements")
-        if s.dtype != torch.float32 or s.numel() != 1:
-            raise ValueError(f"percentile_clipping: steps[{i}] must be a one-element float32 "
-                             "tensor")
+            raise TypeError(f"{op}: grads[{i}] must be float32, bfloat16 or float16, got "
+                            f"{_dtype_name(g.dtype)}")
+        if g.device != grads[0].device:
+            raise ValueError(f"{op}: grads[{i}] is on {g.device} but grads[0] is on "
+                             f"{grads[0].device}")
+        if v.layout != torch.strided or s.layout != torch.strided:
+            raise TypeError(f"{op}: gnorm_vecs[{i}] and steps[{i}] must be dense (strided) "
+                            "tensors")
+        if v.dtype != torch.float32 or v.numel() != GNORM_HISTORY or not v.is_contiguous() \
+                or v.device != g.device:
+            raise ValueError(f"{op}: gnorm_vecs[{i}] must be a contiguous float32 tensor of "
+                             f"{GNORM_HISTORY} elements on {g.device}")
+        if s.dtype != torch.float32 or s.numel() != 1 or s.device != g.device:
+            raise ValueError(f"{op}: steps[{i}] must be a one-element float32 tensor on "
+                             f"{g.device}")
+    _check_distinct_outputs(op, ("gnorm_vecs", gnorm_vecs))
     device = grads[0].device if grads else torch.device("cpu")
     return torch.empty((len(grads),), dtype=torch.float32, device=device)
 
@@ -307,8 +400,19 @@ def increment_steps(steps: Sequence[Tensor]) -> None:
 @torch.library.register_fake("lion::increment_steps")
 def _increment_steps_fake(steps) -> None:
     for i, s in enumerate(steps):
-        if s.dtype != torch.float32 or s.numel() != 1:
-            raise ValueError(f"increment_steps: steps[{i}] must be a one-element float32 tensor")
+        if s.layout != torch.strided:
+            raise TypeError(f"increment_steps: steps[{i}] must be a dense (strided) tensor, got "
+                            f"layout {_layout_name(s.layout)}")
+        if s.dtype != torch.float32:
+            raise TypeError(f"increment_steps: steps[{i}] must be float32, got "
+                            f"{_dtype_name(s.dtype)}")
+        if s.numel() != 1:
+            raise ValueError(f"increment_steps: steps[{i}] must have one element, got shape "
+                             f"{list(s.shape)}")
+        if s.device != steps[0].device:
+            raise ValueError(f"increment_steps: steps[{i}] is on {s.device} but steps[0] is on "
+                             f"{steps[0].device}")
+    _check_distinct_outputs("increment_steps", ("steps", steps))
     return None
 
 
@@ -324,11 +428,16 @@ def quantize_blockwise(input: Tensor, qmap: Tensor, blocksize: int = QUANT_BLOCK
 
 @torch.library.register_fake("lion::quantize_blockwise")
 def _quantize_blockwise_fake(input, qmap, blocksize=QUANT_BLOCK_SIZE):
-    _check_qmap("quantize_blockwise", qmap)
-    torch._check(blocksize > 0, lambda: "quantize_blockwise: blocksize must be positive")
+    op = "quantize_blockwise"
+    if blocksize <= 0:
+        raise ValueError(f"{op}: blocksize must be positive, got {blocksize}")
+    if input.layout != torch.strided:
+        raise TypeError(f"{op}: input must be a dense (strided) tensor, got layout "
+                        f"{_layout_name(input.layout)}")
     if input.dtype not in PARAM_DTYPES:
-        raise TypeError(f"quantize_blockwise: input must be float32, bfloat16 or float16, got "
+        raise TypeError(f"{op}: input must be float32, bfloat16 or float16, got "
                         f"{_dtype_name(input.dtype)}")
+    _check_qmap(op, qmap, input.device)
     codes = input.new_empty(input.shape, dtype=torch.uint8)
     absmax = input.new_empty(((input.numel() + blocksize - 1) // blocksize,), dtype=torch.float32)
     return codes, absmax
@@ -342,18 +451,23 @@ def dequantize_blockwise(codes: Tensor, absmax: Tensor, qmap: Tensor,
 
 @torch.library.register_fake("lion::dequantize_blockwise")
 def _dequantize_blockwise_fake(codes, absmax, qmap, blocksize=QUANT_BLOCK_SIZE):
-    _check_qmap("dequantize_blockwise", qmap)
-    torch._check(blocksize > 0, lambda: "dequantize_blockwise: blocksize must be positive")
+    op = "dequantize_blockwise"
+    if blocksize <= 0:
+        raise ValueError(f"{op}: blocksize must be positive, got {blocksize}")
+    if codes.layout != torch.strided or absmax.layout != torch.strided:
+        raise TypeError(f"{op}: codes and absmax must be dense (strided) tensors, got layouts "
+                        f"{_layout_name(codes.layout)} and {_layout_name(absmax.layout)}")
     if codes.dtype != torch.uint8:
-        raise TypeError(f"dequantize_blockwise: codes must be uint8, got "
-                        f"{_dtype_name(codes.dtype)}")
+        raise TypeError(f"{op}: codes must be uint8, got {_dtype_name(codes.dtype)}")
     if absmax.dtype != torch.float32:
-        raise TypeError(f"dequantize_blockwise: absmax must be float32, got "
-                        f"{_dtype_name(absmax.dtype)}")
+        raise TypeError(f"{op}: absmax must be float32, got {_dtype_name(absmax.dtype)}")
     blocks = (codes.numel() + blocksize - 1) // blocksize
     torch._check_value(absmax.numel() == blocks, lambda: (
-        f"dequantize_blockwise: absmax must have {blocks} elements (one per {blocksize} codes), "
-        f"got {absmax.numel()}"))
+        f"{op}: absmax must have {blocks} elements (one per {blocksize} codes), got "
+        f"{absmax.numel()}"))
+    if absmax.device != codes.device:
+        raise ValueError(f"{op}: absmax must be on {codes.device}, got {absmax.device}")
+    _check_qmap(op, qmap, codes.device)
     return codes.new_empty(codes.shape, dtype=torch.float32)
 
 
@@ -391,7 +505,7 @@ def _paged_like_strides(like: Tensor, memory_format) -> tuple:
 def _zeros_paged_like_fake(like, *, dtype=None, memory_format=None):
     if like.layout != torch.strided:
         raise TypeError(f"zeros_paged_like: like must be a dense (strided) tensor, got layout "
-                        f"{like.layout}")
+                        f"{_layout_name(like.layout)}")
     return torch.empty_strided(like.shape, _paged_like_strides(like, memory_format),
                                dtype=dtype if dtype is not None else like.dtype,
                                device=like.device)
@@ -418,12 +532,13 @@ def _prefetch_paged_fake(tensors, to_host=False) -> None:
     return None
 
 
+@torch.compiler.assume_constant_result
 def paging_support(device: torch.device | str) -> int:
     """What paging `device` supports: PAGING_NONE (the CPU, or a GPU without managed memory),
     PAGING_WITHOUT_PREFETCH (managed memory without concurrent managed access: the driver
     migrates pages around kernel launches itself) or PAGING_WITH_PREFETCH.
 
-    It asks the CUDA driver, so call it outside compiled regions (the optimizers ask once,
-    when they are built).
+    It asks the CUDA driver. In a compiled region (torch.compile, torch.export) the answer is
+    taken when the region is traced, as a constant: it cannot change for a device.
     """
     return int(torch.ops.lion.paging_support.default(torch.device(device)))

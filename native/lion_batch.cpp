@@ -29,6 +29,14 @@ const char* dtype_name(at::ScalarType t) {
     case at::kBFloat16: return "bfloat16";
     case at::kHalf: return "float16";
     case at::kByte: return "uint8";
+    case at::kChar: return "int8";
+    case at::kShort: return "int16";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    case at::kBool: return "bool";
+    case at::kComplexHalf: return "complex32";
+    case at::kComplexFloat: return "complex64";
+    case at::kComplexDouble: return "complex128";
     default: return c10::toString(t);
   }
 }
@@ -143,8 +151,9 @@ void check_state_list(const char* op, const char* name, at::TensorList params,
 void check_distinct_outputs(const char* op,
                             std::initializer_list<std::pair<const char*, at::TensorList>> lists) {
   struct Entry {
-    uintptr_t address;
-    uint32_t list;  // position in `lists`
+    uintptr_t begin, end;  // the bytes [begin, end) its elements lie in
+    bool dense;            // its elements fill [begin, end)
+    uint32_t list;         // position in `lists`
     uint32_t index;
   };
   size_t total = 0;
@@ -159,10 +168,15 @@ void check_distinct_outputs(const char* op,
       // An expanded view writes one element from several places: the update would race, or
       // fail only after writing (copying back the contiguous copy the kernels update). A
       // contiguous tensor (a cached flag) cannot overlap itself; others take the full test.
-      TORCH_CHECK_VALUE(t.is_contiguous() || at::has_internal_overlap(t) != at::MemOverlap::Yes,
+      const bool contiguous = t.is_contiguous();
+      TORCH_CHECK_VALUE(contiguous || at::has_internal_overlap(t) != at::MemOverlap::Yes,
                         op, ": ", name, "[", i, "] has elements that share memory (an expanded "
                         "view?); a tensor the call updates must not");
-      entries.push_back({reinterpret_cast<uintptr_t>(t.const_data_ptr()), list_number,
+      int64_t last = 0;  // offset of the last element (strides of a strided tensor are >= 0)
+      for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+      const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+      entries.push_back({begin, begin + static_cast<uintptr_t>((last + 1) * t.element_size()),
+                         contiguous || t.is_non_overlapping_and_dense(), list_number,
                          static_cast<uint32_t>(i)});
     }
     ++list_number;
@@ -170,21 +184,35 @@ void check_distinct_outputs(const char* op,
   // Sorted by address, then by position, so that a duplicate is reported after its first
   // occurrence (std::sort with that key: stable_sort's buffer cost more than the comparisons).
   std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
-    return std::tie(a.address, a.list, a.index) < std::tie(b.address, b.list, b.index);
+    return std::tie(a.begin, a.list, a.index) < std::tie(b.begin, b.list, b.index);
   });
-  for (size_t k = 1; k < entries.size(); ++k) {
-    const Entry& first = entries[k - 1];
+  const auto name_of = [&lists](uint32_t list) { return (lists.begin() + list)->first; };
+  // Two tensors share memory if they start at one address, or if their byte ranges meet and
+  // both are dense (fill their ranges). Tensors with gaps whose ranges interleave (columns
+  // of one matrix) are not compared further, as torch's own overlap checks do not.
+  std::vector<size_t> open;  // entries whose ranges reach past the current one's start
+  for (size_t k = 0; k < entries.size(); ++k) {
     const Entry& second = entries[k];
-    if (C10_LIKELY(first.address != second.address)) continue;
-    const auto name_of = [&lists](uint32_t list) { return (lists.begin() + list)->first; };
-    TORCH_CHECK_VALUE(false, op, ": ", name_of(first.list), "[", first.index, "] and ",
-                      name_of(second.list), "[", second.index,
-                      "] are the same memory (one tensor passed twice?); every tensor the call "
-                      "updates must appear once");
+    open.erase(std::remove_if(open.begin(), open.end(),
+                              [&](size_t j) { return entries[j].end <= second.begin; }),
+               open.end());
+    for (const size_t j : open) {
+      const Entry& first = entries[j];
+      if (C10_LIKELY(first.begin != second.begin && !(first.dense && second.dense))) continue;
+      TORCH_CHECK_VALUE(false, op, ": ", name_of(first.list), "[", first.index, "] and ",
+                        name_of(second.list), "[", second.index, "] ",
+                        first.begin == second.begin
+                            ? "are the same memory (one tensor passed twice?)"
+                            : "share part of their memory (overlapping views of one tensor?)",
+                        "; every tensor the call updates must have memory of its own");
+    }
+    open.push_back(k);
   }
 }
 
 void check_qmap(const char* op, const at::Tensor& qmap, at::Device device) {
+  TORCH_CHECK_TYPE(qmap.layout() == at::kStrided, op, ": qmap must be a dense (strided) tensor, "
+                   "got layout ", qmap.layout());
   TORCH_CHECK_TYPE(qmap.scalar_type() == at::kFloat, op, ": qmap must be float32, got ",
                    dtype_name(qmap.scalar_type()));
   TORCH_CHECK_VALUE(qmap.dim() == 1 && qmap.numel() == 256 && qmap.is_contiguous(), op,
@@ -206,6 +234,8 @@ const float* grad_scales_data(const char* op, const std::optional<at::Tensor>& g
                               at::TensorList params) {
   if (!grad_scales.has_value()) return nullptr;
   const at::Tensor& s = *grad_scales;
+  TORCH_CHECK_TYPE(s.layout() == at::kStrided, op, ": grad_scales must be a dense (strided) "
+                   "tensor, got layout ", s.layout());
   TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, op, ": grad_scales must be float32, got ",
                    dtype_name(s.scalar_type()));
   TORCH_CHECK_VALUE(s.dim() == 1 && s.numel() == static_cast<int64_t>(params.size()) &&
@@ -271,6 +301,8 @@ void check_quantize_blockwise_args(const at::Tensor& input, const at::Tensor& qm
                                    int64_t blocksize) {
   constexpr const char* op = "quantize_blockwise";
   TORCH_CHECK_VALUE(blocksize > 0, op, ": blocksize must be positive, got ", blocksize);
+  TORCH_CHECK_TYPE(input.layout() == at::kStrided, op, ": input must be a dense (strided) "
+                   "tensor, got layout ", input.layout());
   TORCH_CHECK_TYPE(is_supported_param_dtype(input.scalar_type()), op,
                    ": input must be float32, bfloat16 or float16, got ",
                    dtype_name(input.scalar_type()));
@@ -281,6 +313,9 @@ void check_dequantize_blockwise_args(const at::Tensor& codes, const at::Tensor& 
                                      const at::Tensor& qmap, int64_t blocksize) {
   constexpr const char* op = "dequantize_blockwise";
   TORCH_CHECK_VALUE(blocksize > 0, op, ": blocksize must be positive, got ", blocksize);
+  TORCH_CHECK_TYPE(codes.layout() == at::kStrided && absmax.layout() == at::kStrided, op,
+                   ": codes and absmax must be dense (strided) tensors, got layouts ",
+                   codes.layout(), " and ", absmax.layout());
   TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, op, ": codes must be uint8, got ",
                    dtype_name(codes.scalar_type()));
   TORCH_CHECK_TYPE(absmax.scalar_type() == at::kFloat, op, ": absmax must be float32, got ",
@@ -341,11 +376,13 @@ void check_percentile_clipping_args(at::TensorList grads, at::TensorList gnorm_v
     TORCH_CHECK_VALUE(g.device() == grads[0].device(), op, ": grads[", i, "] is on ", g.device(),
                       " but grads[0] is on ", grads[0].device());
     const at::Tensor& v = gnorm_vecs[i];
+    const at::Tensor& s = steps[i];
+    TORCH_CHECK_TYPE(v.layout() == at::kStrided && s.layout() == at::kStrided, op,
+                     ": gnorm_vecs[", i, "] and steps[", i, "] must be dense (strided) tensors");
     TORCH_CHECK_VALUE(v.scalar_type() == at::kFloat && v.numel() == kGnormHistory &&
                           v.is_contiguous() && v.device() == g.device(),
                       op, ": gnorm_vecs[", i, "] must be a contiguous float32 tensor of ",
                       kGnormHistory, " elements on ", g.device());
-    const at::Tensor& s = steps[i];
     TORCH_CHECK_VALUE(s.scalar_type() == at::kFloat && s.numel() == 1 && s.device() == g.device(),
                       op, ": steps[", i, "] must be a one-element float32 tensor on ", g.device());
     if (s.device().is_cpu()) {  // read on the host for free; on a GPU that would synchronize
@@ -360,9 +397,10 @@ void check_percentile_clipping_args(at::TensorList grads, at::TensorList gnorm_v
 void check_step_counters(at::TensorList steps) {
   for (size_t i = 0; i < steps.size(); ++i) {
     const at::Tensor& s = steps[i];
-    TORCH_CHECK_TYPE(s.layout() == at::kStrided && s.scalar_type() == at::kFloat,
-                     "increment_steps: steps[", i, "] must be a dense float32 tensor, got ",
-                     dtype_name(s.scalar_type()));
+    TORCH_CHECK_TYPE(s.layout() == at::kStrided, "increment_steps: steps[", i,
+                     "] must be a dense (strided) tensor, got layout ", s.layout());
+    TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, "increment_steps: steps[", i,
+                     "] must be float32, got ", dtype_name(s.scalar_type()));
     TORCH_CHECK_VALUE(s.numel() == 1, "increment_steps: steps[", i,
                       "] must have one element, got shape ", s.sizes());
     TORCH_CHECK_VALUE(s.device() == steps[0].device(), "increment_steps: steps[", i, "] is on ",

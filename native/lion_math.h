@@ -31,8 +31,8 @@ LION_HOST_DEVICE float float_from_bits(uint32_t bits) {
 #endif
 }
 
-// sign(0) = 0 and sign(NaN) = NaN, as torch.sign: a NaN gradient must show up in the
-// params rather than silently freezing them.
+// sign(0) = 0 and sign(NaN) = NaN (torch.sign gives 0 for NaN on the CPU): a NaN gradient
+// must show up in the params rather than silently freezing them.
 LION_HOST_DEVICE float sign_of(float x) {
 #if defined(__CUDA_ARCH__)
   return x > 0.f ? 1.f : (x < 0.f ? -1.f : x);

@@ -16,7 +16,9 @@ int64_t paging_support(at::Device device) {
   if (!device.is_cuda()) return kNoPaging;
 #ifdef LION_OPS_WITH_CUDA
   const c10::DeviceIndex count = c10::cuda::device_count();
-  const c10::DeviceIndex index = device.has_index() ? device.index() : c10::cuda::current_device();
+  // (current_device() fails with the driver's error where there is no device: asked after)
+  const c10::DeviceIndex index =
+      device.has_index() ? device.index() : (count > 0 ? c10::cuda::current_device() : 0);
   TORCH_CHECK_VALUE(index >= 0 && index < count, "paging_support: no device ", device,
                     " (this machine has ", static_cast<int>(count), " CUDA devices)");
   return cuda::paging_support(index);

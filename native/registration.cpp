@@ -78,7 +78,7 @@ namespace {
 
 constexpr const char* kInPlaceOperators[] = {"lion_update_32bit", "lion_update_8bit_blockwise",
                                              "lion_update_8bit_static", "percentile_clipping",
-                                             "increment_steps", "prefetch_paged"};
+                                             "increment_steps"};
 
 // The arguments the schema marks as written (Tensor(a!) and Tensor(a!)[]), as IValues: a
 // list is kept by one reference to it, not by a copy of each of its tensors.
@@ -105,13 +105,36 @@ void for_each_tensor(const std::vector<c10::IValue>& values, const Visit& visit)
   }
 }
 
+// Calls visit(tensor, name) for each tensor among the arguments the schema marks as written,
+// with the argument's name ("params[3]", "tensor").
+template <typename Visit>
+void for_each_written_tensor(const c10::OperatorHandle& op, const torch::jit::Stack& stack,
+                             const Visit& visit) {
+  const auto& arguments = op.schema().arguments();
+  const size_t first = stack.size() - arguments.size();
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    const auto* alias = arguments[i].alias_info();
+    if (alias == nullptr || !alias->isWrite()) continue;
+    const c10::IValue& value = stack[first + i];
+    if (value.isTensor()) {
+      visit(value.toTensor(), [&] { return arguments[i].name(); });
+    } else if (value.isTensorList()) {
+      const auto& list = value.toListRef();
+      for (size_t j = 0; j < list.size(); ++j) {
+        visit(list[j].toTensor(),
+              [&] { return arguments[i].name() + "[" + std::to_string(j) + "]"; });
+      }
+    }
+  }
+}
+
 void refuse_writing_tensors_that_require_grad(const c10::OperatorHandle& op,
                                               c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   if (at::GradMode::is_enabled()) {
-    for_each_tensor(written_arguments(op, *stack), [&](const at::Tensor& t) {
-      TORCH_CHECK(!t.requires_grad(), op.schema().name(), ": writes a tensor that requires "
-                  "grad, and has no derivative; call it under torch.no_grad(), as an "
-                  "optimizer step does");
+    for_each_written_tensor(op, *stack, [&](const at::Tensor& t, const auto& name) {
+      TORCH_CHECK(!t.requires_grad(), op.schema().name(), ": ", name(), " requires grad, and "
+                  "the operator writes it and has no derivative; call it under "
+                  "torch.no_grad(), as an optimizer step does");
     });
   }
   at::AutoDispatchBelowAutograd below;
@@ -124,30 +147,12 @@ void refuse_writing_tensors_that_require_grad(const c10::OperatorHandle& op,
 void refuse_writing_inference_tensors(const c10::OperatorHandle& op,
                                       const torch::jit::Stack& stack) {
   if (c10::InferenceMode::is_enabled()) return;
-  const auto& arguments = op.schema().arguments();
-  const size_t first = stack.size() - arguments.size();
-  for (size_t i = 0; i < arguments.size(); ++i) {
-    const auto* alias = arguments[i].alias_info();
-    if (alias == nullptr || !alias->isWrite()) continue;
-    const c10::IValue& value = stack[first + i];
-    auto refuse = [&](const std::string& index) {
-      TORCH_CHECK(false, op.schema().name(), ": ",
-                  arguments[i].name(), index, " is an inference tensor (made under "
-                  "torch.inference_mode), which cannot be written outside inference mode; "
-                  "nothing was written. Use a clone made outside inference mode, or call under "
-                  "torch.inference_mode()");
-    };
-    if (value.isTensor()) {
-      const at::Tensor& t = value.toTensor();
-      if (t.defined() && t.is_inference()) refuse("");
-    } else if (value.isTensorList()) {
-      const auto& list = value.toListRef();
-      for (size_t j = 0; j < list.size(); ++j) {
-        const at::Tensor& t = list[j].toTensor();
-        if (t.defined() && t.is_inference()) refuse("[" + std::to_string(j) + "]");
-      }
-    }
-  }
+  for_each_written_tensor(op, stack, [&](const at::Tensor& t, const auto& name) {
+    TORCH_CHECK(!(t.defined() && t.is_inference()), op.schema().name(), ": ", name(),
+                " is an inference tensor (made under torch.inference_mode), which cannot be "
+                "written outside inference mode; nothing was written. Use a clone made outside "
+                "inference mode, or call under torch.inference_mode()");
+  });
 }
 
 void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
@@ -165,8 +170,11 @@ void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ke
 // rounding to the map has a zero gradient almost everywhere): their outputs never require
 // grad, so a backward through them fails saying so. (torch's fallback made them require grad
 // and a backward then left the input's grad None, with only a deprecation warning.)
+// prefetch_paged moves pages, not values: its schema marks its tensors written so that
+// compiled graphs keep it in order, but it bumps no version (a backward that saved a
+// prefetched tensor still runs) and takes tensors that require grad.
 constexpr const char* kNonDifferentiableOperators[] = {"quantize_blockwise",
-                                                       "dequantize_blockwise"};
+                                                       "dequantize_blockwise", "prefetch_paged"};
 
 void run_below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                         torch::jit::Stack* stack) {

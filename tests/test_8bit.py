@@ -658,14 +658,15 @@ def test_8bit_fakes_refuse_what_the_kernels_refuse(case):
     max1s = [torch.zeros(1, device=meta) for _ in params]
     qmap, grad_scales = QMAP.to(meta), None
     lr = torch.tensor(0.1)
-    message = {"absmax length": r"absmaxes\[1\] has shape \(3,\), which does not fit",
-               "absmax dtype": r"absmaxes\[0\] must be torch.float32",
-               "codes shape": r"codes\[1\] has shape \(299,\), which does not fit",
-               "qmap shape": r"qmap must be a float32 tensor of shape \(256,\)",
-               "max1 size": r"max1s\[0\] has shape \(2,\), which does not fit",
-               "grad_scales length": r"grad_scales must be a float32 tensor of shape \(2,\)",
-               "absmax 2-d": r"absmaxes\[0\] must be a contiguous 1-D tensor, got shape "
-                             r"\(2, 2\)"}[case]
+    message = {"absmax length": r"absmaxes\[1\] must be a contiguous 1-D tensor of 2 elements",
+               "absmax dtype": r"absmaxes\[0\] must be float32, got float16",
+               "codes shape": r"codes\[1\] has shape \[299\] but params\[1\] has shape \[300\]",
+               "qmap shape": r"qmap must be a contiguous 1-D tensor of 256 values, got shape "
+                             r"\[255\]",
+               "max1 size": r"max1s\[0\] must have exactly one element, got shape \[2\]",
+               "grad_scales length": r"grad_scales must be a contiguous 1-D tensor with one "
+                                     r"scale per param \(2\), got shape \[3\]",
+               "absmax 2-d": r"absmaxes\[0\] must be a contiguous 1-D tensor of 4 elements"}[case]
     if case == "absmax length":
         absmaxes[1] = torch.zeros(3, device=meta)
     elif case == "absmax dtype":

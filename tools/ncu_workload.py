@@ -26,6 +26,9 @@ import lion_ops  # noqa: E402
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
+        print(__doc__)
+        return
     if not torch.cuda.is_available():
         sys.exit("ncu_workload: needs a CUDA device")
     set_name = sys.argv[1] if len(sys.argv) > 1 else "llama1b"

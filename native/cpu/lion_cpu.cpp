@@ -113,6 +113,17 @@ void parallel_over_chunks(const std::vector<int64_t>& numels, const Body& body) 
   });
 }
 
+// Takes each written tensor's writable pointer once, before a parallel region: the first one
+// of a copy-on-write tensor (torch._lazy_clone) copies its storage, which torch refuses inside
+// at::parallel_for, and a refusal there would come after other chunks had been written.
+void prepare_for_writing(const FlatOperands& flat, std::initializer_list<size_t> written,
+                         at::TensorList also = {}) {
+  for (size_t t = 0; t < flat.size(); ++t) {
+    for (const size_t list : written) flat.get(list, t).data_ptr();
+  }
+  for (const at::Tensor& t : also) t.data_ptr();
+}
+
 const at::Tensor& check_on_cpu(const char* op, at::TensorList params) {
   TORCH_CHECK_VALUE(params[0].device().is_cpu(), op, ": CPU kernel got ", params[0].device());
   return params[0];
@@ -273,6 +284,7 @@ void lion_update_32bit_cpu(at::TensorList params, at::TensorList grads, at::Tens
   check_on_cpu(op, params);
   const auto k = coefficients_from(checked.host);
   FlatOperands flat({params, grads, momenta}, {true, false, true});
+  prepare_for_writing(flat, {0, 2});
 
   parallel_over_chunks(numels_of(flat), [&](size_t t, int64_t begin, int64_t end) {
     const at::Tensor& p = flat.get(0, t);
@@ -635,6 +647,7 @@ void lion_update_8bit_blockwise_cpu(at::TensorList params, at::TensorList grads,
   const auto table_holder = encode_table_for(map);
   const EncodeTable& table = *table_holder;
   FlatOperands flat({params, grads, codes}, {true, false, true}, ElementOrder::kLogical);
+  prepare_for_writing(flat, {0, 2}, absmaxes);
 
   // Chunks are whole numbers of quantization blocks, so each block is one thread's.
   static_assert(kCpuChunkElements % kQuantBlockSize == 0);
@@ -719,6 +732,7 @@ void lion_update_8bit_static_cpu(at::TensorList params, at::TensorList grads,
   }
 
   // Pass 2: the update, with the momentum encoded against its exact new scale.
+  prepare_for_writing(flat, {0, 2});
   parallel_over_chunks(numels, [&](size_t t, int64_t begin, int64_t end) {
     const at::Tensor& p = flat.get(0, t);
     uint8_t* code = flat.get(2, t).data_ptr<uint8_t>();
@@ -891,6 +905,10 @@ TORCH_LIBRARY_IMPL(lion, SparseCPU, m) {
   m.impl("lion_update_32bit", &lion_update_32bit_cpu);
   m.impl("lion_update_8bit_blockwise", &lion_update_8bit_blockwise_cpu);
   m.impl("lion_update_8bit_static", &lion_update_8bit_static_cpu);
+  m.impl("increment_steps", &increment_steps_cpu);
+  m.impl("percentile_clipping", &percentile_clipping_cpu);
+  m.impl("quantize_blockwise", &quantize_blockwise_cpu);
+  m.impl("dequantize_blockwise", &dequantize_blockwise_cpu);
   m.impl("zeros_paged_like", &zeros_paged_like_cpu);
   m.impl("prefetch_paged", &prefetch_paged_cpu);
 }

@@ -324,11 +324,15 @@ TORCH_LIBRARY_IMPL(lion, CUDA, m) {
   m.impl("dequantize_blockwise", &dequantize_blockwise_cuda);
 }
 
-// A sparse gradient dispatches here; the argument checks then refuse it by name.
+// A sparse tensor dispatches here; the argument checks then refuse it by name.
 TORCH_LIBRARY_IMPL(lion, SparseCUDA, m) {
   m.impl("lion_update_32bit", &lion_update_32bit_cuda);
   m.impl("lion_update_8bit_blockwise", &lion_update_8bit_blockwise_cuda);
   m.impl("lion_update_8bit_static", &lion_update_8bit_static_cuda);
+  m.impl("increment_steps", &increment_steps_cuda);
+  m.impl("percentile_clipping", &percentile_clipping_cuda);
+  m.impl("quantize_blockwise", &quantize_blockwise_cuda);
+  m.impl("dequantize_blockwise", &dequantize_blockwise_cuda);
 }
 
 }  // namespace lion
