@@ -879,3 +879,19 @@ def test_get_state_buffer_and_to_gpu_on_cpu():
     state = {k: v.clone() for k, v in opt.state[p].items()}
     opt.to_gpu()  # CPU params: nothing moves, as in bitsandbytes
     assert all(torch.equal(v, state[k]) for k, v in opt.state[p].items())
+
+
+def test_init_state_replaces_the_state_a_param_had():
+    """init_state on a param with state makes the state the options now ask for, keeping
+    none of the old kind's entries (which would decide the kind a step uses)."""
+    p = torch.zeros(1000, requires_grad=True)
+    opt = lion_ops.Lion8bit([p], block_wise=False, min_8bit_size=256)
+    p.grad = torch.randn(1000)
+    opt.step()
+    assert {"max1", "new_max1"} <= set(opt.state[p])
+    opt.block_wise = True
+    opt.init_state(opt.param_groups[0], p, 0, 0)
+    assert set(opt.state[p]) == {"step", "state1", "qmap1", "absmax1"}
+    assert opt.state[p]["step"] == 0
+    opt.step()
+    assert opt.state[p]["step"] == 1 and opt.state[p]["absmax1"].any()

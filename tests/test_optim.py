@@ -1237,6 +1237,24 @@ def test_flattened_dcp_state_dicts_are_refused_saying_why():
             set_optimizer_state_dict(model, resumed, saved, options=options)
 
 
+def test_empty_state_entries_load_as_no_state():
+    """Reading optimizer.state[p] (a defaultdict) for a param without state leaves an empty
+    entry, which state_dict() saves: it loads as no state, as in torch and bitsandbytes."""
+    params = [torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(5))]
+    opt = lion_ops.Lion8bit(params, lr=0.1, min_8bit_size=256)
+    params[0].grad = torch.randn(300)
+    opt.step()
+    assert opt.state[params[1]] == {}  # a read: an empty entry
+    saved = opt.state_dict()
+    assert saved["state"][1] == {}
+    for resumed in (lion_ops.Lion8bit(params, lr=0.1, min_8bit_size=256), opt):
+        resumed.load_state_dict(saved)
+        assert not resumed.state.get(params[1])
+        assert torch.equal(resumed.state[params[0]]["state1"], opt.state[params[0]]["state1"])
+        params[1].grad = torch.randn(5)
+        resumed.step()
+
+
 def test_to_bitsandbytes_layout_flattens_2d_absmax():
     """A full state dict gathered from FSDP2 holds DTensor params' absmax1 as (rows, blocks per
     row); bitsandbytes' step refuses that shape, so it is flattened for bitsandbytes."""
@@ -1510,7 +1528,8 @@ def test_an_inference_tensor_param_is_refused_outside_inference_mode_and_nothing
 def _count_full_checks(monkeypatch, opt):
     calls = []
     full_check = opt._check_step_inputs
-    monkeypatch.setattr(opt, "_check_step_inputs", lambda: calls.append(1) or full_check())
+    monkeypatch.setattr(opt, "_check_step_inputs",
+                        lambda *args: calls.append(1) or full_check(*args))
     return calls
 
 
@@ -1646,9 +1665,10 @@ def test_bad_grad_in_the_call_whose_operator_checks_it_is_refused_naming_the_par
         _set_random_grads(params)
         opt.step()
     plan = opt._step_plan
-    group, _, _, calls, checks = plan.groups[plan.order[0]]
-    assert plan.order[0] == 1 and group is opt.param_groups[1]
-    assert checks[0].checked_by_operator and any(p is params[3] for p in calls[0].params)
+    group_id, _, _, checks = plan.groups[plan.order[0]]
+    assert plan.order[0] == 1 and group_id == id(opt.param_groups[1])
+    assert checks[0].checked_by_operator and any(
+        opt.param_groups[1]["params"][i] is params[3] for i in checks[0].positions)
     _set_random_grads(params)
     target = params[3]
     message = r"index 1,.*gradient of shape"
@@ -1691,10 +1711,15 @@ def test_bad_grad_in_the_call_whose_operator_checks_it_is_refused_naming_the_par
 
 
 @pytest.mark.parametrize("cls", [Lion, Lion8bit])
-def test_a_plan_references_state_tensors_in_cpp_and_params_not_at_all(cls):
-    # The plan keeps views of the state tensors, so that an operator call's reference to one
-    # is not its second (torch then takes the GIL per tensor as the call ends); a param with
-    # an extra reference could not be swapped (Module.to on DTensor params swaps them).
+@pytest.mark.parametrize("release", ["state.clear()", "del state[p]", "new state",
+                                     "offload", "param removed"])
+def test_a_plan_keeps_no_param_and_no_state_alive(cls, release):
+    """What the user drops between steps is freed at once, as with torch's optimizers: state
+    cleared or moved off the device (RLHF trainers offload optimizer state to free the GPU
+    while they generate), a param taken out of param_groups. A plan held them until the next
+    step. And a param can be swapped (Module.to on DTensor params swaps them)."""
+    import gc
+    import weakref
     model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Linear(30, 2))
     opt = cls(model.parameters(), lr=0.1, **({"min_8bit_size": 500} if cls is Lion8bit else {}))
     for _ in range(2):
@@ -1702,10 +1727,34 @@ def test_a_plan_references_state_tensors_in_cpp_and_params_not_at_all(cls):
         model(torch.randn(8, 40)).square().sum().backward()
         opt.step()
     assert opt._step_plan is not None
-    for p in model.parameters():
-        assert all(t._use_count() >= 2 for t in opt.state[p].values())
-        assert p._use_count() <= 2  # itself, and the AccumulateGrad node of its graph
     weight = model[0].weight
+    references = [weakref.ref(t) for key, t in opt.state[weight].items()
+                  if key != "qmap1"]  # (the map, one for all params)
+    if release == "state.clear()":
+        opt.state.clear()
+    elif release == "del state[p]":
+        del opt.state[weight]
+    elif release == "new state":
+        opt.state = type(opt.state)(dict)
+    elif release == "offload":  # state to the CPU and back: here, to another tensor
+        for key, value in opt.state[weight].items():
+            opt.state[weight][key] = value.clone()
+        del value
+    else:
+        reference = weakref.ref(weight)
+        del opt.state[weight]
+        opt.param_groups[0]["params"].remove(weight)
+        model[0].weight = None
+        del weight
+        gc.collect()
+        assert reference() is None
+    assert all(r() is None for r in references)  # (no collection needed: nothing else held them)
+    opt.zero_grad()
+    model(torch.randn(8, 40)).square().sum().backward() if release != "param removed" else None
+    opt.step()  # and the next step takes the full check
+    if release == "param removed":
+        return
+    assert opt.state[weight]["step"] == (3 if release == "offload" else 1)
     before = weight.detach().clone()
     torch.utils.swap_tensors(weight, torch.nn.Parameter(torch.zeros(30, 40)))
     assert torch.equal(weight, torch.zeros(30, 40)) and not torch.equal(before, weight)

@@ -14,6 +14,7 @@ import numbers
 import struct
 import sys
 import warnings
+import weakref
 from collections import defaultdict, deque
 from copy import deepcopy
 from itertools import chain, repeat
@@ -53,6 +54,11 @@ def _is_dtensor(t: Any) -> bool:
     # keeps `import lion_ops` light.
     dtensor = sys.modules.get("torch.distributed.tensor")
     return dtensor is not None and isinstance(t, dtensor.DTensor)
+
+
+def _is_dense(t: Tensor) -> bool:
+    """Whether t's elements fill the bytes from its first to its last (any order)."""
+    return torch._prims_common.is_non_overlapping_and_dense_or_false(t)
 
 
 def _local(t: Tensor) -> Tensor:
@@ -457,14 +463,15 @@ class LionOptimizerBase(BitsandbytesOptimizerAPI, torch.optim.Optimizer):
         self._overrides = old if unchanged else overrides
         # What the positions were resolved for: a step after params were inserted, removed or
         # moved in param_groups (torch allows editing them) resolves them again.
-        self._overrides_resolved_for = [list(group["params"]) for group in self.param_groups]
+        # (by id: an optimizer keeps no param alive that param_groups no longer hold)
+        self._overrides_resolved_for = [list(map(id, group["params"]))
+                                        for group in self.param_groups]
 
     def _resolve_overrides_if_params_moved(self) -> None:
         resolved = getattr(self, "_overrides_resolved_for", None)
         groups = self.param_groups
         if resolved is None or len(resolved) != len(groups) or not all(
-                len(params) == len(group["params"]) and all(map(is_, params, group["params"]))
-                for params, group in zip(resolved, groups)):
+                list(map(id, group["params"])) == ids for ids, group in zip(resolved, groups)):
             self._resolve_overrides()
 
     def _config(self, gi: int, pi: int) -> dict:
@@ -605,12 +612,15 @@ class LionOptimizerBase(BitsandbytesOptimizerAPI, torch.optim.Optimizer):
 
     def _check_memory_written_once(self, work: list, adopted: dict, where: str) -> None:
         """Refuses memory a step would update twice (or race on): two params or two momenta
-        that start at one address (distinct Parameter objects over the same memory, as
-        `b.data = a.data` makes; state shared between params), or a param or momentum whose
-        elements overlap (an expanded tensor). The operators refuse these too, but only after
-        earlier calls of the step have run. Checked on the full path only (the first step,
-        and any step after params, grads or state changed), not on every planned step."""
-        seen: dict[tuple, tuple] = {}
+        that share memory (distinct Parameter objects over the same memory, as `b.data =
+        a.data` makes; overlapping views of one tensor; state shared between params), or a
+        param or momentum whose elements overlap (an expanded tensor). The operators refuse
+        these too, but only within one call, after earlier calls of the step have run. Checked
+        on the full path only (the first step, and any step after params, grads or state
+        changed), not on every planned step. As in the operators, views that interleave
+        without filling their byte ranges (columns of one matrix) are compared by their first
+        element only."""
+        spans: dict[torch.device, list[tuple]] = defaultdict(list)
         for group_index, group, with_grad in work:
             for index, p, state, _, device, _ in with_grad:
                 state = adopted.get(p, state)
@@ -621,21 +631,37 @@ class LionOptimizerBase(BitsandbytesOptimizerAPI, torch.optim.Optimizer):
                     local = _local(tensor)
                     if local.numel() == 0 or local.device.type == "meta":  # (no addresses)
                         continue
-                    if torch._debug_has_internal_overlap(local) == 1:
+                    contiguous = local.is_contiguous()
+                    if not contiguous and torch._debug_has_internal_overlap(local) == 1:
                         raise RuntimeError(
                             f"{where}: {what} of {_describe(group, group_index, index, p)} has "
                             "elements that share memory (an expanded tensor?); a step would "
                             "update them more than once")
-                    key = (device, local.data_ptr())
-                    other = seen.setdefault(key, (group_index, index, what))
-                    if other != (group_index, index, what):
-                        gi, pi, other_what = other
-                        first = self.param_groups[gi]["params"][pi]
-                        raise RuntimeError(
-                            f"{where}: {what} of {_describe(group, group_index, index, p)} starts "
-                            f"at the same memory as {other_what} of "
-                            f"{_describe(self.param_groups[gi], gi, pi, first)}; a step would "
-                            "update that memory twice (tie weights by sharing one Parameter)")
+                    begin = local.data_ptr()
+                    last = sum((size - 1) * stride
+                               for size, stride in zip(local.shape, local.stride()))
+                    dense = contiguous or _is_dense(local)
+                    spans[device].append((begin, begin + (last + 1) * local.element_size(),
+                                          dense, group_index, index, what))
+        for device_spans in spans.values():
+            device_spans.sort(key=lambda span: span[0])
+            reach = []  # spans whose ends lie past the current span's start
+            for span in device_spans:
+                begin, _, dense, group_index, index, what = span
+                reach = [other for other in reach if other[1] > begin]
+                for other_begin, _, other_dense, gi, pi, other_what in reach:
+                    if other_begin != begin and not (dense and other_dense):
+                        continue
+                    group, first = self.param_groups[group_index], self.param_groups[gi]
+                    how = ("starts at the same memory as" if other_begin == begin
+                           else "shares part of its memory with")
+                    raise RuntimeError(
+                        f"{where}: {what} of "
+                        f"{_describe(group, group_index, index, group['params'][index])} {how} "
+                        f"{other_what} of {_describe(first, gi, pi, first['params'][pi])}; a "
+                        "step would update that memory twice (tie weights by sharing one "
+                        "Parameter)")
+                reach.append(span)
 
     def _check_override_tensors(self, where: str) -> None:
         """A GlobalOptimManager override's CPU tensor hyperparameters, checked as a group's
@@ -684,6 +710,7 @@ class LionOptimizerBase(BitsandbytesOptimizerAPI, torch.optim.Optimizer):
     @_outside_inference_mode
     def _init_state(self, p: Tensor, config: dict) -> None:
         state = self.state[p]
+        state.clear()  # (init_state on a param that has state: none of the old kind is kept)
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         if config.get("percentile_clipping", self.percentile_clipping) < 100:
             state["gnorm_vec"] = _fresh_gnorm_history(p.device)
@@ -977,10 +1004,19 @@ class LionOptimizerBase(BitsandbytesOptimizerAPI, torch.optim.Optimizer):
                           for pi, p in enumerate(g["params"])}
 
         new_state: defaultdict = defaultdict(dict)
-        for key, saved_state in state_dict["state"].items():
+        # An empty entry is a param without state yet (reading optimizer.state[p], a
+        # defaultdict, makes one), skipped as torch and bitsandbytes skip it; but a state
+        # dict of nothing but empty entries is what torch.distributed.checkpoint's flattened
+        # layout gives a fresh optimizer, refused (by _load_param_state) rather than loaded as
+        # no state at all.
+        entries = state_dict["state"]
+        skip_empty = not all(entry == {} for entry in entries.values())
+        for key, saved_state in entries.items():
             if key not in id_to_param:
                 raise ValueError(f"{where}: the state dict has state for param id {key!r}, "
                                  "which is in none of its param groups")
+            if skip_empty and saved_state == {}:
+                continue
             p = id_to_param[key]
             gi, pi, group = param_to_where[id(p)]
             what = _describe(group, gi, pi, p)
@@ -1237,19 +1273,30 @@ class _Call:
 
 
 class _StepPlan:
-    """The calls of the last step, for the next one to reuse when nothing they depend on has
+    """What the last step did, for the next one to redo when nothing it depends on has
     changed: the same params, with grads on the same params, every param and grad with the
-    dtype, shape and device the state was checked against, the same state dicts holding the
-    same state tensors and the same overrides. That is checked on every step, a few attribute
-    reads per param (mapped over each call's lists, so that the interpreter's loop does not
-    cost more than the reads), and anything else sends the step to the full check (which
-    raises the error naming the param, if there is one). Eager mode only: a compiled step is
-    traced from the full path.
+    dtype, shape, device and (param) address the state was checked against, the same state
+    dicts holding the same state tensors and the same overrides. That is checked on every
+    step, a few attribute reads per param (mapped over each call's lists, so that the
+    interpreter's loop does not cost more than the reads), and anything else sends the step to
+    the full check (which raises the error naming the param, if there is one). Eager mode
+    only: a compiled step is traced from the full path.
+
+    A plan holds no param, state dict or state tensor: it finds them where they are (by
+    position in param_groups and in `optimizer.state`) and compares them with what it saw by
+    id. So whatever the user drops between steps (`optimizer.state.clear()`, state moved to
+    the CPU to free a GPU, a param taken out of param_groups) is freed at once, as with
+    torch's optimizers. An id can be another object's once the first is freed: the plan
+    watches its state tensors through weak references, and the death of any ends the plan,
+    so an id it compares is the object it saw. (Not its params, which torch.utils.swap_tensors,
+    as Module.to uses on DTensor params, refuses to swap while a weak reference exists; a
+    param with state is a key of `optimizer.state`, which keeps it alive. A state dict
+    replaced by another that holds the same tensors is the same state.)
 
     That every param still has the state dict it had is checked once for the whole
-    optimizer: `optimizer.state` must hold the same keys and the same values in the same
-    order, compared by identity. (A lookup per param would hash each one through the
-    Python-level `Tensor.__hash__`, several times the cost of the comparison.)
+    optimizer: `optimizer.state` must hold the same keys and values in the same order. (A
+    lookup per param would hash each one through the Python-level `Tensor.__hash__`, several
+    times the cost of the comparison.)
 
     One call's params and grads are checked by its operator instead: the call with the most
     params among groups without percentile clipping runs first, so that nothing is modified
@@ -1260,22 +1307,32 @@ class _StepPlan:
     dtypes), it computes what the full path's calls would.
     """
 
-    __slots__ = ("state", "state_keys", "state_values", "overrides", "groups", "order",
-                 "first_call_checks_its_grads", "inference_mode", "clips_on_cpu")
+    __slots__ = ("state_id", "state_key_ids", "state_value_ids", "overrides", "groups", "order",
+                 "first_call_checks_its_grads", "inference_mode", "clips_on_cpu", "alive",
+                 "watches")
 
     def __init__(self, optimizer: LionOptimizerBase, plans: list[tuple]):
-        self.state, self.overrides = optimizer.state, optimizer._overrides
+        state = optimizer.state
+        # Cleared when a watched param or state tensor dies (the callbacks hold no plan).
+        self.alive = alive = [True]
+        self.watches = []
+        watch = functools.partial(self._watch, self.watches, alive)
+        self.state_id, self.overrides = id(state), optimizer._overrides
         # Checked with inference mode on, inference tensors were allowed (the full check).
         self.inference_mode = torch.is_inference_mode_enabled()
-        self.state_keys, self.state_values = list(self.state), list(self.state.values())
+        self.state_key_ids, self.state_value_ids = list(map(id, state)), list(
+            map(id, state.values()))
+        state_position = {id(p): i for i, p in enumerate(state)}
         self.groups = []
         self.clips_on_cpu = False
         largest = None  # (param count, group position, call index) of the operator-checked call
         for position, (group, calls) in enumerate(plans):
+            params = group["params"]
+            param_position = {id(p): i for i, p in enumerate(params)}
             with_grad = {id(p) for call in calls for p in call.params}
-            params = list(group["params"])
-            without_grad = [p for p in params if id(p) not in with_grad]
-            checks = [_PlannedCall(optimizer, call) for call in calls]
+            without_grad = [i for i, p in enumerate(params) if id(p) not in with_grad]
+            checks = [_PlannedCall(optimizer, call, param_position, state_position, watch)
+                      for call in calls]
             clipping = any(call.config.get("percentile_clipping", optimizer.percentile_clipping)
                            < 100 for call in calls)
             self.clips_on_cpu = self.clips_on_cpu or clipping and any(
@@ -1284,57 +1341,66 @@ class _StepPlan:
                 if not clipping and not call.sharded and (
                         largest is None or len(call.params) > largest[0]):
                     largest = (len(call.params), position, i)
-            self.groups.append((group, params, without_grad, calls, checks))
+            self.groups.append((id(group), list(map(id, params)), without_grad, checks))
         self.order = list(range(len(self.groups)))
         self.first_call_checks_its_grads = largest is not None
         if largest is not None:  # its group first, and it first in its group
             _, position, i = largest
-            group, params, without_grad, calls, checks = self.groups[position]
-            calls = [calls[i]] + calls[:i] + calls[i + 1:]
+            group_id, param_ids, without_grad, checks = self.groups[position]
             checks = [checks[i]] + checks[:i] + checks[i + 1:]
             checks[0].checked_by_operator = True
-            self.groups[position] = (group, params, without_grad, calls, checks)
+            self.groups[position] = (group_id, param_ids, without_grad, checks)
             self.order.remove(position)
             self.order.insert(0, position)
+
+    @staticmethod
+    def _watch(watches: list, alive: list, tensors: list) -> None:
+        def died(_, alive=alive):
+            alive[0] = False
+        watches.extend(weakref.ref(t, died) for t in tensors)
 
     def run(self, optimizer: LionOptimizerBase) -> bool:
         """Runs the step if the plan still holds; False (nothing done) if it does not."""
         state = optimizer.state
-        if state is not self.state or optimizer._overrides is not self.overrides \
+        if not self.alive[0] or id(state) != self.state_id \
+                or optimizer._overrides is not self.overrides \
                 or torch.is_inference_mode_enabled() is not self.inference_mode \
                 or len(optimizer.param_groups) != len(self.groups) \
-                or len(state) != len(self.state_keys) or not all(map(is_, state, self.state_keys)) \
-                or not all(map(is_, state.values(), self.state_values)):
+                or list(map(id, state)) != self.state_key_ids \
+                or list(map(id, state.values())) != self.state_value_ids:
             return False
         where = f"{type(optimizer).__name__}.step"
         if self.overrides:
             optimizer._check_override_tensors(where)
-        all_grads = []
-        for group_index, ((group, params, without_grad, calls, checks), current) in enumerate(
+        state_values = list(state.values())
+        work = []
+        for group_index, ((group_id, param_ids, without_grad, checks), group) in enumerate(
                 zip(self.groups, optimizer.param_groups)):
-            if current is not group:
+            if id(group) != group_id:
                 return False
             check_hyperparameters(group["lr"], group["betas"], group["weight_decay"],
                                   f"{where} (param group {group_index})")
-            current_params = group["params"]
-            if len(current_params) != len(params) or not all(map(is_, current_params, params)):
+            params = group["params"]
+            if list(map(id, params)) != param_ids:
                 return False
-            if without_grad and not all(map(is_, map(_grad_of, without_grad), repeat(None))):
+            if without_grad and not all(map(is_, map(_grad_of, map(params.__getitem__,
+                                                                    without_grad)),
+                                            repeat(None))):
                 return False
-            grads = []
-            for call, check in zip(calls, checks):
-                call_grads = list(map(_grad_of, call.params))
-                if not check.holds(call_grads):
+            calls, grads = [], []
+            for check in checks:
+                planned = check.call(params, state_values)
+                if planned is None:
                     return False
-                grads.append(call_grads)
-            all_grads.append(grads)
+                calls.append(planned[0])
+                grads.append(planned[1])
+            work.append((group, calls, grads))
         if self.clips_on_cpu:
-            optimizer._check_clipping_counters([(group, calls)
-                                                for group, _, _, calls, _ in self.groups])
+            optimizer._check_clipping_counters([(group, calls) for group, calls, _ in work])
         first = self.first_call_checks_its_grads
         for position in self.order:
-            group, _, _, calls, _ = self.groups[position]
-            optimizer._run_group(group, calls, all_grads[position], first)
+            group, calls, grads = work[position]
+            optimizer._run_group(group, calls, grads, first)
             first = False
         return True
 
@@ -1342,62 +1408,90 @@ class _StepPlan:
 _grad_of = attrgetter("grad")
 _param_metadata = attrgetter("dtype", "device", "shape")
 _grad_metadata = attrgetter("dtype", "device", "layout", "shape")
+def _addresses(params: list) -> list[int] | None:
+    """The params' addresses (data_ptr), or None where they have none (fake tensors)."""
+    try:
+        return list(map(Tensor.data_ptr, params))
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 class _PlannedCall:
-    """What a planned step checks of one call: that its params have grads and that their
-    state dicts hold the same state tensors, and unless its operator checks them, the params'
-    dtype, shape and device and their grads'."""
+    """What a planned step keeps of one call, and checks: where its params are (positions in
+    their group and in optimizer.state's order), the ids of their state tensors, and unless
+    its operator checks them, the params' dtype, shape, device and address and their grads'
+    dtype, shape, device and layout. (A param whose memory was swapped through `.data` may
+    now overlap another call's or be an inference tensor, which the full check refuses
+    before anything is modified; within the operator-checked call, its operator refuses
+    both before writing.)"""
 
-    __slots__ = ("params", "states", "held", "param_metadata", "grad_metadata", "shardings",
-                 "checked_by_operator", "state_references")
+    __slots__ = ("kind", "device", "config", "qmap", "sharded", "positions", "state_positions",
+                 "held", "param_metadata", "grad_metadata", "addresses", "shardings", "paged",
+                 "checked_by_operator")
 
-    def __init__(self, optimizer: LionOptimizerBase, call: _Call):
-        self.params, self.states = call.params, call.states
-        # Per state entry any of the call's states holds: each state's tensor (None: absent).
-        self.held = [(key, [state.get(key) for state in call.states])
-                     for key in _PLAN_STATE_KEYS
-                     if any(key in state for state in call.states)]
+    def __init__(self, optimizer: LionOptimizerBase, call: _Call, param_position: dict,
+                 state_position: dict, watch):
+        self.kind, self.device, self.config = call.kind, call.device, call.config
+        self.qmap, self.sharded = call.qmap, call.sharded
+        self.positions = [param_position[id(p)] for p in call.params]
+        self.state_positions = [state_position[id(p)] for p in call.params]
+        # Per state entry any of the call's states holds: the id of each state's tensor (of
+        # None where a state has no such entry), each watched.
+        self.held = []
+        for key in _PLAN_STATE_KEYS:
+            tensors = [state.get(key) for state in call.states]
+            if any(t is not None for t in tensors):
+                self.held.append((key, list(map(id, tensors))))
+                watch([t for t in tensors if t is not None])
         # A call's params share one dtype and one device (the call's bucket).
         dtype, device = call.params[0].dtype, call.device
         self.param_metadata = [(dtype, device, p.shape) for p in call.params]
         self.grad_metadata = [(dtype, device, torch.strided, p.shape) for p in call.params]
+        # (none for fake tensors, under a FakeTensorMode: they have no addresses)
+        self.addresses = None if call.sharded or _get_current_dispatch_mode() is not None \
+            else _addresses(call.params)
         # DTensor params: their grads must keep being sharded as they are.
         self.shardings = [(p.device_mesh, p.placements) for p in call.params] \
             if call.sharded else None
+        self.paged = None if call.paged is None else [
+            i for i, p in enumerate(call.params) if optimizer._pages(p)]
         self.checked_by_operator = False
-        # A view of each state tensor that the call's operators take, each holding a C++
-        # reference to its base. Without another C++ reference, an operator call's own
-        # reference is a tensor's second, and torch (2.14, PyObject preservation) takes the
-        # GIL for each one as the call releases its arguments: about a tenth of a planned
-        # step's host time over 146 small params. Never of params, which
-        # torch.utils.swap_tensors (Module.to on DTensor params) refuses to swap while
-        # anything else references them.
-        state = [*call.momenta, *call.steps, *(call.scales or ()), *(call.new_scales or ())]
-        if call.qmap is not None:
-            state.append(call.qmap)
-        self.state_references = [] if call.sharded else [t.view(t.shape) for t in state]
 
-    def holds(self, grads: list) -> bool:
-        """Whether the call can run as planned with these grads, given that every param has
-        the state dict it had (which _StepPlan.run checks for all calls at once)."""
+    def call(self, group_params: list, state_values: list) -> tuple[_Call, list] | None:
+        """The call as this step makes it, with its grads, if the plan holds for it (given
+        that every param has the state dict it had, which _StepPlan.run checks for all calls
+        at once); None if it does not."""
+        params = list(map(group_params.__getitem__, self.positions))
+        grads = list(map(_grad_of, params))
         if any(map(is_, grads, repeat(None))):
-            return False
-        params, states = self.params, self.states
-        for key, tensors in self.held:
-            if not all(map(is_, map(dict.get, states, repeat(key)), tensors)):
-                return False
-        if self.checked_by_operator:
-            return True
-        # Lists of tuples compared in C: equal dtypes and layouts are the same objects.
-        if list(map(_grad_metadata, grads)) != self.grad_metadata \
-                or list(map(_param_metadata, params)) != self.param_metadata:
-            return False
-        if self.shardings is not None:
-            for g, sharding in zip(grads, self.shardings):
-                if not _is_dtensor(g) or (g.device_mesh, g.placements) != sharding:
-                    return False
-        return True
+            return None
+        states = list(map(state_values.__getitem__, self.state_positions))
+        tensors = {}
+        for key, ids in self.held:
+            current = tensors[key] = list(map(dict.get, states, repeat(key)))
+            if list(map(id, current)) != ids:
+                return None
+        if not self.checked_by_operator:
+            if self.addresses is not None and _addresses(params) != self.addresses:
+                return None
+            # Lists of tuples compared in C: equal dtypes and layouts are the same objects.
+            if list(map(_grad_metadata, grads)) != self.grad_metadata \
+                    or list(map(_param_metadata, params)) != self.param_metadata:
+                return None
+            if self.shardings is not None:
+                for g, sharding in zip(grads, self.shardings):
+                    if not _is_dtensor(g) or (g.device_mesh, g.placements) != sharding:
+                        return None
+        call = _Call.__new__(_Call)
+        call.kind, call.device, call.config, call.qmap = self.kind, self.device, self.config, \
+            self.qmap
+        call.params, call.states, call.sharded = params, states, self.sharded
+        call.steps, call.momenta = tensors["step"], tensors["state1"]
+        call.scales = tensors.get("absmax1" if self.kind == BLOCKWISE else "max1")
+        call.new_scales = tensors.get("new_max1")
+        call.paged = None if self.paged is None else list(map(call.momenta.__getitem__,
+                                                              self.paged))
+        return call, grads
 
 
 # The state entries a plan's calls hold: replacing or removing any of them sends the step to

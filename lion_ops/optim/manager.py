@@ -75,6 +75,7 @@ class GlobalOptimManager:
 
     @classmethod
     def get_instance(cls) -> GlobalOptimManager:
+        """The one manager, made on first use (as bitsandbytes' GlobalOptimManager)."""
         if cls._instance is None:
             instance = cls.__new__(cls)
             instance.initialize()
