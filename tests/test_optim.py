@@ -2196,3 +2196,33 @@ def test_a_step_under_fake_tensor_mode_leaves_later_steps_real():
     expected = 1.0 * (1 - 0.0123 * 0.0456) - 0.0123
     torch.testing.assert_close(p.detach(), torch.full((4,), expected), rtol=1e-6, atol=0)
 
+
+
+@pytest.mark.parametrize("swap", ["inference tensor", "another param's memory"])
+def test_a_param_swapped_through_data_in_a_smaller_call_is_refused_before_anything_changes(swap):
+    """A planned step leaves its largest call's params to that call's operator; the others'
+    addresses are compared with the plan's, so that a param given other memory through .data
+    (an inference tensor, or memory another call updates) takes the full check, which refuses
+    it before the largest call has run (it used to run first, then fail or update memory
+    twice)."""
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(64, 64)) for _ in range(3)]
+    bias = torch.nn.Parameter(torch.randn(64))
+    opt = Lion([{"params": weights, "weight_decay": 0.1},
+                {"params": [bias], "weight_decay": 0.0}], lr=1e-3)
+    for _ in range(2):
+        _set_random_grads(weights + [bias])
+        opt.step()
+    assert opt._step_plan is not None
+    if swap == "inference tensor":
+        with torch.inference_mode():
+            bias.data = torch.randn(64)
+        message = "inference tensor"
+    else:
+        bias.data = weights[0].data[0]
+        message = "shares part of its memory|starts at the same memory"
+    _set_random_grads(weights + [bias])
+    snapshot = _snapshot(opt, weights)
+    with pytest.raises(RuntimeError, match=message):
+        opt.step()
+    _assert_unchanged(opt, weights, snapshot)

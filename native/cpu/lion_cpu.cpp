@@ -89,28 +89,47 @@ LION_CPU_MULTIVERSIONED void lion_32bit_span(c10::Half* p, const c10::Half* g, f
   lion_32bit_loop(p, g, m, n, k);
 }
 
-// Runs `body(tensor_index, begin, end)` over all elements of `numels`, cut into chunks that
-// are spread over the intra-op thread pool regardless of which tensor they belong to.
+// Runs `body(tensor_index, begin, end)` over all elements of `numels`, cut into chunks of
+// kCpuChunkElements (each tensor's chunks start at multiples of it, whatever the threads,
+// so per-chunk results do not depend on them) that are spread over the intra-op thread pool
+// regardless of which tensor they belong to. at::parallel_for gives each thread a range of
+// work units; a unit is one chunk, or a run of consecutive chunks of small tensors of at most
+// kCpuChunkElements elements in all, so that the ranges hold about equal work whatever the
+// order of small and large tensors (counted in chunks, a thousand tiny tensors before a large
+// one went to one thread, the large one to the other).
 template <typename Body>
 void parallel_over_chunks(const std::vector<int64_t>& numels, const Body& body) {
-  std::vector<int64_t> first_chunk(numels.size() + 1, 0);
+  struct Chunk {
+    size_t tensor;
+    int64_t begin, end;
+  };
+  std::vector<Chunk> chunks;
+  std::vector<size_t> unit_starts;
+  int64_t total_elements = 0, unit_elements = kCpuChunkElements;
   for (size_t t = 0; t < numels.size(); ++t) {
-    first_chunk[t + 1] = first_chunk[t] + (numels[t] + kCpuChunkElements - 1) / kCpuChunkElements;
-  }
-  const int64_t total_chunks = first_chunk.back();
-  int64_t total_elements = 0;
-  for (const int64_t n : numels) total_elements += n;
-  // (at::parallel_for's grain counts chunks, and a tensor of 4 elements is a whole chunk)
-  const int64_t grain = total_elements < kCpuParallelMinElements ? total_chunks + 1 : 1;
-  at::parallel_for(0, total_chunks, grain, [&](int64_t chunk_begin, int64_t chunk_end) {
-    size_t t = std::upper_bound(first_chunk.begin(), first_chunk.end(), chunk_begin) -
-               first_chunk.begin() - 1;
-    for (int64_t c = chunk_begin; c < chunk_end; ++c) {
-      while (c >= first_chunk[t + 1]) ++t;
-      const int64_t begin = (c - first_chunk[t]) * kCpuChunkElements;
-      body(t, begin, std::min(numels[t], begin + kCpuChunkElements));
+    for (int64_t begin = 0; begin < numels[t]; begin += kCpuChunkElements) {
+      const int64_t end = std::min(numels[t], begin + kCpuChunkElements);
+      if (unit_elements + (end - begin) > kCpuChunkElements) {
+        unit_starts.push_back(chunks.size());
+        unit_elements = 0;
+      }
+      unit_elements += end - begin;
+      chunks.push_back({t, begin, end});
     }
-  });
+    total_elements += numels[t];
+  }
+  const int64_t units = static_cast<int64_t>(unit_starts.size());
+  unit_starts.push_back(chunks.size());
+  const auto run_units = [&](int64_t first, int64_t last) {
+    for (size_t c = unit_starts[first]; c < unit_starts[last]; ++c) {
+      body(chunks[c].tensor, chunks[c].begin, chunks[c].end);
+    }
+  };
+  if (total_elements < kCpuParallelMinElements) {
+    run_units(0, units);
+    return;
+  }
+  at::parallel_for(0, units, 1, run_units);
 }
 
 // Takes each written tensor's writable pointer once, before a parallel region: the first one
