@@ -180,7 +180,7 @@ def _check_distinct_outputs(op: str, *named_lists: tuple[str, Sequence[Tensor]])
                 raise ValueError(f"{op}: {name}[{i}] has elements that share memory (an expanded "
                                  "view?); a tensor the call updates must not")
             try:
-                storage = torch.multiprocessing.reductions.StorageWeakRef(t.untyped_storage())
+                storage = t.untyped_storage()._cdata  # (the storage's address, fake or not)
             except (NotImplementedError, RuntimeError):  # (a tensor subclass without storage)
                 continue
             by_storage.setdefault(storage, []).append((name, i, t))
