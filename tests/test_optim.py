@@ -1247,6 +1247,9 @@ def test_empty_state_entries_load_as_no_state():
     assert opt.state[params[1]] == {}  # a read: an empty entry
     saved = opt.state_dict()
     assert saved["state"][1] == {}
+    fresh = lion_ops.Lion8bit(params, lr=0.1, min_8bit_size=256)
+    assert fresh.state[params[0]] == {} and fresh.state[params[1]] == {}
+    fresh.load_state_dict(fresh.state_dict())  # nothing but empty entries: no state
     for resumed in (lion_ops.Lion8bit(params, lr=0.1, min_8bit_size=256), opt):
         resumed.load_state_dict(saved)
         assert not resumed.state.get(params[1])
@@ -2198,7 +2201,8 @@ def test_a_step_under_fake_tensor_mode_leaves_later_steps_real():
 
 
 
-@pytest.mark.parametrize("swap", ["inference tensor", "another param's memory"])
+@pytest.mark.parametrize("swap", ["inference tensor", "another param's memory",
+                                  "in the largest call, another call's memory"])
 def test_a_param_swapped_through_data_in_a_smaller_call_is_refused_before_anything_changes(swap):
     """A planned step leaves its largest call's params to that call's operator; the others'
     addresses are compared with the plan's, so that a param given other memory through .data
@@ -2207,7 +2211,8 @@ def test_a_param_swapped_through_data_in_a_smaller_call_is_refused_before_anythi
     twice)."""
     torch.manual_seed(0)
     weights = [torch.nn.Parameter(torch.randn(64, 64)) for _ in range(3)]
-    bias = torch.nn.Parameter(torch.randn(64))
+    backing = torch.randn(64 * 64)
+    bias = torch.nn.Parameter(backing[:64])
     opt = Lion([{"params": weights, "weight_decay": 0.1},
                 {"params": [bias], "weight_decay": 0.0}], lr=1e-3)
     for _ in range(2):
@@ -2218,9 +2223,12 @@ def test_a_param_swapped_through_data_in_a_smaller_call_is_refused_before_anythi
         with torch.inference_mode():
             bias.data = torch.randn(64)
         message = "inference tensor"
-    else:
+    elif swap == "another param's memory":
         bias.data = weights[0].data[0]
         message = "shares part of its memory|starts at the same memory"
+    else:  # the weights' call, which its operator checks, takes the bias's memory
+        weights[1].data = backing.view(64, 64)
+        message = "starts at the same memory"
     _set_random_grads(weights + [bias])
     snapshot = _snapshot(opt, weights)
     with pytest.raises(RuntimeError, match=message):

@@ -595,3 +595,33 @@ def test_get_config_applies_overrides_as_bitsandbytes():
     assert ours.get_config(0, 2, group)["optim_bits"] == 8
     manager.override_config(linear.bias, "lr", 0.125)  # after the optimizer was made
     assert ours.get_config(0, 2, group)["lr"] == 0.125
+
+
+def test_a_new_param_at_a_freed_params_address_does_not_inherit_its_override():
+    """Positions are compared by id (an optimizer keeps no dropped param alive); a new param
+    can take a freed one's id, so an overridden position also checks that its param is the
+    one the override was resolved for."""
+    import gc
+    body, head = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+    opt = Lion([body, head], lr=0.1)
+    GlobalOptimManager.get_instance().override_config(head, "lr", 0.0)
+    for p in (body, head):
+        p.grad = torch.ones(4)
+    opt.step()
+    old_id = id(head)
+    del opt.state[head], p
+    opt.param_groups[0]["params"].pop()
+    del head
+    gc.collect()
+    kept = []
+    for _ in range(1000):  # CPython reuses the freed object's memory soon
+        new_head = torch.nn.Parameter(torch.zeros(4))
+        if id(new_head) == old_id:
+            break
+        kept.append(new_head)
+    else:
+        pytest.skip("no new param took the freed one's id")
+    opt.param_groups[0]["params"].append(new_head)
+    new_head.grad, body.grad = torch.ones(4), torch.ones(4)
+    opt.step()
+    assert torch.equal(new_head.detach(), torch.full((4,), -0.1))  # lr 0.1: no override

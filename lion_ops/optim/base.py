@@ -462,16 +462,22 @@ class LionOptimizerBase(BitsandbytesOptimizerAPI, torch.optim.Optimizer):
             for position, entry in overrides.items())
         self._overrides = old if unchanged else overrides
         # What the positions were resolved for: a step after params were inserted, removed or
-        # moved in param_groups (torch allows editing them) resolves them again.
-        # (by id: an optimizer keeps no param alive that param_groups no longer hold)
+        # moved in param_groups (torch allows editing them) resolves them again. By id, as an
+        # optimizer keeps no param alive that param_groups no longer hold; an id can be a new
+        # param's once the first is freed, so overridden positions also keep a weak reference
+        # to their param (the manager keeps one too: swap_tensors refuses such params either way).
         self._overrides_resolved_for = [list(map(id, group["params"]))
                                         for group in self.param_groups]
+        self._overridden_params = [(gi, pi, weakref.ref(self.param_groups[gi]["params"][pi]))
+                                   for gi, pi in self._overrides]
 
     def _resolve_overrides_if_params_moved(self) -> None:
         resolved = getattr(self, "_overrides_resolved_for", None)
         groups = self.param_groups
         if resolved is None or len(resolved) != len(groups) or not all(
-                list(map(id, group["params"])) == ids for ids, group in zip(resolved, groups)):
+                list(map(id, group["params"])) == ids for ids, group in zip(resolved, groups)) \
+                or not all(groups[gi]["params"][pi] is param()
+                           for gi, pi, param in self._overridden_params):
             self._resolve_overrides()
 
     def _config(self, gi: int, pi: int) -> dict:
@@ -1005,12 +1011,13 @@ class LionOptimizerBase(BitsandbytesOptimizerAPI, torch.optim.Optimizer):
 
         new_state: defaultdict = defaultdict(dict)
         # An empty entry is a param without state yet (reading optimizer.state[p], a
-        # defaultdict, makes one), skipped as torch and bitsandbytes skip it; but a state
-        # dict of nothing but empty entries is what torch.distributed.checkpoint's flattened
-        # layout gives a fresh optimizer, refused (by _load_param_state) rather than loaded as
-        # no state at all.
+        # defaultdict, makes one), skipped as torch and bitsandbytes skip it; but empty
+        # entries under parameter names (not state_dict()'s indices) and nothing else are what
+        # torch.distributed.checkpoint's flattened layout gives a fresh optimizer, refused (by
+        # _load_param_state, saying why) rather than loaded as no state at all.
         entries = state_dict["state"]
-        skip_empty = not all(entry == {} for entry in entries.values())
+        skip_empty = not all(entry == {} for entry in entries.values()) or all(
+            isinstance(key, int) for key in entries)
         for key, saved_state in entries.items():
             if key not in id_to_param:
                 raise ValueError(f"{where}: the state dict has state for param id {key!r}, "
@@ -1349,6 +1356,9 @@ class _StepPlan:
             group_id, param_ids, without_grad, checks = self.groups[position]
             checks = [checks[i]] + checks[:i] + checks[i + 1:]
             checks[0].checked_by_operator = True
+            # Its operator refuses memory shared within the call; another call's params could
+            # share its params' memory only after a .data swap, which moves their addresses.
+            checks[0].compares_addresses = sum(len(g[3]) for g in self.groups) > 1
             self.groups[position] = (group_id, param_ids, without_grad, checks)
             self.order.remove(position)
             self.order.insert(0, position)
@@ -1418,16 +1428,19 @@ def _addresses(params: list) -> list[int] | None:
 
 class _PlannedCall:
     """What a planned step keeps of one call, and checks: where its params are (positions in
-    their group and in optimizer.state's order), the ids of their state tensors, and unless
-    its operator checks them, the params' dtype, shape, device and address and their grads'
-    dtype, shape, device and layout. (A param whose memory was swapped through `.data` may
-    now overlap another call's or be an inference tensor, which the full check refuses
-    before anything is modified; within the operator-checked call, its operator refuses
-    both before writing.)"""
+    their group and in optimizer.state's order), the ids of their state tensors, the params'
+    addresses (where the step has more than one call), and unless its operator checks them,
+    the params' dtype, shape and device and their grads' dtype, shape, device and layout. A
+    param given other memory through `.data` may now overlap another call's param or be an
+    inference tensor: its moved address sends the step to the full check, which refuses
+    either before anything is modified. What keeps a param's address, or a state tensor's
+    identity (a state tensor's own `.data` replaced, a param's strides changed in place), is
+    left to the operators, each of which refuses bad input before it writes, but after the
+    step's earlier calls."""
 
     __slots__ = ("kind", "device", "config", "qmap", "sharded", "positions", "state_positions",
                  "held", "param_metadata", "grad_metadata", "addresses", "shardings", "paged",
-                 "checked_by_operator")
+                 "checked_by_operator", "compares_addresses")
 
     def __init__(self, optimizer: LionOptimizerBase, call: _Call, param_position: dict,
                  state_position: dict, watch):
@@ -1456,6 +1469,7 @@ class _PlannedCall:
         self.paged = None if call.paged is None else [
             i for i, p in enumerate(call.params) if optimizer._pages(p)]
         self.checked_by_operator = False
+        self.compares_addresses = self.addresses is not None
 
     def call(self, group_params: list, state_values: list) -> tuple[_Call, list] | None:
         """The call as this step makes it, with its grads, if the plan holds for it (given
@@ -1471,9 +1485,9 @@ class _PlannedCall:
             current = tensors[key] = list(map(dict.get, states, repeat(key)))
             if list(map(id, current)) != ids:
                 return None
+        if self.compares_addresses and _addresses(params) != self.addresses:
+            return None
         if not self.checked_by_operator:
-            if self.addresses is not None and _addresses(params) != self.addresses:
-                return None
             # Lists of tuples compared in C: equal dtypes and layouts are the same objects.
             if list(map(_grad_metadata, grads)) != self.grad_metadata \
                     or list(map(_param_metadata, params)) != self.param_metadata:
