@@ -1358,7 +1358,8 @@ class _StepPlan:
             checks[0].checked_by_operator = True
             # Its operator refuses memory shared within the call; another call's params could
             # share its params' memory only after a .data swap, which moves their addresses.
-            checks[0].compares_addresses = sum(len(g[3]) for g in self.groups) > 1
+            checks[0].compares_addresses = checks[0].addresses is not None and sum(
+                len(g[3]) for g in self.groups) > 1
             self.groups[position] = (group_id, param_ids, without_grad, checks)
             self.order.remove(position)
             self.order.insert(0, position)
