@@ -168,9 +168,33 @@ def _check_grad_scales(op: str, grad_scales, params) -> None:
                          f"{grad_scales.device}")
 
 
+def byte_span(t: Tensor, begin: int) -> tuple[int, int, bool]:
+    """(begin, end, dense) of the bytes a tensor's elements lie in, given where its first
+    element is: dense when its elements fill them (in any order)."""
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    dense = t.is_contiguous() or _prims_common.is_non_overlapping_and_dense_or_false(t)
+    return begin, begin + (last + 1) * t.element_size(), dense
+
+
+def first_shared_memory(spans: list[tuple]) -> tuple[tuple, tuple] | None:
+    """The first two of `spans` ((begin, end, dense, ...), in one address space) that share
+    memory as the kernels judge it (native/lion_batch.cpp, check_distinct_outputs): they start
+    at one place, or their ranges meet and both fill them. Views with gaps whose ranges
+    interleave (columns of one matrix) are compared by their first element only, as torch's
+    own overlap checks do. In order of their starts, then of `spans`."""
+    reach = []  # spans whose ends lie past the current one's start
+    for span in sorted(spans, key=lambda span: span[0]):
+        reach = [other for other in reach if other[1] > span[0]]
+        for other in reach:
+            if other[0] == span[0] or (other[2] and span[2]):
+                return other, span
+        reach.append(span)
+    return None
+
+
 def _check_distinct_outputs(op: str, *named_lists: tuple[str, Sequence[Tensor]]) -> None:
     """The kernels' check that no memory is written twice, where a fake can tell: tensors of
-    one storage whose elements start at one place, or whose byte ranges meet and fill them."""
+    one storage (their offsets in it stand for addresses)."""
     by_storage: dict = {}
     for name, tensors in named_lists:
         for i, t in enumerate(tensors):
@@ -183,25 +207,16 @@ def _check_distinct_outputs(op: str, *named_lists: tuple[str, Sequence[Tensor]])
                 storage = t.untyped_storage()._cdata  # (the storage's address, fake or not)
             except (NotImplementedError, RuntimeError):  # (a tensor subclass without storage)
                 continue
-            by_storage.setdefault(storage, []).append((name, i, t))
-    for members in by_storage.values():
-        if len(members) < 2:
-            continue
-        ranges = []
-        for name, i, t in members:
-            begin = t.storage_offset() * t.element_size()
-            last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-            dense = t.is_contiguous() or _prims_common.is_non_overlapping_and_dense_or_false(t)
-            ranges.append((begin, begin + (last + 1) * t.element_size(), dense, name, i))
-        ranges.sort(key=lambda r: r[0])
-        for k, (begin, _, dense, name, i) in enumerate(ranges):
-            for other_begin, other_end, other_dense, other_name, j in ranges[:k]:
-                if other_end > begin and (other_begin == begin or (dense and other_dense)):
-                    what = ("are the same memory (one tensor passed twice?)"
-                            if other_begin == begin else
-                            "share part of their memory (overlapping views of one tensor?)")
-                    raise ValueError(f"{op}: {other_name}[{j}] and {name}[{i}] {what}; every "
-                                     "tensor the call updates must have memory of its own")
+            span = byte_span(t, t.storage_offset() * t.element_size())
+            by_storage.setdefault(storage, []).append((*span, f"{name}[{i}]"))
+    for spans in by_storage.values():
+        shared = first_shared_memory(spans) if len(spans) > 1 else None
+        if shared is not None:
+            first, second = shared
+            what = ("are the same memory (one tensor passed twice?)" if first[0] == second[0]
+                    else "share part of their memory (overlapping views of one tensor?)")
+            raise ValueError(f"{op}: {first[3]} and {second[3]} {what}; every tensor the call "
+                             "updates must have memory of its own")
 
 
 def lion_update_32bit(

@@ -138,6 +138,19 @@ def test_prefetch_paged_keeps_values(device, to_host, dtype):
     ops.prefetch_paged([])  # nothing to do, and no device to dispatch on
 
 
+def test_prefetch_paged_changes_no_version_and_takes_tensors_that_require_grad(device):
+    """Prefetching moves pages, not values: a backward that saved the tensor still runs, and
+    a param that requires grad can be prefetched with grad mode on."""
+    w = torch.randn(8, 8, device=device, requires_grad=True)
+    x = torch.randn(2, 8, device=device, requires_grad=True)
+    y = (x @ w).sum()  # saves w for x.grad
+    version = w._version
+    ops.prefetch_paged([w])
+    assert w._version == version
+    y.backward()
+    assert x.grad is not None
+
+
 def test_prefetch_paged_refuses_mixed_devices_and_sparse():
     with pytest.raises(ValueError, match="one device"):
         torch.ops.lion.prefetch_paged.default([torch.zeros(2), torch.zeros(2, device="meta")])
@@ -148,6 +161,10 @@ def test_prefetch_paged_refuses_mixed_devices_and_sparse():
 def test_paging_support_on_the_cpu():
     assert ops.paging_support("cpu") == ops.PAGING_NONE
     assert ops.paging_support(torch.device("cpu")) == ops.PAGING_NONE
+    # Under torch.compile the answer is a constant taken when the graph is traced.
+    compiled = torch.compile(lambda x: x + ops.paging_support(x.device), backend="eager",
+                             fullgraph=True)
+    assert torch.equal(compiled(torch.zeros(3)), torch.full((3,), float(ops.PAGING_NONE)))
 
 
 def test_zeros_paged_like_in_compiled_and_exported_graphs(device):

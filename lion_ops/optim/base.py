@@ -56,11 +56,6 @@ def _is_dtensor(t: Any) -> bool:
     return dtensor is not None and isinstance(t, dtensor.DTensor)
 
 
-def _is_dense(t: Tensor) -> bool:
-    """Whether t's elements fill the bytes from its first to its last (any order)."""
-    return torch._prims_common.is_non_overlapping_and_dense_or_false(t)
-
-
 def _local(t: Tensor) -> Tensor:
     """This rank's shard of a DTensor (the operators update shards in place), else t. Read
     from the private attribute, as FSDP2 itself does: DTensor.to_local() is an autograd
@@ -637,37 +632,28 @@ class LionOptimizerBase(BitsandbytesOptimizerAPI, torch.optim.Optimizer):
                     local = _local(tensor)
                     if local.numel() == 0 or local.device.type == "meta":  # (no addresses)
                         continue
-                    contiguous = local.is_contiguous()
-                    if not contiguous and torch._debug_has_internal_overlap(local) == 1:
+                    if not local.is_contiguous() \
+                            and torch._debug_has_internal_overlap(local) == 1:
                         raise RuntimeError(
                             f"{where}: {what} of {_describe(group, group_index, index, p)} has "
                             "elements that share memory (an expanded tensor?); a step would "
                             "update them more than once")
-                    begin = local.data_ptr()
-                    last = sum((size - 1) * stride
-                               for size, stride in zip(local.shape, local.stride()))
-                    dense = contiguous or _is_dense(local)
-                    spans[device].append((begin, begin + (last + 1) * local.element_size(),
-                                          dense, group_index, index, what))
+                    spans[device].append((*ops.byte_span(local, local.data_ptr()),
+                                          group_index, index, what))
         for device_spans in spans.values():
-            device_spans.sort(key=lambda span: span[0])
-            reach = []  # spans whose ends lie past the current span's start
-            for span in device_spans:
-                begin, _, dense, group_index, index, what = span
-                reach = [other for other in reach if other[1] > begin]
-                for other_begin, _, other_dense, gi, pi, other_what in reach:
-                    if other_begin != begin and not (dense and other_dense):
-                        continue
-                    group, first = self.param_groups[group_index], self.param_groups[gi]
-                    how = ("starts at the same memory as" if other_begin == begin
-                           else "shares part of its memory with")
-                    raise RuntimeError(
-                        f"{where}: {what} of "
-                        f"{_describe(group, group_index, index, group['params'][index])} {how} "
-                        f"{other_what} of {_describe(first, gi, pi, first['params'][pi])}; a "
-                        "step would update that memory twice (tie weights by sharing one "
-                        "Parameter)")
-                reach.append(span)
+            shared = ops.first_shared_memory(device_spans)
+            if shared is None:
+                continue
+            (begin, _, _, gi, pi, other_what), (other_begin, _, _, group_index, index, what) = \
+                shared
+            group, first = self.param_groups[group_index], self.param_groups[gi]
+            how = "starts at the same memory as" if begin == other_begin \
+                else "shares part of its memory with"
+            raise RuntimeError(
+                f"{where}: {what} of "
+                f"{_describe(group, group_index, index, group['params'][index])} {how} "
+                f"{other_what} of {_describe(first, gi, pi, first['params'][pi])}; a step would "
+                "update that memory twice (tie weights by sharing one Parameter)")
 
     def _check_override_tensors(self, where: str) -> None:
         """A GlobalOptimManager override's CPU tensor hyperparameters, checked as a group's
@@ -1320,10 +1306,16 @@ class _StepPlan:
 
     def __init__(self, optimizer: LionOptimizerBase, plans: list[tuple]):
         state = optimizer.state
-        # Cleared when a watched param or state tensor dies (the callbacks hold no plan).
+        # Cleared when a watched state tensor dies (the callback holds no plan).
         self.alive = alive = [True]
-        self.watches = []
-        watch = functools.partial(self._watch, self.watches, alive)
+
+        def died(_):
+            alive[0] = False
+
+        self.watches = watches = []
+
+        def watch(tensors):
+            watches.extend(weakref.ref(t, died) for t in tensors)
         self.state_id, self.overrides = id(state), optimizer._overrides
         # Checked with inference mode on, inference tensors were allowed (the full check).
         self.inference_mode = torch.is_inference_mode_enabled()
@@ -1363,12 +1355,6 @@ class _StepPlan:
             self.groups[position] = (group_id, param_ids, without_grad, checks)
             self.order.remove(position)
             self.order.insert(0, position)
-
-    @staticmethod
-    def _watch(watches: list, alive: list, tensors: list) -> None:
-        def died(_, alive=alive):
-            alive[0] = False
-        watches.extend(weakref.ref(t, died) for t in tensors)
 
     def run(self, optimizer: LionOptimizerBase) -> bool:
         """Runs the step if the plan still holds; False (nothing done) if it does not."""
