@@ -1,6 +1,7 @@
 // Every schema of the `lion` operator library, one line of comment each. Kernels are
 // registered per backend in cpu/ and cuda/; fake (meta) implementations are in
 // lion_ops/ops.py, which set_python_module names so torch can point users to it.
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
