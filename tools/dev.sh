@@ -27,7 +27,10 @@ setup() {
     2> >(grep -v "^WARNING: Location" >&2)
   echo "== building lion_ops (LION_OPS_CUDA=${LION_OPS_CUDA:-AUTO})"
   # No build isolation: the library must be built against the torch installed above.
-  "$py" -m pip install -q --disable-pip-version-check --no-build-isolation . \
+  # A build folder per venv: CMake caches the torch it found, and two venvs with different
+  # torch versions must not share one.
+  "$py" -m pip install -q --disable-pip-version-check --no-build-isolation \
+    --config-settings=build-dir="build/$(basename "$venv")-{wheel_tag}" . \
     2> >(grep -v "^WARNING: Location" >&2)
 }
 

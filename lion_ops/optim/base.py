@@ -768,8 +768,10 @@ class LionOptimizerBase(BitsandbytesOptimizerAPI, torch.optim.Optimizer):
         if not compiling and not self.__dict__.get("_checked_bitsandbytes_overrides"):
             self._checked_bitsandbytes_overrides = True
             _warn_about_bitsandbytes_overrides(self)
-        self._step_plan = None
         if not compiling:
+            # (Not while compiling: Dynamo before torch 2.12 refuses setattr on an optimizer,
+            # and a plan checks itself against what a compiled step changed.)
+            self._step_plan = None
             self._resolve_overrides_if_params_moved()
         work = self._check_step_inputs(only)
         plans = [(group, self._group_calls(group_index, group, params) if params else [])
@@ -793,8 +795,9 @@ class LionOptimizerBase(BitsandbytesOptimizerAPI, torch.optim.Optimizer):
             entry = overrides.get((group_index, index)) if overrides else None
             config_id = entry[0] if entry is not None else -1
             buckets[(device, dtype, kind, config_id)].append((index, p, state))
-        return [_Call(self, kind, device, self._config(group_index, members[0][0]), members)
-                for (device, _, kind, _), members in buckets.items()]
+        return [_Call(self, kind, device, self._config(group_index, members[0][0]), config_id,
+                      members)
+                for (device, _, kind, config_id), members in buckets.items()]
 
     def _run_group(self, group: dict, calls: list[_Call], grads: list[list[Tensor]],
                    first_call_checks_its_grads: bool = False) -> None:
@@ -827,7 +830,9 @@ class LionOptimizerBase(BitsandbytesOptimizerAPI, torch.optim.Optimizer):
             # Keyed by where the values come from, never by the values: under torch.compile a
             # float that has changed is symbolic, and hashing it would guard on its value (a
             # recompile for every new value, as a schedule written into param_groups makes).
-            source = id(config) if any(k in config for k in _HYPERPARAMETER_KEYS) else None
+            # (By the config's number, not its id(): Dynamo before torch 2.12 cannot trace
+            # id() of a dict.)
+            source = call.config_id if any(k in config for k in _HYPERPARAMETER_KEYS) else None
             hyper = hyperparameters.get((device, source))
             if hyper is None:
                 beta1, beta2 = config.get("betas", group["betas"])
@@ -1239,12 +1244,14 @@ class _Call:
     """One operator call of a step: the params of one (device, dtype, state kind, override
     config) bucket of a param group, and their state tensors."""
 
-    __slots__ = ("kind", "device", "config", "params", "states", "steps", "momenta", "scales",
-                 "new_scales", "qmap", "paged", "sharded")
+    __slots__ = ("kind", "device", "config", "config_id", "params", "states", "steps",
+                 "momenta", "scales", "new_scales", "qmap", "paged", "sharded")
 
     def __init__(self, optimizer: LionOptimizerBase, kind: str, device: torch.device,
-                 config: dict, members: list[tuple[int, Tensor, dict]]):
-        self.kind, self.device, self.config = kind, device, config
+                 config: dict, config_id: int, members: list[tuple[int, Tensor, dict]]):
+        # config_id: the override config's number in optimizer._overrides (-1: none); equal
+        # numbers, equal configs.
+        self.kind, self.device, self.config, self.config_id = kind, device, config, config_id
         self.params = [p for _, p, _ in members]
         self.states = [state for _, _, state in members]
         self.steps = [s["step"] for s in self.states]
@@ -1425,14 +1432,14 @@ class _PlannedCall:
     left to the operators, each of which refuses bad input before it writes, but after the
     step's earlier calls."""
 
-    __slots__ = ("kind", "device", "config", "qmap", "sharded", "positions", "state_positions",
-                 "held", "param_metadata", "grad_metadata", "addresses", "shardings", "paged",
-                 "checked_by_operator", "compares_addresses")
+    __slots__ = ("kind", "device", "config", "config_id", "qmap", "sharded", "positions",
+                 "state_positions", "held", "param_metadata", "grad_metadata", "addresses",
+                 "shardings", "paged", "checked_by_operator", "compares_addresses")
 
     def __init__(self, optimizer: LionOptimizerBase, call: _Call, param_position: dict,
                  state_position: dict, watch):
         self.kind, self.device, self.config = call.kind, call.device, call.config
-        self.qmap, self.sharded = call.qmap, call.sharded
+        self.config_id, self.qmap, self.sharded = call.config_id, call.qmap, call.sharded
         self.positions = [param_position[id(p)] for p in call.params]
         self.state_positions = [state_position[id(p)] for p in call.params]
         # Per state entry any of the call's states holds: the id of each state's tensor (of
@@ -1486,6 +1493,7 @@ class _PlannedCall:
         call = _Call.__new__(_Call)
         call.kind, call.device, call.config, call.qmap = self.kind, self.device, self.config, \
             self.qmap
+        call.config_id = self.config_id
         call.params, call.states, call.sharded = params, states, self.sharded
         call.steps, call.momenta = tensors["step"], tensors["state1"]
         call.scales = tensors.get("absmax1" if self.kind == BLOCKWISE else "max1")
