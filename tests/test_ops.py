@@ -13,7 +13,7 @@ from scalar_loops import put_special_values, raw_bits, run_with_scalar_loops
 op = TensorHyperparameters(torch.ops.lion.lion_update_32bit.default)
 
 # Awkward sizes: empty, one element, no multiple of any vector width, several CPU chunks
-# (32768 elements) and several CUDA blocks (8192 elements) with a ragged tail.
+# (32768 elements) and several CUDA blocks (2048 elements) with a ragged tail.
 SHAPES = [(0,), (1,), (3,), (31, 3), (1000,), (4097,), (65, 1009), (2 * 32768 + 5,)]
 
 

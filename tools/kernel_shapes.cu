@@ -33,6 +33,7 @@ struct ShapeEntry {
 
 // The first is the library's (Production32bitShape, checked below).
 const ShapeEntry kShapes[] = {
+    LION_SHAPE(2048, 2, kStreaming),
     LION_SHAPE(8192, 1, kDefault),
     LION_SHAPE(8192, 2, kDefault),
     LION_SHAPE(8192, 4, kDefault),
@@ -47,11 +48,10 @@ const ShapeEntry kShapes[] = {
     LION_SHAPE(8192, 1, kStreaming),
     LION_SHAPE(8192, 2, kStreaming),
     LION_SHAPE(4096, 2, kStreaming),
-    LION_SHAPE(2048, 2, kStreaming),
 };
 constexpr int kShapeCount = sizeof(kShapes) / sizeof(kShapes[0]);
 static_assert(std::is_same_v<lion::cuda::Production32bitShape,
-                             Shape32bit<8192, 1, Caching::kDefault>>,
+                             Shape32bit<2048, 2, Caching::kStreaming>>,
               "kShapes[0] must be the library's shape");
 
 // Shapes of the blockwise 8-bit kernel, fp32 params only (what the benchmark's sets use):

@@ -128,7 +128,7 @@ void lion_update_32bit_cuda(at::TensorList params, at::TensorList grads, at::Ten
 
   FlatOperands flat({params, grads, momenta}, {true, false, true});
   for_each_batch(
-      *batch, flat, cuda::kElementsPerBlock,
+      *batch, flat, cuda::kElementsPer32bitBlock,
       [&](int32_t slot, size_t t) {
         batch->momenta[slot] = flat.get(2, t).data_ptr<float>();
         batch->grad_scale[slot] = scales != nullptr ? scales + t : nullptr;

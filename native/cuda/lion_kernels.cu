@@ -89,7 +89,7 @@ struct Shape32bit {
   static_assert(Span % (kThreads * kVec * Unroll) == 0,
                 "a block's span is whole rounds of Unroll packs per thread");
 };
-using Production32bitShape = Shape32bit<kElementsPerBlock, 1, Caching::kDefault>;
+using Production32bitShape = Shape32bit<kElementsPer32bitBlock, 2, Caching::kStreaming>;
 
 // A Pack<T> as the vector word the streaming intrinsics take (16 bytes for fp32, 8 for 16-bit).
 template <typename T>

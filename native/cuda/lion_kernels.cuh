@@ -17,8 +17,14 @@ enum class ParamType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 // Longer lists take several launches.
 constexpr int kMaxTensorsPerLaunch = 384;
 
-// Elements one thread block updates; a tensor of n elements gets ceil(n / this) blocks.
+// Elements one thread block of percentile clipping's norm and of blockwise quantization
+// covers; a tensor of n elements gets ceil(n / this) blocks.
 constexpr int64_t kElementsPerBlock = 8192;
+
+// Elements one thread block of the 32-bit update covers (Production32bitShape's span). On an
+// H200 (bench_results/h200/9f9f246-kernel-shapes.json), 2048 elements in rounds of two packs
+// with streaming hints beat 8192 one pack at a time by 4% to 8% on every benchmark set.
+constexpr int64_t kElementsPer32bitBlock = 2048;
 
 // A hyperparameter as the kernels take it: read at on_device when that is set (a tensor on
 // the params' device, so that changing it needs no host synchronization), else value (read
