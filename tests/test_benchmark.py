@@ -132,3 +132,34 @@ def test_targets_on_the_cpu_set_and_their_thresholds():
     # The CUDA targets are not applied to the CPU set, nor the CPU ones on CUDA.
     assert len(at) == 5 and _verdicts(report(100, 85, 100, 1700), cuda=True).keys() == {
         ("Lion8bit step time / Lion's <= 1.0", "gpt2"), (names[4], "tiny")}
+
+
+def test_host_timeline_splits_a_step_into_python_and_operator_time(tmp_path, capsys):
+    import host_timeline
+    out = tmp_path / "timeline.json"
+    assert host_timeline.main(["--device", "cpu", "--sets", "tiny", "--classes",
+                               "Lion,Lion8bit,PagedLion8bit", "--warmup", "1", "--repeats", "3",
+                               "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["sets"]["tiny"]) == {"Lion", "Lion8bit"}  # paged: CUDA only
+    for r in report["sets"]["tiny"].values():
+        parts = r["host_parts"]
+        assert parts["calls of lion_update_32bit"] == 1 and parts["calls of increment_steps"] == 1
+        timed = sum(v for k, v in parts.items() if not k.startswith("calls of "))
+        # The parts are medians of each part, the host time the median of their sums.
+        assert 0 < r["host_s"] and abs(timed - r["host_s"]) < 0.5 * r["host_s"]
+        assert r["device_step_s"] is None and r["kernel_s"] is None
+    assert "python before the first operator" in capsys.readouterr().out
+    # After the run the operators are lion_ops' own again.
+    from lion_ops import ops
+    assert ops.lion_update_32bit.__name__ == "lion_update_32bit"
+
+
+def test_host_timeline_split_of_recorded_stamps():
+    import host_timeline
+    parts = host_timeline.split_host_time(0.0, 10.0, [("a", 1.0, 3.0), ("b", 4.0, 8.0),
+                                                       ("a", 8.5, 9.0)])
+    assert parts == {"python before the first operator": 1.0, "op a": 2.5, "calls of a": 2,
+                     "op b": 4.0, "calls of b": 1, "python between operators": 1.5,
+                     "python after the last operator": 1.0}
+    assert list(parts)[-2:] == ["python between operators", "python after the last operator"]
