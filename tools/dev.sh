@@ -29,8 +29,10 @@ setup() {
   # No build isolation: the library must be built against the torch installed above.
   # A build folder per venv: CMake caches the torch it found, and two venvs with different
   # torch versions must not share one.
+  local venv_name
+  venv_name=$(basename "$venv")
   "$py" -m pip install -q --disable-pip-version-check --no-build-isolation \
-    --config-settings=build-dir="build/$(basename "$venv")-{wheel_tag}" . \
+    --config-settings=build-dir="build/${venv_name#.}-{wheel_tag}" . \
     2> >(grep -v "^WARNING: Location" >&2)
 }
 
