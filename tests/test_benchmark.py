@@ -90,8 +90,16 @@ def test_targets_of_a_recorded_gpu_run():
         ("Lion8bit step time / Lion's <= 1.0", "gpt2"): (0.924, True),
         ("Lion8bit step time / Lion's <= 1.0", "llama1b"): (0.875, True),
         ("Lion8bit step time / Lion's <= 1.0", "single16m"): (1.001, False),
+        ("Lion8bit back-to-back step time / Lion's <= 1.0", "gpt2"): (0.884, True),
+        ("Lion8bit back-to-back step time / Lion's <= 1.0", "llama1b"): (0.857, True),
+        ("Lion8bit back-to-back step time / Lion's <= 1.0", "single16m"): (0.9, True),
         ("lion_ops.Lion: fraction of the copy bandwidth >= 0.85", "llama1b"): (0.905, True),
         ("lion_ops.Lion8bit: fraction of the copy bandwidth >= 0.85", "llama1b"): (0.726, False),
+        # (back to back: the fraction scaled by the isolated over the back-to-back time)
+        ("lion_ops.Lion: back-to-back fraction of the copy bandwidth >= 0.85", "llama1b"):
+            (0.97, True),
+        ("lion_ops.Lion8bit: back-to-back fraction of the copy bandwidth >= 0.85", "llama1b"):
+            (0.795, False),
         ("lion_ops.Lion step time / every peer's < 1.0 (worst: lion_pytorch triton)",
          "llama1b"): (1.032, False),
         ("lion_ops.Lion8bit step time / every peer's < 1.0 (worst: lion_pytorch triton)",
@@ -132,6 +140,32 @@ def test_targets_on_the_cpu_set_and_their_thresholds():
     # The CUDA targets are not applied to the CPU set, nor the CPU ones on CUDA.
     assert len(at) == 5 and _verdicts(report(100, 85, 100, 1700), cuda=True).keys() == {
         ("Lion8bit step time / Lion's <= 1.0", "gpt2"), (names[4], "tiny")}
+
+
+def test_back_to_back_bandwidth_and_its_target():
+    """On a GPU each result has a back-to-back fraction of the copy bandwidth (its bytes over
+    its pipelined time), with its own 85% target beside the isolated step's."""
+    def result(median_s, pipelined_s):
+        return dict(status="ok", median_s=median_s, pipelined_s=pipelined_s,
+                    bytes_per_step=1000.0, achieved_bytes_per_s=1000.0 / median_s)
+
+    report = dict(sets=dict(llama1b=dict(bytes_fp32_state=1000.0, results={
+        "lion_ops.Lion": result(1.25, 1.0), "lion_ops.Lion8bit": result(1.5, 1.2)})))
+    benchmark.derive(report, copy_bw=1000.0, inplace_bw=None)
+    results = report["sets"]["llama1b"]["results"]
+    assert results["lion_ops.Lion"]["fraction_of_floor"] == pytest.approx(0.8)
+    assert results["lion_ops.Lion"]["fraction_of_floor_back_to_back"] == pytest.approx(1.0)
+    assert results["lion_ops.Lion8bit"]["fraction_of_floor_back_to_back"] == pytest.approx(
+        1 / 1.2)
+    verdicts = _verdicts(report, cuda=True)
+    assert verdicts[("lion_ops.Lion: fraction of the copy bandwidth >= 0.85", "llama1b")] == (
+        0.8, False)
+    assert verdicts[("lion_ops.Lion: back-to-back fraction of the copy bandwidth >= 0.85",
+                     "llama1b")] == (1.0, True)
+    assert verdicts[("lion_ops.Lion8bit: back-to-back fraction of the copy bandwidth >= 0.85",
+                     "llama1b")] == (0.833, False)
+    assert verdicts[("Lion8bit back-to-back step time / Lion's <= 1.0", "llama1b")] == (
+        1.2, False)
 
 
 def test_host_timeline_splits_a_step_into_python_and_operator_time(tmp_path, capsys):
