@@ -11,7 +11,8 @@
 # also in $OUT/gpu_check.log; the build's in $OUT/build.log; test results in
 # $OUT/junit-*.xml; the benchmarks in $OUT/bench.{json,png} and $OUT/bench-cpu.json; Nsight
 # Compute's kernel metrics (when ncu is installed) in $OUT/ncu.csv, and its sections (unit
-# throughput, occupancy, warp stalls) of the update kernels in $OUT/ncu-sections.csv.
+# throughput, occupancy, warp stalls) of the update kernels in $OUT/ncu-sections.csv. At the
+# end the JUnit reports, build log and ncu sections are packed into $OUT/extras.tar.gz.
 # The whole run is kept within GPU_CHECK_BUDGET seconds (default 540, 9 minutes): each
 # stage's time limit is cut so that the later stages keep some time (the benchmark about 240 s).
 set -uo pipefail  # no -e: a failing stage is recorded and the next one runs
@@ -24,7 +25,7 @@ OUT=$(cd "$OUT" && pwd)  # absolute: stages run in other directories
 # Results of an earlier run in the same folder must not pass for this run's.
 rm -f "$OUT"/junit-*.xml "$OUT"/bench.json "$OUT"/bench.png "$OUT"/build.log "$OUT"/ncu.csv \
   "$OUT"/ncu-sections.csv "$OUT"/bench-cpu.json "$OUT"/kernel-shapes.json \
-  "$OUT"/host-timeline.json
+  "$OUT"/host-timeline.json "$OUT"/extras.tar.gz
 LOG=$OUT/gpu_check.log
 BUDGET=${GPU_CHECK_BUDGET:-540}
 PY=${PYTHON:-$(command -v python || command -v python3)}
@@ -389,7 +390,21 @@ main() {
   fi
 
   summary
+  bundle_extras
   return "$FAILED"
+}
+
+# The GPU machine's tool returns at most 8 files from $OUT (at 23ce9b5 it dropped ncu.csv): the
+# JUnit reports, the build log and the Nsight Compute sections (all summarized in the log) go
+# into one archive, extras.tar.gz, leaving at most 8 files.
+bundle_extras() {
+  local extras=() f
+  for f in "$OUT"/junit-*.xml "$OUT"/build.log "$OUT"/ncu-sections.csv; do
+    [ -f "$f" ] && extras+=("$(basename "$f")")
+  done
+  ((${#extras[@]})) || return 0
+  tar -C "$OUT" -czf "$OUT/extras.tar.gz" "${extras[@]}" && (cd "$OUT" && rm -f "${extras[@]}")
+  echo "(${extras[*]} are in $OUT/extras.tar.gz)"
 }
 
 main "$@" 2>&1 | tee "$LOG"
