@@ -769,12 +769,11 @@ def test_8bit_state_bytes_per_param(reloaded):
         opt.load_state_dict(checkpoint)
     counted = set()
     per_param = [state_bytes(opt.state[p], counted) for p in params]
-    # Every state tensor counts: codes (1 byte each), absmax (4 bytes per 256), the step
-    # counters, and the 256-entry map; the map and the counters (the elements of one tensor)
-    # are counted once for the optimizer, with the first param, since all params share them.
+    # Every state tensor counts: codes (1 byte each), absmax (4 bytes per 256), the step,
+    # and the 256-entry map, counted once for the optimizer since all params share it.
     qmap = opt.state[params[0]]["qmap1"]
     assert opt.state[params[1]]["qmap1"].data_ptr() == qmap.data_ptr()
-    assert per_param[0] - per_param[1] == qmap.nbytes + 4 * len(params) == 256 * 4 + 8
+    assert per_param[0] - per_param[1] == qmap.nbytes == 256 * 4
     bytes_per_element = sum(per_param) / sum(p.numel() for p in params)
     assert bytes_per_element <= 1.02, f"{bytes_per_element:.4f} bytes per param element"
 

@@ -233,10 +233,10 @@ def test_compiled_training_step_breaks_only_in_torch(device):
 
 
 @pytest.mark.parametrize("cls, kwargs", [(Lion, {}), (lion_ops.Lion8bit, {"min_8bit_size": 100})])
-def test_compiled_steps_after_eager_ones_count_on_the_shared_counters(device, cls, kwargs):
-    """State made by eager steps, whose step counters are the elements of one tensor per
-    device (views of it), then fullgraph-compiled steps with the lr changing: one graph, and
-    params, state and counters bit for bit those of eager steps."""
+def test_compiled_steps_after_eager_steps_continue_them(device, cls, kwargs):
+    """State made by eager steps (with their step plan), then fullgraph-compiled steps with
+    the lr changing: one graph, and params, state and step counters bit for bit those of
+    eager steps."""
     batches = _batches(device, 6)
     model, reference = _model(device), _model(device)
     opt, ref_opt = (cls(m.parameters(), lr=torch.tensor(0.01), weight_decay=0.1, **kwargs)
@@ -254,9 +254,6 @@ def test_compiled_steps_after_eager_ones_count_on_the_shared_counters(device, cl
             _loss(m, batch).backward()
         if i < 2:
             opt.step()
-            counters = [opt.state[p]["step"] for p in model.parameters()]
-            assert counters[0]._base is not None
-            assert all(c._base is counters[0]._base for c in counters)
         else:
             compiled_step()
         ref_opt.step()
@@ -266,7 +263,6 @@ def test_compiled_steps_after_eager_ones_count_on_the_shared_counters(device, cl
         assert int(opt.state[p]["step"]) == int(ref_opt.state[q]["step"]) == 6
         for key, value in ref_opt.state[q].items():
             assert torch.equal(opt.state[p][key], value), key
-    assert opt.state[next(model.parameters())]["step"]._base is not None
 
 
 @pytest.mark.slow

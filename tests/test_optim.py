@@ -1581,49 +1581,6 @@ def test_planned_steps_equal_fully_checked_steps(monkeypatch, config):
     assert len(checks) == 3
 
 
-def test_planned_steps_count_their_params_with_one_add(monkeypatch, device):
-    """The step counters of params that start together are the elements of one tensor per
-    device, which a planned step counts with one add_ rather than an operator call over every
-    counter. A step without a param's grad counts each counter that steps; so do steps after a
-    counter was replaced; counters loaded from a state_dict are gathered into one tensor."""
-    params = [torch.nn.Parameter(torch.randn(n, device=device)) for n in (5, 5000, 7)]
-    groups = [{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.1}]
-    counted = []  # the number of counters in each increment_steps call
-    original = lion_ops.ops.increment_steps
-    monkeypatch.setattr(lion_ops.ops, "increment_steps",
-                        lambda steps: counted.append(len(steps)) or original(steps))
-
-    def steps(opt, without=()):
-        for i, p in enumerate(params):
-            p.grad = None if i in without else torch.randn_like(p)
-        opt.step()
-        return [int(opt.state[p]["step"]) for p in params]
-
-    opt = Lion8bit(groups, lr=0.1, min_8bit_size=1000)
-    # The first step (the full check) counts each group's counters in one call.
-    assert steps(opt) == [1, 1, 1] and counted == [2, 1]
-    counters = [opt.state[p]["step"] for p in params]
-    shared = counters[0]._base
-    assert shared is not None and shared.shape == (3,) and shared.device.type == device.type
-    assert all(c._base is shared and c.dim() == 0 for c in counters)
-    counted.clear()
-    assert steps(opt) == [2, 2, 2] and steps(opt) == [3, 3, 3] and counted == []
-    assert steps(opt, without=[1]) == [4, 3, 4] and steps(opt, without=[1]) == [5, 3, 5]
-    assert counted == [1, 1, 1, 1]  # (the shared tensor holds a counter that does not step)
-    counted.clear()
-    assert steps(opt) == [6, 4, 6] and steps(opt) == [7, 5, 7] and counted == [2, 1]
-    counted.clear()
-    opt.state[params[0]]["step"] = torch.tensor(10.0, device=device)
-    assert steps(opt) == [11, 6, 8] and steps(opt) == [12, 7, 9] and counted == [2, 1, 2, 1]
-
-    reloaded = Lion8bit(groups, lr=0.1, min_8bit_size=1000)
-    reloaded.load_state_dict(opt.state_dict())
-    counters = [reloaded.state[p]["step"] for p in params]
-    assert counters[0]._base is not None and all(c._base is counters[0]._base for c in counters)
-    counted.clear()
-    assert steps(reloaded) == [13, 8, 10] and steps(reloaded) == [14, 9, 11] and counted == [2, 1]
-
-
 def test_planned_steps_follow_new_groups_overrides_and_loaded_state():
     from lion_ops.optim import GlobalOptimManager
     GlobalOptimManager.get_instance().initialize()

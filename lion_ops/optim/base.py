@@ -700,11 +700,10 @@ class LionOptimizerBase(BitsandbytesOptimizerAPI, torch.optim.Optimizer):
         return qmap
 
     @_outside_inference_mode
-    def _init_state(self, p: Tensor, config: dict, step_counter: Tensor | None = None) -> None:
+    def _init_state(self, p: Tensor, config: dict) -> None:
         state = self.state[p]
         state.clear()  # (init_state on a param that has state: none of the old kind is kept)
-        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device) \
-            if step_counter is None else step_counter
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         if config.get("percentile_clipping", self.percentile_clipping) < 100:
             state["gnorm_vec"] = _fresh_gnorm_history(p.device)
         kind = self._state_kind(p, config)
@@ -775,30 +774,22 @@ class LionOptimizerBase(BitsandbytesOptimizerAPI, torch.optim.Optimizer):
             self._step_plan = None
             self._resolve_overrides_if_params_moved()
         work = self._check_step_inputs(only)
-        # (Eager steps: the counters of the params that start now are elements of one tensor
-        # per device, which a planned step counts with one add_.)
-        counters = None if compiling or only is not None else _shared_step_counters(
-            [(id(p), device) for _, _, params in work
-             for _, p, _, kind, device, _ in params if kind is None])
-        plans = [(group, self._group_calls(group_index, group, params, counters) if params
-                  else []) for group_index, group, params in work]
+        plans = [(group, self._group_calls(group_index, group, params) if params else [])
+                 for group_index, group, params in work]
         self._check_clipping_counters(plans)
         for group, calls in plans:
             self._run_group(group, calls, [[p.grad for p in call.params] for call in calls])
         if not compiling and only is None:
             self._step_plan = _StepPlan(self, plans)
 
-    def _group_calls(self, group_index: int, group: dict, params: list[tuple],
-                     counters: dict[int, Tensor] | None = None) -> list[_Call]:
+    def _group_calls(self, group_index: int, group: dict, params: list[tuple]) -> list[_Call]:
         """The operator calls of a group's step, one per (device, dtype, state kind, override
-        config), initializing the state of params on their first step (with their step
-        counters from `counters`, by id of param, where given)."""
+        config), initializing the state of params on their first step."""
         buckets: dict[tuple, list[tuple[int, Tensor, dict]]] = defaultdict(list)
         overrides = self._overrides
         for index, p, state, kind, device, dtype in params:
             if kind is None:  # first step of this param
-                self._init_state(p, self._config(group_index, index),
-                                 counters.get(id(p)) if counters else None)
+                self._init_state(p, self._config(group_index, index))
                 state = self.state[p]
                 kind = _kind_of_state(state)
             entry = overrides.get((group_index, index)) if overrides else None
@@ -809,14 +800,13 @@ class LionOptimizerBase(BitsandbytesOptimizerAPI, torch.optim.Optimizer):
                 for (device, _, kind, config_id), members in buckets.items()]
 
     def _run_group(self, group: dict, calls: list[_Call], grads: list[list[Tensor]],
-                   first_call_checks_its_grads: bool = False, count_steps: bool = True) -> None:
+                   first_call_checks_its_grads: bool = False) -> None:
         """Issues a group's calls (grads[i]: the grads of calls[i]'s params), reading the
         hyperparameters that may change between steps (lr, betas, weight_decay,
         percentile_clipping) now. With first_call_checks_its_grads (a planned step), the first
         call's params and grads were not checked in Python: its operator, which checks every
         input before writing anything, is the first thing to modify anything, and a refusal
-        is explained by the full check. Without count_steps (a planned step that counts all
-        its params at once), the step counters are left to the caller."""
+        is explained by the full check."""
         percentiles = [call.config.get("percentile_clipping", self.percentile_clipping)
                        for call in calls]
         # Percentile clipping reads the step counters (the history slot), so they are counted
@@ -867,7 +857,7 @@ class LionOptimizerBase(BitsandbytesOptimizerAPI, torch.optim.Optimizer):
                 if index == 0 and first_call_checks_its_grads:
                     self._explain_refused_update()
                 raise
-        if not clipping and count_steps:
+        if not clipping:
             self._increment_steps(calls)
 
     def _check_clipping_counters(self, plans: list[tuple[dict, list[_Call]]]) -> None:
@@ -1047,7 +1037,6 @@ class LionOptimizerBase(BitsandbytesOptimizerAPI, torch.optim.Optimizer):
             new_group["betas"] = tuple(new_group["betas"])
             new_group.setdefault("eps", 0.0)
             param_groups.append(new_group)
-        _gather_step_counters(new_state.values())
         self.__setstate__({"state": new_state, "param_groups": param_groups})
         self._resolve_overrides()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -1238,58 +1227,6 @@ def _read_step_counters(counters) -> list[int | float | None]:
     return values
 
 
-@_outside_inference_mode
-def _shared_step_counters(entries: list[tuple[int, torch.device]]) -> dict[int, Tensor] | None:
-    """Zeroed float32 step counters for the params of `entries` ((id of param, device)), by id
-    of param: the elements of one tensor per device, so that a planned step counts them all
-    with one add_ (counting each in its own tensor takes an operator call over all of them:
-    about 0.1 us per param on a CPU, 0.3 us on a GPU's host, where a step over one param
-    costs tens of us). None where there are none, or under a FakeTensorMode."""
-    if not entries or _get_current_dispatch_mode() is not None:
-        return None
-    by_device: dict[torch.device, list[int]] = defaultdict(list)
-    for key, device in entries:
-        by_device[device].append(key)
-    counters: dict[int, Tensor] = {}
-    for device, keys in by_device.items():
-        counters.update(zip(keys, torch.zeros(len(keys), dtype=torch.float32,
-                                               device=device).unbind()))
-    return counters
-
-
-@_outside_inference_mode
-def _gather_step_counters(states) -> None:
-    """Puts the step counters of `states` (state dicts) into one tensor per device, values
-    kept, as _shared_step_counters lays out those of a first step."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return
-    by_device: dict[torch.device, list[dict]] = defaultdict(list)
-    for state in states:
-        counter = state.get("step")
-        if isinstance(counter, Tensor) and counter.dim() == 0 \
-                and counter.dtype == torch.float32 and not _is_dtensor(counter):
-            by_device[counter.device].append(state)
-    for members in by_device.values():
-        shared = torch.stack([state["step"] for state in members])
-        for state, counter in zip(members, shared.unbind()):
-            state["step"] = counter
-
-
-def _counter_base(counters: list) -> Tensor | None:
-    """The tensor whose elements are exactly the 0-dim `counters`, each once, if there is one
-    (as _shared_step_counters and _gather_step_counters make them); else None."""
-    base = getattr(counters[0], "_base", None)
-    if base is None or base.dim() != 1 or base.dtype != torch.float32 \
-            or base.numel() != len(counters) or not base.is_contiguous():
-        return None
-    start, offsets = base.storage_offset(), set()
-    for counter in counters:
-        if getattr(counter, "_base", None) is not base or counter.dim() != 0:
-            return None
-        offsets.add(counter.storage_offset() - start)
-    return base if offsets == set(range(len(counters))) else None
-
-
 def _update(call: _Call, params, grads, momenta, scales, lr, beta1, beta2, wd,
             grad_scales) -> None:
     """The update operator of the call's state kind."""
@@ -1372,7 +1309,7 @@ class _StepPlan:
 
     __slots__ = ("state_id", "state_key_ids", "state_value_ids", "overrides", "groups", "order",
                  "first_call_checks_its_grads", "inference_mode", "clips_on_cpu", "alive",
-                 "watches", "counter_bases")
+                 "watches")
 
     def __init__(self, optimizer: LionOptimizerBase, plans: list[tuple]):
         state = optimizer.state
@@ -1395,7 +1332,6 @@ class _StepPlan:
         self.groups = []
         self.clips_on_cpu = False
         largest = None  # (param count, group position, call index) of the operator-checked call
-        any_clipping = False
         for position, (group, calls) in enumerate(plans):
             params = group["params"]
             param_position = {id(p): i for i, p in enumerate(params)}
@@ -1407,26 +1343,12 @@ class _StepPlan:
                            < 100 for call in calls)
             self.clips_on_cpu = self.clips_on_cpu or clipping and any(
                 call.device.type == "cpu" for call in calls)
-            any_clipping = any_clipping or clipping
             for i, call in enumerate(calls):
                 if not clipping and not call.sharded and (
                         largest is None or len(call.params) > largest[0]):
                     largest = (len(call.params), position, i)
             self.groups.append((id(group), list(map(id, params)), without_grad, checks))
         self.order = list(range(len(self.groups)))
-        # Where the step counters of all the calls on each device are the elements of one
-        # tensor (weakly referenced: the counters, which the plan watches, keep it alive), the
-        # step counts them with one add_ per device after all the updates. (Not with clipping,
-        # which reads them before the updates.)
-        self.counter_bases = None
-        if not any_clipping:
-            by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
-            for _, calls in plans:
-                for call in calls:
-                    by_device[call.device].extend(call.steps)
-            bases = [_counter_base(counters) for counters in by_device.values()]
-            if bases and all(base is not None for base in bases):
-                self.counter_bases = [weakref.ref(base) for base in bases]
         self.first_call_checks_its_grads = largest is not None
         if largest is not None:  # its group first, and it first in its group
             _, position, i = largest
@@ -1444,9 +1366,7 @@ class _StepPlan:
     def run(self, optimizer: LionOptimizerBase) -> bool:
         """Runs the step if the plan still holds; False (nothing done) if it does not."""
         state = optimizer.state
-        bases = None if self.counter_bases is None else [ref() for ref in self.counter_bases]
         if not self.alive[0] or id(state) != self.state_id \
-                or (bases is not None and any(base is None for base in bases)) \
                 or optimizer._overrides is not self.overrides \
                 or torch.is_inference_mode_enabled() is not self.inference_mode \
                 or len(optimizer.param_groups) != len(self.groups) \
@@ -1484,11 +1404,8 @@ class _StepPlan:
         first = self.first_call_checks_its_grads
         for position in self.order:
             group, calls, grads = work[position]
-            optimizer._run_group(group, calls, grads, first, count_steps=bases is None)
+            optimizer._run_group(group, calls, grads, first)
             first = False
-        if bases is not None:
-            for base in bases:
-                base.add_(1)
         return True
 
 
