@@ -1400,6 +1400,40 @@ def test_hyperparameter_broken_after_construction_is_refused_and_nothing_changes
     _assert_unchanged(opt, params, snapshot)
 
 
+@pytest.mark.parametrize("group_index, change, message", [
+    (0, lambda g: g.update(lr=-1.0), r"invalid learning rate lr=-1.0"),
+    (0, lambda g: g.update(lr=float("nan")), r"invalid learning rate lr=nan"),
+    (0, lambda g: g.update(betas=(0.9, 1.0)), r"invalid beta parameter at index 1: 1.0"),
+    (0, lambda g: g.update(weight_decay=float("inf")), r"invalid weight_decay value: inf"),
+    (0, lambda g: g.update(weight_decay=-1), r"invalid weight_decay value: -1"),
+    (1, lambda g: g["betas"].__setitem__(0, 1.5), r"invalid beta parameter at index 0: 1.5"),
+    (1, lambda g: g["lr"].fill_(-1.0), r"invalid learning rate lr=-1.0"),
+    (1, lambda g: g["weight_decay"].fill_(-1.0), r"invalid weight_decay value: -1.0"),
+])
+def test_hyperparameters_changed_between_planned_steps_are_checked(group_index, change,
+                                                                    message):
+    """Planned steps skip checking again a Python number they checked in an earlier step (the
+    same object, which cannot change), and check everything else: a new value in the group
+    (the first group's lr is a new float at every step, as a schedule makes it), a list of
+    betas changed in place, a CPU tensor changed in place."""
+    params = _params(torch.float32, "cpu", [(5,), (6,)], False)
+    opt = Lion([{"params": params[:1], "weight_decay": 0},
+                {"params": params[1:], "lr": torch.tensor(0.1),
+                 "weight_decay": torch.tensor(0.1)}], lr=0.1)
+    opt.param_groups[1]["betas"] = [0.9, 0.99]  # (a list, set after construction)
+    for i in range(3):
+        opt.param_groups[0]["lr"] = 0.1 * 0.9 ** i
+        _set_random_grads(params)
+        opt.step()
+    assert opt._step_plan is not None
+    change(opt.param_groups[group_index])
+    _set_random_grads(params)
+    snapshot = _snapshot(opt, params)
+    with pytest.raises(ValueError, match=rf"param group {group_index}\).*{message}"):
+        opt.step()
+    _assert_unchanged(opt, params, snapshot)
+
+
 @pytest.mark.parametrize("key, bad, message", [
     ("lr", float("nan"), r"invalid learning rate lr=nan"),
     ("weight_decay", -1.0, r"invalid weight_decay value: -1.0"),

@@ -128,21 +128,49 @@ def check_hyperparameters(lr: Any, betas: Any, weight_decay: Any, where: str) ->
         raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
     for name, value in (("lr", lr), ("beta1", betas[0]), ("beta2", betas[1]),
                         ("weight_decay", weight_decay)):
-        if isinstance(value, Tensor):
-            if value.numel() != 1 or not value.is_floating_point():
-                raise ValueError(f"{where}: a tensor {name} must be a 1-element floating-point "
-                                 f"tensor, got shape {tuple(value.shape)} and dtype {value.dtype}")
-            if value.layout != torch.strided or value.device.type == "meta":
-                raise ValueError(f"{where}: a tensor {name} must be a dense tensor holding a "
-                                 f"value, got layout {value.layout} on {value.device}")
-            if value.device.type == "cpu" and not torch.compiler.is_compiling():
-                # Checked here, before a step changes anything, rather than by the operator
-                # after earlier groups have stepped.
-                _check_hyperparameter_value(name, value, where)
-        elif not isinstance(value, numbers.Real):
-            raise ValueError(f"{where}: {_range_error(name, value)}")
-        else:
+        _check_hyperparameter(name, value, where)
+
+
+def _check_hyperparameter(name: str, value: Any, where: str) -> None:
+    """check_hyperparameters' check of one of them (name: lr, beta1, beta2, weight_decay)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(f"{where}: a tensor {name} must be a 1-element floating-point "
+                             f"tensor, got shape {tuple(value.shape)} and dtype {value.dtype}")
+        if value.layout != torch.strided or value.device.type == "meta":
+            raise ValueError(f"{where}: a tensor {name} must be a dense tensor holding a "
+                             f"value, got layout {value.layout} on {value.device}")
+        if value.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Checked here, before a step changes anything, rather than by the operator
+            # after earlier groups have stepped.
             _check_hyperparameter_value(name, value, where)
+    elif not isinstance(value, numbers.Real):
+        raise ValueError(f"{where}: {_range_error(name, value)}")
+    else:
+        _check_hyperparameter_value(name, value, where)
+
+
+# Python numbers, which cannot change in place: a planned step does not check again one it
+# checked in an earlier step (by identity).
+_IMMUTABLE_NUMBER_TYPES = (float, int)
+
+
+def _check_group_hyperparameters(group: dict, last: tuple | None, where: str) -> tuple | None:
+    """check_hyperparameters of a group in a planned step, given what the previous step
+    checked (`last`), skipping the values that are the very objects checked then and cannot
+    have changed since (Python floats and ints in a tuple of betas; not tensors, whose values
+    may change in place): with an LR schedule, the lr alone. Returns what the next step can
+    take as checked."""
+    lr, betas, weight_decay = group["lr"], group["betas"], group["weight_decay"]
+    if last is not None and betas is last[1] and weight_decay is last[2]:
+        if lr is not last[0] or type(lr) not in _IMMUTABLE_NUMBER_TYPES:
+            _check_hyperparameter("lr", lr, where)
+    else:
+        check_hyperparameters(lr, betas, weight_decay, where)
+    if type(betas) is tuple and type(weight_decay) in _IMMUTABLE_NUMBER_TYPES \
+            and all(type(beta) in _IMMUTABLE_NUMBER_TYPES for beta in betas):
+        return lr, betas, weight_decay
+    return None
 
 
 def _plain_number(value: Any) -> Any:
@@ -1309,7 +1337,7 @@ class _StepPlan:
 
     __slots__ = ("state_id", "state_key_ids", "state_value_ids", "overrides", "groups", "order",
                  "first_call_checks_its_grads", "inference_mode", "clips_on_cpu", "alive",
-                 "watches")
+                 "watches", "checked_hyperparameters")
 
     def __init__(self, optimizer: LionOptimizerBase, plans: list[tuple]):
         state = optimizer.state
@@ -1349,6 +1377,9 @@ class _StepPlan:
                     largest = (len(call.params), position, i)
             self.groups.append((id(group), list(map(id, params)), without_grad, checks))
         self.order = list(range(len(self.groups)))
+        # Per group, the (lr, betas, weight_decay) the last planned step checked, if they
+        # cannot change in place (see _check_group_hyperparameters); None: check them all.
+        self.checked_hyperparameters = [None] * len(self.groups)
         self.first_call_checks_its_grads = largest is not None
         if largest is not None:  # its group first, and it first in its group
             _, position, i = largest
@@ -1382,8 +1413,9 @@ class _StepPlan:
                 zip(self.groups, optimizer.param_groups)):
             if id(group) != group_id:
                 return False
-            check_hyperparameters(group["lr"], group["betas"], group["weight_decay"],
-                                  f"{where} (param group {group_index})")
+            self.checked_hyperparameters[group_index] = _check_group_hyperparameters(
+                group, self.checked_hyperparameters[group_index],
+                f"{where} (param group {group_index})")
             params = group["params"]
             if list(map(id, params)) != param_ids:
                 return False
